@@ -1,0 +1,1 @@
+"""EdgeLLM Testbed: LLMs at the emulated mobile edge."""

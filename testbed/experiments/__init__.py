@@ -1,0 +1,1 @@
+"""Experiment suites: runner, metrics, analytic model."""

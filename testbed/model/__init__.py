@@ -1,0 +1,1 @@
+"""Model loading, transformer shards, quantization, activation codecs."""

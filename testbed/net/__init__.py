@@ -1,0 +1,1 @@
+"""Mininet build, addressing, shaping backends, trace replay, probe, cleanup."""

