@@ -18,10 +18,10 @@ HANDLERS = {
     "demo": "testbed.demo:demo",
     "generate": "testbed.model.commands:generate",
     "quant-eval": "testbed.model.commands:quant_eval",
-    "infer": "testbed.runtime.commands:infer",
+    "infer": "testbed.runtime.inference:infer",
     "run": "testbed.experiments.commands:run",
     "report": "testbed.report.commands:report",
-    "images": "testbed.runtime.commands:images",
+    "images": "testbed.runtime.images:images",
 }
 
 SHAPERS = ("auto", "kernel", "userspace")
