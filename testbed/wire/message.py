@@ -1,0 +1,243 @@
+"""Wire format: one fixed-layout binary header frame, raw payload frames, optional hop records.
+
+Nothing received is ever unpickled or evaluated: the header is unpacked with
+``struct`` and checked field by field, and payload sizes must match the header
+exactly before any tensor is built from them.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from testbed.model.codecs import CODEC_IDS, Frame, get_codec
+
+MAGIC = b"ELM\x01"
+VERSION = 1
+MAX_NDIM = 4
+MAX_FRAMES = 4
+MAX_HOPS = 16
+MAX_DIM = 1 << 20
+MAX_ELEMENTS = 1 << 25
+MAX_TEXT = 4096
+
+# magic, version, kind, dtype, codec, flags, ndim, nframes, nhops,
+# session, step, position_start, shape[4], frame bytes[4]
+HEADER = struct.Struct("<4sBBBBHBBBxQII4I4I")
+# compute_ms, codec_ms, service_ms, downstream_ms, bytes_in, bytes_reply_in
+HOP = struct.Struct("<ffffQQ")
+
+FLAG_KV_CACHE = 1
+KNOWN_FLAGS = FLAG_KV_CACHE
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format."""
+
+
+class Kind(IntEnum):
+    FORWARD = 1
+    RESULT = 2
+    ERROR = 3
+    CLOSE = 4
+    CLOSED = 5
+    PING = 6
+    PONG = 7
+
+
+class DType(IntEnum):
+    NONE = 0
+    INT64 = 1  # token ids, counters
+    HIDDEN = 2  # float32 activations, encoded by ``codec``
+    TEXT = 3  # utf-8 error text
+
+
+# which payload type each kind may carry
+_KIND_DTYPES = {
+    Kind.FORWARD: {DType.INT64, DType.HIDDEN},
+    Kind.RESULT: {DType.INT64},
+    Kind.ERROR: {DType.TEXT},
+    Kind.CLOSE: {DType.NONE},
+    Kind.CLOSED: {DType.NONE},
+    Kind.PING: {DType.NONE},
+    Kind.PONG: {DType.INT64},
+}
+_CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+
+
+@dataclass
+class Hop:
+    """What one shard node measured for one request (milliseconds, bytes)."""
+
+    compute_ms: float = 0.0
+    codec_ms: float = 0.0
+    service_ms: float = 0.0  # request received -> reply sent, downstream included
+    downstream_ms: float = 0.0  # request forwarded -> reply from the next hop
+    bytes_in: int = 0  # request bytes received from upstream
+    bytes_reply_in: int = 0  # reply bytes received from downstream
+
+    def pack(self) -> bytes:
+        return HOP.pack(self.compute_ms, self.codec_ms, self.service_ms, self.downstream_ms,
+                        self.bytes_in, self.bytes_reply_in)
+
+
+@dataclass
+class Message:
+    kind: Kind
+    session: int = 0
+    step: int = 0
+    position_start: int = 0
+    dtype: DType = DType.NONE
+    codec: str | None = None
+    flags: int = 0
+    shape: tuple[int, ...] = ()
+    payload: list[Frame] = field(default_factory=list)
+    hops: list[Hop] = field(default_factory=list)
+    nbytes: int = 0  # total size on the wire (set by ``parse``)
+
+    @property
+    def kv_cache(self) -> bool:
+        return bool(self.flags & FLAG_KV_CACHE)
+
+    def tensor(self) -> torch.Tensor:
+        """The payload as a tensor: int64 for INT64, float32 for HIDDEN."""
+        if self.dtype == DType.INT64:
+            arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<i8").copy()
+            return torch.from_numpy(arr).reshape(self.shape)
+        if self.dtype == DType.HIDDEN:
+            return get_codec(self.codec or "").decode(self.payload, self.shape)
+        raise WireError(f"{self.dtype.name} payload is not a tensor")
+
+    def text(self) -> str:
+        return bytes(memoryview(self.payload[0])).decode("utf-8", "replace") if self.payload else ""
+
+    def frames(self) -> list[Frame]:
+        """Header frame, payload frames, then a hop-record frame if there are hops."""
+        if len(self.shape) > MAX_NDIM or len(self.payload) > MAX_FRAMES or len(self.hops) > MAX_HOPS:
+            raise WireError("message too large for the header")
+        sizes = [memoryview(f).nbytes for f in self.payload]
+        header = HEADER.pack(
+            MAGIC, VERSION, int(self.kind), int(self.dtype), CODEC_IDS[self.codec] if self.codec else 0,
+            self.flags, len(self.shape), len(self.payload), len(self.hops),
+            self.session, self.step, self.position_start,
+            *(list(self.shape) + [0] * (MAX_NDIM - len(self.shape))),
+            *(sizes + [0] * (MAX_FRAMES - len(sizes))),
+        )
+        out: list[Frame] = [header, *self.payload]
+        if self.hops:
+            out.append(b"".join(h.pack() for h in self.hops))
+        return out
+
+
+def _expected_sizes(dtype: DType, codec: str | None, shape: tuple[int, ...]) -> list[int]:
+    n = math.prod(shape) if shape else 0
+    if dtype == DType.NONE:
+        if shape:
+            raise WireError("an empty message has no shape")
+        return []
+    if dtype == DType.INT64:
+        return [8 * n]
+    if dtype == DType.TEXT:
+        if len(shape) != 1 or n > MAX_TEXT:
+            raise WireError("bad text shape")
+        return [n]
+    if len(shape) < 2:
+        raise WireError("hidden states need at least 2 dimensions")
+    return get_codec(codec or "").frame_sizes(shape)
+
+
+def parse(frames: Sequence[Frame]) -> Message:
+    """Validate a received multipart message and return it; ``WireError`` if anything is off."""
+    if not frames:
+        raise WireError("empty message")
+    head = memoryview(frames[0]).cast("B")
+    if head.nbytes != HEADER.size:
+        raise WireError(f"header is {head.nbytes} bytes, expected {HEADER.size}")
+    (magic, version, kind, dtype, codec_id, flags, ndim, nframes, nhops,
+     session, step, pos, *rest) = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise WireError("bad magic")
+    if version != VERSION:
+        raise WireError(f"unsupported version {version}")
+    try:
+        kind, dtype = Kind(kind), DType(dtype)
+    except ValueError as e:
+        raise WireError(str(e)) from None
+    if dtype not in _KIND_DTYPES[kind]:
+        raise WireError(f"{kind.name} cannot carry {dtype.name}")
+    if flags & ~KNOWN_FLAGS:
+        raise WireError(f"unknown flags {flags:#x}")
+    if codec_id and codec_id not in _CODEC_NAMES:
+        raise WireError(f"unknown codec {codec_id}")
+    codec = _CODEC_NAMES.get(codec_id)
+    if (dtype == DType.HIDDEN) != (codec is not None):
+        raise WireError("a codec goes with hidden states and only with them")
+    if ndim > MAX_NDIM or nframes > MAX_FRAMES or nhops > MAX_HOPS:
+        raise WireError("ndim, frame or hop count out of range")
+    shape_all, sizes_all = rest[:MAX_NDIM], rest[MAX_NDIM:]
+    shape = tuple(shape_all[:ndim])
+    if any(s > MAX_DIM for s in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise WireError(f"shape {shape} too large")
+    if any(shape_all[ndim:]) or any(sizes_all[nframes:]):
+        raise WireError("unused shape or size fields must be zero")
+    expected = _expected_sizes(dtype, codec, shape)
+    sizes = list(sizes_all[:nframes])
+    if sizes != expected:
+        raise WireError(f"payload sizes {sizes} do not match the shape (expected {expected})")
+    if len(frames) != 1 + nframes + (1 if nhops else 0):
+        raise WireError(f"{len(frames)} frames, header announces {1 + nframes + (1 if nhops else 0)}")
+    payload = list(frames[1:1 + nframes])
+    for i, (f, size) in enumerate(zip(payload, sizes, strict=True)):
+        if memoryview(f).nbytes != size:
+            raise WireError(f"payload frame {i} is {memoryview(f).nbytes} bytes, header says {size}")
+    hops: list[Hop] = []
+    if nhops:
+        raw = memoryview(frames[-1]).cast("B")
+        if raw.nbytes != nhops * HOP.size:
+            raise WireError("hop records do not match the hop count")
+        hops = [Hop(*HOP.unpack_from(raw, i * HOP.size)) for i in range(nhops)]
+    nbytes = sum(memoryview(f).nbytes for f in frames)
+    return Message(Kind(kind), session, step, pos, dtype, codec, flags, shape, payload, hops, nbytes)
+
+
+def wire_size(frames: Sequence[Frame]) -> int:
+    """Bytes a multipart message occupies (sum of its frames)."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+# ---- constructors -------------------------------------------------------------------------
+
+def forward_tokens(session: int, step: int, pos: int, ids: torch.Tensor, kv_cache: bool) -> Message:
+    ids = ids.to(torch.int64).contiguous()
+    return Message(Kind.FORWARD, session, step, pos, DType.INT64, None, FLAG_KV_CACHE if kv_cache else 0,
+                   tuple(ids.shape), [memoryview(ids.numpy()).cast("B")])
+
+
+def forward_hidden(session: int, step: int, pos: int, x: torch.Tensor, codec: str, kv_cache: bool) -> Message:
+    return Message(Kind.FORWARD, session, step, pos, DType.HIDDEN, codec, FLAG_KV_CACHE if kv_cache else 0,
+                   tuple(x.shape), get_codec(codec).encode(x))
+
+
+def result(session: int, step: int, token: int, hops: list[Hop]) -> Message:
+    ids = np.array([token], dtype="<i8")
+    return Message(Kind.RESULT, session, step, 0, DType.INT64, None, 0, (1,), [ids.tobytes()], hops)
+
+
+def error(session: int, step: int, text: str) -> Message:
+    raw = text.encode("utf-8")[:MAX_TEXT]
+    return Message(Kind.ERROR, session, step, 0, DType.TEXT, None, 0, (len(raw),), [raw])
+
+
+def control(kind: Kind, session: int = 0) -> Message:
+    return Message(kind, session)
+
+
+def pong(counters: list[int]) -> Message:
+    arr = np.array(counters, dtype="<i8")
+    return Message(Kind.PONG, 0, 0, 0, DType.INT64, None, 0, (len(counters),), [arr.tobytes()])
