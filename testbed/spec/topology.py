@@ -1,6 +1,7 @@
 """Typed topology model: nodes, asymmetric links and per-direction shaping.
 
-Parsing and validation of YAML files live in this module too (``load_topology``).
+``load_topology``/``parse_topology`` are the entry points for YAML files; the checks
+themselves live in ``testbed.spec.parse``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 ROLES = ("device", "edge", "cloud", "cell")
 RUNTIMES = ("process", "docker")
+TCP_CCS = ("cubic", "reno", "bbr")
 
 
 @dataclass(frozen=True)
@@ -74,3 +76,49 @@ class Topology:
     def hosts(self) -> list[NodeSpec]:
         """Nodes that run processes (everything but cells)."""
         return [n for n in self.nodes.values() if n.role != "cell"]
+
+    def cells(self) -> list[NodeSpec]:
+        """Shared L2 segments (bridges)."""
+        return [n for n in self.nodes.values() if n.role == "cell"]
+
+    def links_of(self, name: str) -> list[LinkSpec]:
+        """Links with ``name`` at either end, in file order."""
+        return [lk for lk in self.links if name in (lk.a, lk.b)]
+
+    def neighbors(self, name: str) -> list[str]:
+        """Names of the nodes directly linked to ``name``."""
+        return [lk.b if lk.a == name else lk.a for lk in self.links_of(name)]
+
+    def traces(self) -> list[Path]:
+        """Trace files replayed by any link direction (absolute paths, no duplicates)."""
+        seen: dict[Path, None] = {}
+        for lk in self.links:
+            for sh in (lk.up, lk.down):
+                if sh.trace is not None:
+                    seen[sh.trace] = None
+        return list(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the YAML structure, with absolute trace paths)."""
+        return {
+            "name": self.name,
+            "source": str(self.source),
+            "tcp_cc": self.tcp_cc,
+            "nodes": {n.name: asdict(n) for n in self.nodes.values()},
+            "links": [{"between": [lk.a, lk.b], "up": lk.up.to_dict(), "down": lk.down.to_dict()}
+                      for lk in self.links],
+        }
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology YAML file (errors: SpecError naming file and field)."""
+    from testbed.spec.parse import load_topology as _load
+
+    return _load(path)
+
+
+def parse_topology(data: Any, source: Path) -> Topology:
+    """Validate already-loaded YAML data; trace paths are relative to ``source``'s directory."""
+    from testbed.spec.parse import parse_topology as _parse
+
+    return _parse(data, source)
