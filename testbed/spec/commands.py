@@ -1,0 +1,79 @@
+"""``testbed validate`` and ``testbed trace-gen``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from testbed.spec.errors import SpecError
+from testbed.spec.synthetic import GilbertElliott, write_trace
+from testbed.spec.topology import ROLES, Topology, load_topology
+from testbed.spec.traces import load_trace
+
+
+def summary(topo: Topology) -> str:
+    """One line: name, node counts per role, links, traces, congestion control."""
+    roles = Counter(n.role for n in topo.nodes.values())
+    parts = ", ".join(f"{roles[r]} {r}" for r in ROLES if roles[r])
+    traces = len(topo.traces())
+    extra = f", {traces} trace{'s' if traces != 1 else ''}" if traces else ""
+    links = len(topo.links)
+    return (f"{topo.source}: OK: {topo.name}: {len(topo.nodes)} nodes ({parts}), "
+            f"{links} link{'s' if links != 1 else ''}{extra}, tcp_cc {topo.tcp_cc}")
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Check a topology file; print a one-line summary (or the parsed model as JSON)."""
+    topo = load_topology(args.topo)
+    if args.json:
+        print(json.dumps(topo.to_dict(), indent=2))
+    else:
+        print(summary(topo))
+    return 0
+
+
+def _check(value: float, flag: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise SpecError("trace-gen", flag, f"{rule} (got {value:g})")
+
+
+def model_from_args(args: argparse.Namespace) -> GilbertElliott:
+    """Build the channel model from the trace-gen flags, checking each."""
+    _check(args.seconds, "--seconds", 0 < args.seconds <= 3600, "must be in (0, 3600]")
+    _check(args.good_mbit, "--good-mbit", args.good_mbit > 0, "must be > 0")
+    _check(args.bad_mbit, "--bad-mbit", args.bad_mbit >= 0, "must be >= 0")
+    for flag in ("p_good_bad", "p_bad_good"):
+        v = getattr(args, flag)
+        _check(v, "--" + flag.replace("_", "-"), 0 <= v <= 1, "must be a probability in [0, 1]")
+    bin_ms = getattr(args, "bin_ms", 100.0)
+    _check(bin_ms, "--bin-ms", 1 <= bin_ms <= args.seconds * 1000, "must be in [1, seconds * 1000]")
+    kw = {}
+    for flag in ("good_delay_ms", "bad_delay_ms", "good_loss_pct", "bad_loss_pct"):
+        v = getattr(args, flag, None)
+        if v is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        if args.format != "csv":
+            raise SpecError("trace-gen", name, f"only the csv format carries delay/loss (got {v:g})")
+        if flag.endswith("loss_pct"):
+            _check(v, name, 0 <= v <= 100, "must be in [0, 100]")
+        else:
+            _check(v, name, v >= 0, "must be >= 0")
+        kw[flag] = v
+    return GilbertElliott(good_mbit=args.good_mbit, bad_mbit=args.bad_mbit, p_good_bad=args.p_good_bad,
+                          p_bad_good=args.p_bad_good, bin_ms=bin_ms, **kw)
+
+
+def trace_gen(args: argparse.Namespace) -> int:
+    """Write a Gilbert-Elliott trace and print what it holds."""
+    model = model_from_args(args)
+    out = Path(args.out)
+    rates = write_trace(out, model, args.seconds, args.seed, args.format)
+    trace = load_trace(out, args.format)
+    good = float((rates == model.good_mbit).mean()) if model.good_mbit != model.bad_mbit else 1.0
+    print(f"wrote {out}: {args.format}, {trace.period_ms / 1000:g} s, mean {trace.mean_mbit():.2f} Mbit/s "
+          f"(good {model.good_mbit:g} / bad {model.bad_mbit:g} Mbit/s, {good:.0%} of bins good; "
+          f"long-run mean {model.stationary_mean_mbit():.2f}), seed {args.seed}")
+    return 0
