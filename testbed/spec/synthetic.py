@@ -79,7 +79,10 @@ def mahimahi_stamps(rates_mbit: np.ndarray, bin_ms: float) -> np.ndarray:
     return stamps
 
 
-def csv_rows(model: GilbertElliott, states: np.ndarray) -> list[tuple[float, float, float | None, float | None]]:
+CsvRow = tuple[float, float, float | None, float | None]
+
+
+def csv_rows(model: GilbertElliott, states: np.ndarray) -> list[CsvRow]:
     """``(time_s, bw_mbit, delay_ms, loss_pct)`` rows at state changes and the two last bins."""
     n = len(states)
     keep = {0, max(n - 2, 0), n - 1}
@@ -96,7 +99,8 @@ def csv_rows(model: GilbertElliott, states: np.ndarray) -> list[tuple[float, flo
     return rows
 
 
-def write_trace(path: Path, model: GilbertElliott, seconds: float, seed: int, fmt: str = "mahimahi") -> np.ndarray:
+def write_trace(path: Path, model: GilbertElliott, seconds: float, seed: int,
+                fmt: str = "mahimahi") -> np.ndarray:
     """Write a trace file; returns the per-bin rates (Mbit/s) it encodes."""
     states = model.states(seconds, seed)
     rates = model.rates_mbit(states)
