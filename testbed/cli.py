@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-good-bad", type=float, default=0.05, help="per-100ms transition probability")
     p.add_argument("--p-bad-good", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--bin-ms", type=float, default=100.0, help="state duration; probabilities are per bin")
+    for state in ("good", "bad"):
+        p.add_argument(f"--{state}-delay-ms", type=float, default=None, help="csv only")
+        p.add_argument(f"--{state}-loss-pct", type=float, default=None, help="csv only")
 
     p = sub.add_parser("up", help="bring a topology up and open a CLI")
     p.add_argument("topo")
