@@ -29,7 +29,7 @@ MAX_TEXT = 4096
 
 # magic, version, kind, dtype, codec, flags, ndim, nframes, nhops,
 # session, step, position_start, shape[4], frame bytes[4]
-HEADER = struct.Struct("<4sBBBBHBBBxQII4I4I")
+HEADER = struct.Struct("<4sBBBBHBBB3xQII4I4I")
 # compute_ms, codec_ms, service_ms, downstream_ms, bytes_in, bytes_reply_in
 HOP = struct.Struct("<ffffQQ")
 

@@ -1,0 +1,78 @@
+"""The device program: tokenize, run the first shard, drive generation, print one JSON line.
+
+    python nodes/driver.py --model DIR --layers 0:E --hops 0:8,8:30 [--next tcp://IP:PORT] \
+        --prompt P [--max-new-tokens N] [--codec C] [--quant Q] [--no-kv-cache] [--threads 2]
+
+``--prompt-ids 1,2,3`` skips the chat template and sends these ids as they are.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layers", required=True)
+    ap.add_argument("--hops", default="", help="layers of every hop, the device's first (for the report)")
+    ap.add_argument("--next", default=None)
+    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--prompt-ids", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--codec", default="fp32")
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--no-kv-cache", action="store_true")
+    ap.add_argument("--no-stop", action="store_true", help="do not stop at end-of-sequence tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    args = ap.parse_args(argv)
+
+    import torch
+    from testbed.model.shard import Shard
+
+    from testbed.model.loading import format_prompt, load_tokenizer
+    from testbed.runtime.split_client import SplitClient, SplitError
+
+    threads = max(1, min(2, args.threads))
+    torch.set_num_threads(threads)
+    start, end = (int(v) for v in args.layers.split(":"))
+    shard = Shard.load(args.model, start, end, quant=args.quant, threads=threads)
+    shard.eval()
+    tok = None
+    if args.prompt_ids:
+        ids = torch.tensor([[int(v) for v in args.prompt_ids.split(",")]], dtype=torch.int64)
+    else:
+        tok = load_tokenizer(args.model)
+        ids = torch.as_tensor(format_prompt(tok, args.prompt or ""), dtype=torch.int64).reshape(1, -1)
+    stop = set() if args.no_stop else _stop_ids(shard.config)
+    client = SplitClient(shard, args.next, codec=args.codec, kv_cache=not args.no_kv_cache,
+                         timeout_s=args.timeout, layers=[h for h in args.hops.split(",") if h])
+    try:
+        out = client.generate(ids, args.max_new_tokens, stop)
+    except SplitError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 1
+    finally:
+        client.close()
+    if tok is not None:
+        out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _stop_ids(config) -> set[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
