@@ -25,6 +25,7 @@ rate steps exactly (``rate_bins_mbit`` and ``capacity_mbit_per_s``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -134,16 +135,19 @@ def load_trace(path: Path, fmt: str | None = None, *, source: Path | None = None
     if fmt not in FORMATS:
         raise SpecError(where, field, f"unknown trace format {fmt!r} (expected one of {', '.join(FORMATS)})")
     try:
-        st = path.stat()
-    except OSError:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise SpecError(where, field, f"{path}: not a regular file") from None
+    except FileNotFoundError:
         raise SpecError(where, field, f"{path}: trace file not found") from None
-    if not path.is_file():
-        raise SpecError(where, field, f"{path}: not a regular file")
+    except OSError as e:
+        raise SpecError(where, field, f"{path}: cannot read ({e.strerror})") from None
     try:
-        return _load_cached(path.resolve(), fmt, st.st_mtime_ns, st.st_size)
+        cached = _parse_cached(fmt, data)
     except _TraceLineError as e:
         msg = f"{path} line {e.line}: {e.message}" if e.line else f"{path}: {e.message}"
         raise SpecError(where, field, msg) from None
+    return dataclasses.replace(cached, path=path.resolve(), steps=list(cached.steps))
 
 
 class _TraceLineError(Exception):
@@ -154,14 +158,14 @@ class _TraceLineError(Exception):
 
 
 @functools.lru_cache(maxsize=32)
-def _load_cached(path: Path, fmt: str, _mtime_ns: int, _size: int) -> Trace:
-    data = path.read_bytes()
-    if fmt == "mahimahi":
-        return _parse_mahimahi(path, data)
-    return _parse_csv(path, data)
+def _parse_cached(fmt: str, data: bytes) -> Trace:
+    """Parse once per distinct file content; the shared opportunity array is read-only."""
+    trace = _parse_mahimahi(data) if fmt == "mahimahi" else _parse_csv(data)
+    trace.opportunities_ms.setflags(write=False)
+    return trace
 
 
-def _parse_mahimahi(path: Path, data: bytes) -> Trace:
+def _parse_mahimahi(data: bytes) -> Trace:
     tokens = data.split()
     lines = data.splitlines()
     if len(tokens) == len(lines):
@@ -199,10 +203,10 @@ def _parse_mahimahi(path: Path, data: bytes) -> Trace:
         raise _TraceLineError(lineno(stamps.size - 1),
                               "no delivery opportunity: the last timestamp (the period) must be > 0 (got 0)")
     offsets = np.sort(np.mod(stamps.astype(np.float64), period))
-    return Trace(path=path, format="mahimahi", period_ms=period, opportunities_ms=offsets)
+    return Trace(path=Path(), format="mahimahi", period_ms=period, opportunities_ms=offsets)
 
 
-def _parse_csv(path: Path, data: bytes) -> Trace:
+def _parse_csv(data: bytes) -> Trace:
     try:
         text = data.decode()
     except UnicodeDecodeError:
@@ -225,7 +229,7 @@ def _parse_csv(path: Path, data: bytes) -> Trace:
         period = 1000.0
     else:
         period = (2 * steps[-1].t_s - steps[-2].t_s) * 1000.0
-    trace = Trace(path=path, format="csv", period_ms=period, opportunities_ms=np.empty(0), steps=steps)
+    trace = Trace(path=Path(), format="csv", period_ms=period, opportunities_ms=np.empty(0), steps=steps)
     trace.opportunities_ms = _csv_opportunities(trace)
     if trace.opportunities_ms.size == 0:
         raise _TraceLineError(None, f"no delivery opportunity: less than one {MTU_BYTES}-byte packet "
