@@ -1,0 +1,91 @@
+"""Per-record metrics computed from one split-inference result (one device session).
+
+Per-token latency statistics use the decode steps (every step after the first,
+whose latency is the TTFT); with a single generated token they fall back to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def latency_stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p95": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"mean": _r(a.mean()), "p50": _r(np.percentile(a, 50)), "p95": _r(np.percentile(a, 95)),
+            "max": _r(a.max())}
+
+
+def session_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of one session's result (the dict ``run_split_inference`` returns)."""
+    token_ms = [float(x) for x in result.get("token_ms") or []]
+    tokens = len(result.get("tokens") or token_ms)
+    decode = token_ms[1:] if len(token_ms) > 1 else token_ms
+    e2e = float(result.get("total_ms") or sum(token_ms))
+    per_hop = result.get("per_hop") or []
+    bytes_up = int(result.get("bytes_up") or 0)
+    bytes_down = int(result.get("bytes_down") or 0)
+    hops = []
+    for i, h in enumerate(per_hop):
+        hop = {
+            "layers": h.get("layers"),
+            "compute_ms": _r(h.get("compute_ms", 0.0)),
+            "codec_ms": _r(h.get("codec_ms", 0.0)),
+            "compute_ms_per_token": _r((h.get("compute_ms", 0.0) + h.get("codec_ms", 0.0)) / tokens)
+            if tokens else None,
+        }
+        if i > 0:
+            hop.update(
+                transfer_ms=_r(h.get("transfer_ms", 0.0)),
+                bytes_up=int(h.get("bytes_up", 0)),
+                bytes_down=int(h.get("bytes_down", 0)),
+                payload_up=h.get("payload_up"),
+                bytes_up_per_token=_r(h.get("bytes_up", 0) / tokens, 1) if tokens else None,
+                bytes_down_per_token=_r(h.get("bytes_down", 0) / tokens, 1) if tokens else None,
+            )
+        for key in ("kv_cache_bytes", "cpu_ms", "node"):
+            if key in h:
+                hop[key] = h[key]
+        hops.append(hop)
+    return {
+        "tokens": tokens,
+        "prompt_tokens": result.get("prompt_tokens"),
+        "ttft_ms": _r(result.get("ttft_ms", token_ms[0] if token_ms else None)),
+        "token_latency_ms": latency_stats(decode),
+        "e2e_ms": _r(e2e),
+        "tokens_per_s": _r(tokens / (e2e / 1e3)) if e2e > 0 else None,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_up_per_token": _r(bytes_up / tokens, 1) if tokens else None,
+        "bytes_down_per_token": _r(bytes_down / tokens, 1) if tokens else None,
+        "per_hop": hops,
+        "compute_ms": _r(sum((h.get("compute_ms", 0.0) + h.get("codec_ms", 0.0)) for h in per_hop)),
+        "transfer_ms": _r(sum(h.get("transfer_ms", 0.0) for h in per_hop[1:])),
+    }
+
+
+def combine(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics over several parallel sessions: the first session's fields plus aggregate figures."""
+    if len(sessions) == 1:
+        return sessions[0]
+    out = dict(sessions[0])
+    tokens = sum(s["tokens"] for s in sessions)
+    e2e = max(s["e2e_ms"] or 0.0 for s in sessions)
+    lat = [s["token_latency_ms"]["mean"] for s in sessions if s["token_latency_ms"]["mean"] is not None]
+    out.update(
+        tokens=tokens,
+        e2e_ms=_r(e2e),
+        tokens_per_s=_r(tokens / (e2e / 1e3)) if e2e else None,
+        ttft_ms=_r(float(np.mean([s["ttft_ms"] for s in sessions]))),
+        token_latency_ms={**latency_stats(lat), "mean": _r(float(np.mean(lat))) if lat else None},
+        bytes_up=sum(s["bytes_up"] for s in sessions),
+        bytes_down=sum(s["bytes_down"] for s in sessions),
+    )
+    return out

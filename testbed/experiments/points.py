@@ -1,0 +1,214 @@
+"""Expand a suite into experiment points: placements x sweep (cartesian or zipped).
+
+Parameters that cannot change a placement's outcome are dropped for it, so the
+point is run once rather than once per value: the on-device baseline ignores
+the network and the codec, the offload baselines ignore the codec and the cut,
+a split placement without ``{cut}`` ignores the cut.  Reports draw such a
+point as a constant across the swept axis.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.spec.suite import NETWORK_PARAMS, Suite
+from testbed.spec.topology import Topology, parse_topology
+
+DEFAULTS: dict[str, Any] = {"quant": "none", "codec": "fp32", "kv_cache": True}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration to run (``repeats`` times)."""
+
+    id: str
+    placement_name: str
+    kind: str  # "on-device" | "edge-offload" | "cloud-offload" | "split"
+    placement: str  # resolved, e.g. "phone=0:8,mec=8:30"
+    params: dict[str, Any] = field(hash=False)  # every effective parameter value
+    swept: tuple[str, ...] = ()  # the parameter names that vary in this suite
+
+    def matches(self, only: str | None) -> bool:
+        """``--only``: comma-separated terms, each ``key=value`` or a substring of the point id."""
+        if not only:
+            return True
+        for term in (t.strip() for t in only.split(",")):
+            if not term:
+                continue
+            key, sep, value = term.partition("=")
+            if sep:
+                if key == "placement":
+                    have = self.placement_name
+                elif key == "kind":
+                    have = self.kind
+                else:
+                    have = self.params.get(key)
+                if have is None or _fmt(have) != value and Path(str(have)).name != value:
+                    return False
+            elif term not in self.id:
+                return False
+        return True
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def baseline_placement(kind: str, roles: dict[str, str], layers: int) -> str:
+    """Placement strings of the baselines.  ``dev=0:0`` = the device runs the driver but no layer."""
+    dev = roles["device"]
+    if kind == "on-device":
+        return f"{dev}=0:{layers}"
+    if kind == "edge-offload":
+        return f"{dev}=0:0,{roles['edge']}=0:{layers}"
+    if kind == "cloud-offload":
+        return f"{dev}=0:0,{roles['cloud']}=0:{layers}"
+    raise ValueError(kind)
+
+
+def irrelevant(kind: str, template: str) -> set[str]:
+    """Parameters that do not affect a placement of this kind."""
+    if kind == "on-device":
+        return {*NETWORK_PARAMS, "codec", "cut"}
+    if kind in ("edge-offload", "cloud-offload"):
+        return {"codec", "cut"}
+    return set() if "{cut}" in template else {"cut"}
+
+
+def _combos(suite: Suite) -> list[dict[str, Any]]:
+    keys = list(suite.sweep)
+    if not keys:
+        return [{}]
+    if suite.sweep_mode == "zip":
+        return [dict(zip(keys, vals, strict=True)) for vals in zip(*suite.sweep.values(), strict=True)]
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*suite.sweep.values())]
+
+
+def expand(suite: Suite, layers: int) -> list[Point]:
+    """All points of a suite, in run order (sweep combination outer, placement inner), deduplicated."""
+    combos = _combos(suite)
+    swept = list(suite.sweep)
+    prompts = list(suite.workload.prompts)
+    if "prompt" not in suite.sweep and "prompt" not in suite.params and len(prompts) > 1:
+        combos = [{**c, "prompt": p} for c in combos for p in prompts]
+        swept.append("prompt")
+    kinds = [(b, b, "") for b in suite.baselines] + [(n, "split", t) for n, t in suite.placements.items()]
+    points: list[Point] = []
+    seen: set[str] = set()
+    for combo in combos:
+        for name, kind, template in kinds:
+            drop = irrelevant(kind, template)
+            params: dict[str, Any] = {
+                **DEFAULTS,
+                "prompt": prompts[0],
+                "max_new_tokens": suite.workload.max_new_tokens,
+                "devices": suite.workload.devices,
+                **suite.params,
+                **combo,
+            }
+            params = {k: v for k, v in params.items() if k not in drop}
+            if kind == "split":
+                placement = template.replace("{layers}", str(layers))
+                if "cut" in params:
+                    placement = placement.replace("{cut}", str(params["cut"]))
+            else:
+                placement = baseline_placement(kind, suite.roles, layers)
+            shown = [k for k in swept if k in params]
+            pid = name + ("/" + ",".join(f"{k}={_label(params[k])}" for k in shown) if shown else "")
+            if pid in seen:
+                continue
+            seen.add(pid)
+            points.append(Point(pid, name, kind, placement, params, tuple(swept)))
+    return points
+
+
+def _label(v: Any) -> str:
+    s = _fmt(v)
+    return Path(s).name if "/" in s else s
+
+
+def device_nodes(suite: Suite, n: int) -> list[str]:
+    """The first ``n`` device nodes: the suite's device first, then other device-role nodes in file order."""
+    nodes = suite.topology_data["nodes"]
+    others = [k for k, v in nodes.items() if (v or {}).get("role") == "device" and k != suite.roles["device"]]
+    devs = [suite.roles["device"], *others]
+    if n > len(devs):
+        raise ValueError(f"{n} devices requested but the topology has {len(devs)}")
+    return devs[:n]
+
+
+def _access_links(data: dict[str, Any], device: str) -> list[tuple[dict[str, Any], str, str]]:
+    """(link, uplink direction key, downlink direction key) for each link touching ``device``."""
+    out = []
+    for link in data["links"]:
+        a, b = link["between"]
+        if a == device:
+            out.append((link, "up", "down"))
+        elif b == device:
+            out.append((link, "down", "up"))
+    return out
+
+
+def _set_trace(direction: dict[str, Any], path: str) -> None:
+    direction.pop("bw_mbit", None)
+    direction.pop("format", None)
+    direction["trace"] = path
+
+
+def topology_data(suite: Suite, point: Point) -> dict[str, Any]:
+    """The topology YAML data with the point's parameters applied."""
+    data = copy.deepcopy(suite.topology_data)
+    p = point.params
+    for dev in device_nodes(suite, p.get("devices", 1)):
+        for link, up, down in _access_links(data, dev):
+            for key in (up, down):
+                link[key] = dict(link.get(key) or {})
+            if "uplink_mbit" in p:
+                link[up]["bw_mbit"] = p["uplink_mbit"]
+                link[up].pop("trace", None)
+            if "downlink_mbit" in p:
+                link[down]["bw_mbit"] = p["downlink_mbit"]
+                link[down].pop("trace", None)
+            for key in ("delay_ms", "loss_pct"):
+                if key in p:
+                    link[up][key] = link[down][key] = p[key]
+                    if key == "delay_ms":
+                        for d in (up, down):
+                            if link[d].get("jitter_ms", 0) > p[key]:
+                                link[d]["jitter_ms"] = p[key]
+            if "trace" in p:
+                t = Path(p["trace"])
+                if t.is_file():
+                    _set_trace(link[up], str(t))
+                    _set_trace(link[down], str(t))
+                else:
+                    _set_trace(link[up], f"{t}.up")
+                    _set_trace(link[down], f"{t}.down")
+        if "device_cpu" in p:
+            data["nodes"][dev] = {**(data["nodes"][dev] or {}), "cpu": p["device_cpu"]}
+    for key, value in p.items():
+        parts = key.split(".")
+        if parts[0] == "links":
+            a, b = parts[1].split("-")
+            for link in data["links"]:
+                if link["between"] == [a, b] or link["between"] == [b, a]:
+                    d = parts[2] if link["between"] == [a, b] else ("down" if parts[2] == "up" else "up")
+                    link[d] = {**(link.get(d) or {}), parts[3]: value}
+                    if parts[3] == "trace":
+                        link[d].pop("bw_mbit", None)
+        elif parts[0] == "nodes":
+            data["nodes"][parts[1]] = {**(data["nodes"][parts[1]] or {}), parts[2]: value}
+    return data
+
+
+def build_topology(suite: Suite, point: Point) -> Topology:
+    """The point's topology, validated by the topology parser (its errors name the topology file)."""
+    return parse_topology(topology_data(suite, point), suite.topology_path)

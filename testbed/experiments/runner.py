@@ -1,0 +1,198 @@
+"""Run a suite: for every point x repeat bring the topology up, run the workload, tear down, record.
+
+Records go to ``DIR/results.jsonl`` (``testbed.experiments.results``): one whole
+line per point x repeat, fsync-ed.  A failed point is recorded with its error and
+the suite goes on; Ctrl-C stops at once, writing nothing for the interrupted point
+(the network and every process are torn down by their context managers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from testbed.experiments import analytic, energy, environment, metrics
+from testbed.experiments.points import Point, build_topology, device_nodes, expand
+from testbed.experiments.results import append_record, done_keys, read_records, repair, write_atomic
+from testbed.experiments.sessions import Request, run_sessions
+from testbed.spec.errors import SpecError
+from testbed.spec.suite import Suite
+
+SCHEMA = 1
+
+
+def prepare_model(suite: Suite, out_dir: Path) -> Path:
+    """The model directory: the default SmolLM2 (converted once), a tiny one built from code, or a path."""
+    if suite.model == "tiny":
+        from testbed.model.tiny import make_tiny_model_dir
+
+        d = out_dir / "tiny-model"
+        if not (d / "config.json").exists():
+            make_tiny_model_dir(d)
+        return d
+    from testbed.model.loading import prepare_model_dir
+
+    return prepare_model_dir(None if suite.model == "default" else suite.model)
+
+
+def model_info(model_dir: Path) -> dict[str, Any]:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return {
+        "dir": str(model_dir),
+        "layers": int(cfg["num_hidden_layers"]),
+        "hidden": int(cfg["hidden_size"]),
+        "heads": int(cfg["num_attention_heads"]),
+        "kv_heads": int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        "head_dim": int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]),
+    }
+
+
+def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]:
+    """One stage list per parallel device: the point's placement with the device renamed."""
+    from testbed.runtime.placement import parse_placement
+
+    devs = device_nodes(suite, point.params.get("devices", 1))
+    me = suite.roles["device"]
+    chains = []
+    for dev in devs:
+        text = ",".join((dev if part.split("=", 1)[0] == me else part.split("=", 1)[0]) + "=" + part.split("=", 1)[1]
+                        for part in point.placement.split(","))
+        chains.append(parse_placement(text, topo, layers))
+    return chains
+
+
+def kv_cache_bytes(info: dict[str, Any], start: int, end: int, positions: int) -> int:
+    """KV-cache size of layers [start, end) holding ``positions`` tokens (fp32 K and V)."""
+    return 2 * (end - start) * info["kv_heads"] * info["head_dim"] * positions * 4
+
+
+def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Bring the point's topology up, run its workload, tear it down; return the measured part."""
+    from testbed.net.network import EmulatedNetwork
+
+    topo = build_topology(suite, point)
+    chains = chains_for(suite, point, topo, info["layers"])
+    p = point.params
+    req = Request(prompt=suite.workload.prompts[p["prompt"]], max_new_tokens=p["max_new_tokens"],
+                  quant=p["quant"], codec=p.get("codec", "fp32"), kv_cache=p["kv_cache"])
+    with EmulatedNetwork(topo, shaper=suite.shaper, runtime=p.get("runtime")) as net:
+        started = time.monotonic()
+        out = run_sessions(net, chains, model_dir, req, started)
+        shaper, tcp_cc = net.shaper, net.tcp_cc
+    sessions = []
+    for chain, res in zip(chains, out["sessions"], strict=True):
+        for hop, st in zip(res["per_hop"], chain, strict=True):
+            hop["node"] = st.node
+            hop["cpu_ms"] = out["cpu_ms"].get(st.node)
+            positions = (res.get("prompt_tokens") or 0) + len(res.get("tokens") or [])
+            if st.end > st.start and p["kv_cache"]:
+                hop["kv_cache_bytes"] = kv_cache_bytes(info, st.start, st.end, positions)
+        m = metrics.session_metrics(res)
+        pred = analytic.predict(topo, ",".join(f"{s.node}={s.layers}" for s in chain), res)
+        dev_hop = res["per_hop"][0]
+        m["energy"] = energy.estimate(suite.energy, dev_hop.get("compute_ms", 0.0) + dev_hop.get("codec_ms", 0.0),
+                                      m["e2e_ms"], m["bytes_up"], m["bytes_down"], m["tokens"])
+        m["predicted"] = pred
+        m["ratio"] = {
+            "e2e": round(m["e2e_ms"] / pred["e2e_ms"], 3) if pred["e2e_ms"] else None,
+        }
+        sessions.append({"device": chain[0].node, "metrics": m, "raw": res})
+    combined = metrics.combine([s["metrics"] for s in sessions])
+    return {
+        "metrics": combined,
+        "sessions": sessions,
+        "cpu_ms": out["cpu_ms"],
+        "wall_s": out["wall_s"],
+        "shaper": shaper,
+        "tcp_cc": tcp_cc,
+        "topology": topo.to_dict(),
+        "text": sessions[0]["raw"].get("text"),
+    }
+
+
+def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], info: dict[str, Any]) -> dict:
+    """The record skeleton: what was run (the full resolved configuration) and where."""
+    return {
+        "schema": SCHEMA,
+        "suite": suite.name,
+        "point": point.id,
+        "repeat": repeat,
+        "placement_name": point.placement_name,
+        "kind": point.kind,
+        "placement": point.placement,
+        "params": point.params,
+        "config": {
+            "suite_file": str(suite.source),
+            "topology_file": str(suite.topology_path),
+            "model": info,
+            "shaper_requested": suite.shaper,
+            "prompt_text": suite.workload.prompts[point.params["prompt"]],
+            "energy_model": asdict(suite.energy),
+            "analytic_band": list(suite.band),
+        },
+        "environment": env,
+    }
+
+
+def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) -> list[Point]:
+    points = [p for p in expand(suite, info["layers"]) if p.matches(only)]
+    if not points:
+        raise SpecError(suite.source, "--only", f"no point matches {only!r}")
+    for p in points:  # bad overrides fail now, not after an hour of running
+        build_topology(suite, p)
+    return points
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | None = None,
+              on_start: Callable[[int], None] | None = None,
+              on_task: Callable[[Point, int, dict | None], None] | None = None) -> Path:
+    """Run every (point, repeat) not yet in ``out_dir/results.jsonl``; return that path.
+
+    ``on_start(n_tasks)`` and ``on_task(point, repeat, record_or_None)`` feed a progress display
+    (``record`` is None when the task starts).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.jsonl"
+    if resume:
+        repair(results)
+        done = done_keys(read_records(results))
+    else:
+        if results.exists():
+            results.rename(out_dir / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
+        done = set()
+    model_dir = prepare_model(suite, out_dir)
+    info = model_info(model_dir)
+    points = plan(suite, out_dir, only, info)
+    write_atomic(out_dir / "suite.yaml", suite.source.read_text())
+    env = environment.collect()
+    tasks = [(p, r) for r in range(suite.repeats) for p in points if (p.id, r) not in done]
+    if on_start:
+        on_start(len(tasks))
+    for point, repeat in tasks:
+        if on_task:
+            on_task(point, repeat, None)
+        rec = record_for(suite, point, repeat, env, info)
+        t0 = time.time()
+        rec["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+        try:
+            rec.update(execute(suite, point, model_dir, info))
+            rec["status"] = "ok"
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed point is a result; the suite goes on
+            rec["status"] = "error"
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["traceback"] = traceback.format_exc()[-4000:]
+        rec["duration_s"] = round(time.time() - t0, 3)
+        append_record(results, rec)
+        if on_task:
+            on_task(point, repeat, rec)
+    return results
