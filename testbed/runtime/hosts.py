@@ -1,0 +1,18 @@
+"""Which Mininet host class runs a node: ``host_class(node, runtime_override)``."""
+
+from __future__ import annotations
+
+from testbed.runtime.process_host import ProcessHost
+from testbed.spec.topology import NodeSpec
+
+
+def host_class(node: NodeSpec, runtime_override: str | None = None) -> tuple[type, dict]:
+    """The host class for ``node`` and the keyword parameters it takes (besides ``run_id``).
+
+    ``runtime_override`` (the ``--runtime`` flag) wins over the node's own ``runtime``.
+    """
+    runtime = runtime_override or node.runtime
+    if runtime == "process":
+        return ProcessHost, {"cpu": node.cpu, "memory_mb": node.memory_mb}
+    # --- docker runtime (engineer F): return (DockerHost, {...}) here ---
+    raise NotImplementedError(f"runtime {runtime!r} is not available yet (node {node.name})")
