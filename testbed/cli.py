@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--only", default=None)
+    p.add_argument("--only", default=None, help="comma-separated: key=value or a substring of the point id")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite field, e.g. model=tiny or sweep.uplink_mbit=[2,20]")
 
     p = sub.add_parser("report", help="plots and a summary table for a results directory")
     p.add_argument("dir")

@@ -91,7 +91,8 @@ def predict(topo: Topology, placement: str, result: dict[str, Any]) -> dict[str,
     total = 0.0
     for i, h in enumerate(per_hop):
         compute = float(h.get("compute_ms", 0.0)) + float(h.get("codec_ms", 0.0))
-        entry: dict[str, Any] = {"node": nodes[i] if i < len(nodes) else None, "compute_ms": round(compute, 3)}
+        node = nodes[i] if i < len(nodes) else None
+        entry: dict[str, Any] = {"node": node, "compute_ms": round(compute, 3)}
         transfer = 0.0
         if i > 0 and i < len(nodes):
             fwd, back = path_figures(topo, nodes[i - 1], nodes[i]), path_figures(topo, nodes[i], nodes[i - 1])

@@ -60,8 +60,8 @@ def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]
     me = suite.roles["device"]
     chains = []
     for dev in devs:
-        text = ",".join((dev if part.split("=", 1)[0] == me else part.split("=", 1)[0]) + "=" + part.split("=", 1)[1]
-                        for part in point.placement.split(","))
+        parts = [part.split("=", 1) for part in point.placement.split(",")]
+        text = ",".join(f"{dev if node == me else node}={rng}" for node, rng in parts)
         chains.append(parse_placement(text, topo, layers))
     return chains
 
@@ -95,8 +95,9 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
         m = metrics.session_metrics(res)
         pred = analytic.predict(topo, ",".join(f"{s.node}={s.layers}" for s in chain), res)
         dev_hop = res["per_hop"][0]
-        m["energy"] = energy.estimate(suite.energy, dev_hop.get("compute_ms", 0.0) + dev_hop.get("codec_ms", 0.0),
-                                      m["e2e_ms"], m["bytes_up"], m["bytes_down"], m["tokens"])
+        busy = dev_hop.get("compute_ms", 0.0) + dev_hop.get("codec_ms", 0.0)
+        m["energy"] = energy.estimate(suite.energy, busy, m["e2e_ms"], m["bytes_up"], m["bytes_down"],
+                                      m["tokens"])
         m["predicted"] = pred
         m["ratio"] = {
             "e2e": round(m["e2e_ms"] / pred["e2e_ms"], 3) if pred["e2e_ms"] else None,

@@ -169,7 +169,8 @@ def _collect(dev: str, d: subprocess.Popen, timeout_s: float) -> tuple[dict[str,
     t_exit = time.monotonic()
     lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
     if not lines:
-        raise InferenceError(f"driver on {dev} failed ({d.returncode}): {err.decode(errors='replace')[-1500:]}")
+        tail = err.decode(errors="replace")[-1500:]
+        raise InferenceError(f"driver on {dev} failed ({d.returncode}): {tail}")
     res = json.loads(lines[-1])
     if "error" in res:
         raise InferenceError(f"split inference on {dev} failed: {res['error']}")

@@ -224,7 +224,8 @@ def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any
     m = _LINK_PARAM.match(name)
     if m:
         a, b, _direction, what = m.groups()
-        if not any(sorted(link.get("between", [])) == sorted([a, b]) for link in suite.topology_data["links"]):
+        links = suite.topology_data["links"]
+        if not any(sorted(link.get("between", [])) == sorted([a, b]) for link in links):
             raise _err(src, fld, f"no link between {a} and {b} in {suite.topology_path}")
         if what == "trace":
             return check_param(src, fld, "trace", value, suite)
@@ -351,13 +352,13 @@ def parse_suite(data: dict[str, Any], src: Path) -> Suite:
 
     placements = data.get("placements") or {}
     if not isinstance(placements, dict):
-        raise _err(src, "placements", "must map names to placement strings like 'phone=0:{cut},mec={cut}:{layers}'")
+        raise _err(src, "placements", "must map names to placement strings like 'phone=0:{cut},mec={cut}:30'")
     for pname, tmpl in placements.items():
         fld = f"placements.{pname}"
         if pname in BASELINES:
             raise _err(src, fld, "name is reserved for a baseline")
         if not isinstance(tmpl, str) or "=" not in tmpl:
-            raise _err(src, fld, f"must be a string like 'phone=0:{{cut}},mec={{cut}}:{{layers}}' (got {tmpl!r})")
+            raise _err(src, fld, f"must be a string like 'phone=0:{{cut}},mec={{cut}}:30' (got {tmpl!r})")
         for var in _PLACEMENT_VARS.findall(tmpl):
             if var not in ("cut", "layers"):
                 raise _err(src, fld, f"unknown variable {{{var}}} (known: {{cut}}, {{layers}})")
