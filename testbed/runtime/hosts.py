@@ -14,5 +14,10 @@ def host_class(node: NodeSpec, runtime_override: str | None = None) -> tuple[typ
     runtime = runtime_override or node.runtime
     if runtime == "process":
         return ProcessHost, {"cpu": node.cpu, "memory_mb": node.memory_mb}
-    # --- docker runtime (engineer F): return (DockerHost, {...}) here ---
+    if runtime == "docker":  # engineer F: containers, limits resolved with role defaults
+        from testbed.runtime.docker_host import DockerHost
+        from testbed.runtime.limits import resolve_limits
+
+        lim = resolve_limits(node)
+        return DockerHost, {"cpu": lim.cpu, "memory_mb": lim.memory_mb}
     raise NotImplementedError(f"runtime {runtime!r} is not available yet (node {node.name})")

@@ -10,7 +10,7 @@ device is still visibly weaker than an edge server):
 =======  ========  ==========  ==================================================
 role     cpu       memory_mb   why
 =======  ========  ==========  ==================================================
-device   1.0       1024        one phone-class core; SmolLM2-135M shards fit in 1 GiB
+device   1.0       2048        one phone-class core; torch + SmolLM2-135M fit in 2 GiB
 edge     2.0       4096        a small MEC server; two cores = a whole 2-core VM
 cloud    None      None        a data-centre host: unlimited
 cell     None      None        a shared L2 segment (a bridge): runs nothing
@@ -52,7 +52,7 @@ class Limits:
 
 
 ROLE_DEFAULTS: dict[str, Limits] = {
-    "device": Limits(cpu=1.0, memory_mb=1024),
+    "device": Limits(cpu=1.0, memory_mb=2048),
     "edge": Limits(cpu=2.0, memory_mb=4096),
     "cloud": Limits(),
     "cell": Limits(),
