@@ -167,12 +167,12 @@ def _parse_cached(fmt: str, data: bytes) -> Trace:
 
 def _parse_mahimahi(data: bytes) -> Trace:
     tokens = data.split()
-    lines = data.splitlines()
-    if len(tokens) == len(lines):
+    n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    if len(tokens) == n_lines and b"\r" not in data:
         numbers = None  # one token per line, no blank lines: token i is on line i + 1
     else:
         numbers = []
-        for n, ln in enumerate(lines, start=1):
+        for n, ln in enumerate(data.splitlines(), start=1):
             parts = ln.split()
             if len(parts) > 1:
                 text = ln.decode(errors="replace")
@@ -202,7 +202,9 @@ def _parse_mahimahi(data: bytes) -> Trace:
     if period <= 0:
         raise _TraceLineError(lineno(stamps.size - 1),
                               "no delivery opportunity: the last timestamp (the period) must be > 0 (got 0)")
-    offsets = np.sort(np.mod(stamps.astype(np.float64), period))
+    # stamps are sorted, so only the trailing stamps equal to the period wrap (to offset 0)
+    wrapped = int(stamps.size - np.searchsorted(stamps, stamps[-1], side="left"))
+    offsets = np.concatenate([np.zeros(wrapped), stamps[: stamps.size - wrapped].astype(np.float64)])
     return Trace(path=Path(), format="mahimahi", period_ms=period, opportunities_ms=offsets)
 
 
