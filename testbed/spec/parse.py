@@ -5,6 +5,7 @@ Every problem raises one SpecError ``FILE: field.path: what is wrong (got VALUE)
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,8 +59,8 @@ class _Parser:
         return value
 
     def number(self, value: Any, field: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise self.fail(field, f"must be a number {got(value)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.fail(field, f"must be a finite number {got(value)}")
         return float(value)
 
     def integer(self, value: Any, field: str) -> int:
