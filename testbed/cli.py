@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", help="remove leftovers of crashed runs")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dead-only", action="store_true", help="only runs whose owner process has died")
 
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--topo", default="topologies/device-edge-cloud.yaml")

@@ -1,0 +1,158 @@
+"""Remove leftovers of testbed runs: processes, devices, namespaces, cgroups, containers, state files.
+
+A process belongs to a run when its environment has ``TESTBED_RUN``; devices in the root
+namespace carry the ``tb`` prefix (and are listed in state files).  ``clean(all_runs=False)``
+only touches runs whose owner process is dead; ``clean(all_runs=True)`` (``testbed clean``)
+removes everything except the caller and its ancestors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, load_states
+from testbed.net.network import kill_and_wait
+from testbed.runtime.process_host import remove_run_cgroups
+
+NETNS_DIR = Path("/run/netns")
+CONTAINER_LABEL = "edgellm-testbed"
+_DEVICE_RE = re.compile(rf"^{PREFIX}([0-9a-f]{{5}})")
+
+
+def _ancestors() -> set[int]:
+    """Our own pid and every ancestor's (never to be killed)."""
+    out, pid = set(), os.getpid()
+    while pid > 1:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            break
+    return out
+
+
+def _alive(pid: int | None) -> bool:
+    return bool(pid) and os.path.exists(f"/proc/{pid}")
+
+
+def marked_processes() -> dict[int, str]:
+    """pid -> run id for every process carrying ``TESTBED_RUN``."""
+    out = {}
+    marker = ENV_MARKER.encode() + b"="
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        for item in env.split(b"\0"):
+            if item.startswith(marker):
+                out[int(entry)] = item[len(marker):].decode(errors="replace")
+                break
+    return out
+
+
+def clean(all_runs: bool = True) -> dict[str, list]:
+    """Remove leftovers; returns what was removed, by kind."""
+    states = {s["run_id"]: s for s in load_states()}
+    live_owners = {rid for rid, s in states.items() if _alive(s.get("owner_pid")) and s.get("owner_pid") != os.getpid()}
+    me = _ancestors()
+
+    def doomed(run_id: str) -> bool:
+        return all_runs or run_id not in live_owners
+
+    removed: dict[str, list] = {"processes": [], "devices": [], "namespaces": [], "cgroups": [],
+                                "containers": [], "state_files": []}
+    procs = {pid: rid for pid, rid in marked_processes().items() if pid not in me and doomed(rid)}
+    for s in states.values():
+        if doomed(s["run_id"]):
+            for pid in [*s.get("link_pids", []), *s.get("host_pids", {}).values()]:
+                if _alive(pid) and pid not in me and _marked_by(pid, s["run_id"]):
+                    procs[pid] = s["run_id"]
+    kill_and_wait(sorted(procs))
+    removed["processes"] = sorted(procs)
+
+    listed = {name: s["run_id"] for s in states.values() for name in
+              [*s.get("interfaces", []), *s.get("bridges", [])]}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("ifname") or ""
+            m = _DEVICE_RE.match(name)
+            rid = listed.get(name) or (m.group(1) if m else None)
+            if rid is None or not doomed(rid):
+                continue
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=link["index"])
+                removed["devices"].append(name)
+
+    if NETNS_DIR.is_dir():
+        for ns in NETNS_DIR.iterdir():
+            m = _DEVICE_RE.match(ns.name)
+            if ns.name.startswith(PREFIX) and (m is None or doomed(m.group(1))):
+                from pyroute2 import netns
+
+                with contextlib.suppress(OSError):
+                    netns.remove(ns.name)
+                    removed["namespaces"].append(ns.name)
+
+    run_ids = set(states) | set(procs.values()) | _cgroup_runs()
+    for rid in sorted(run_ids):
+        if doomed(rid):
+            removed["cgroups"] += remove_run_cgroups(rid)
+
+    removed["containers"] = _remove_containers(doomed)
+
+    for rid, s in states.items():
+        if doomed(rid):
+            (STATE_DIR / f"{rid}.json").unlink(missing_ok=True)
+            removed["state_files"].append(rid)
+    return removed
+
+
+def _marked_by(pid: int, run_id: str) -> bool:
+    """Is ``pid`` really a process of ``run_id`` (not a recycled pid)?"""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{ENV_MARKER}={run_id}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _cgroup_runs() -> set[str]:
+    out = set()
+    for ctrl in ("cpu", "memory"):
+        d = Path("/sys/fs/cgroup") / ctrl / "testbed"
+        if d.is_dir():
+            out |= {p.name for p in d.iterdir() if p.is_dir()}
+    return out
+
+
+def _remove_containers(doomed) -> list[str]:
+    """Containers labelled ``edgellm-testbed`` (label value: run id); skipped without an engine."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+    except Exception:
+        return []
+    out = []
+    from testbed.runtime.docker_engine import RUN_LABEL, remove_container
+
+    for c in client.containers.list(all=True, filters={"label": CONTAINER_LABEL}):
+        # docker runtime (engineer F): edgellm-testbed=1, the run id is in edgellm-testbed.run;
+        # remove_container also kills processes attached to the container from outside.
+        if doomed(c.labels.get(RUN_LABEL) or c.labels.get(CONTAINER_LABEL, "")):
+            with contextlib.suppress(Exception):
+                remove_container(c)
+                out.append(c.name)
+    return out

@@ -1,0 +1,98 @@
+"""The ``up``, ``probe`` and ``clean`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from testbed.net.network import EmulatedNetwork
+
+
+def _load(path: str):
+    from testbed.spec.topology import load_topology
+
+    return load_topology(path)
+
+
+def up(args: argparse.Namespace) -> int:
+    """Bring a topology up; Mininet CLI, or hold until SIGINT/SIGTERM with ``--no-cli``."""
+    topo = _load(args.topo)
+    with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=sys.stdout) as net:
+        print(f"shaper: {net.shaper}  tcp_cc: {net.tcp_cc}  run: {net.run_id}", flush=True)
+        for h in topo.hosts():
+            with_addr = [net.plan.address(h.name, s) for s in net.plan.host_segments(h.name)]
+            print(f"  {h.name}: {', '.join(with_addr) or '-'}", flush=True)
+        if args.no_cli:
+            print("ready (Ctrl-C or SIGTERM to tear down)", flush=True)
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+        else:
+            from mininet.cli import CLI
+
+            CLI(net.mn)
+    return 0
+
+
+def probe(args: argparse.Namespace) -> int:
+    """Bring up, measure src <-> dst with ``testbed.net.probe``, tear down, print."""
+    from testbed.net.probe import probe as run_probe
+
+    topo = _load(args.topo)
+    for flag, name in (("--src", args.src), ("--dst", args.dst)):
+        if name not in topo.nodes or topo.nodes[name].role == "cell":
+            from testbed.spec.errors import SpecError
+
+            raise SpecError(args.topo, flag.lstrip("-"), f"no host named {name!r}")
+    log = sys.stderr if not args.json else None
+    with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
+        res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
+                        net.ip(args.dst, args.src), args.seconds, timeline=args.timeline)
+        shaper = net.shaper
+    keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct"]
+    if args.timeline:
+        keys += ["up_timeline", "down_timeline"]
+    out = {"shaper": shaper, **{k: res.get(k) for k in keys}}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(args, out)
+    return 0
+
+
+def _print_table(args: argparse.Namespace, out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.src} <-> {args.dst} ({out['shaper']} shaper)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in out.items():
+        if k == "shaper":
+            continue
+        if isinstance(v, list):
+            v = " ".join(f"{x:.1f}" for x in v)
+        elif isinstance(v, float):
+            v = f"{v:.2f}"
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+def clean(args: argparse.Namespace) -> int:
+    """Remove leftovers of every run (``--dead-only``: only runs whose owner process died)."""
+    from testbed.net.clean import clean as do_clean
+
+    removed = do_clean(all_runs=not getattr(args, "dead_only", False))
+    if args.json:
+        print(json.dumps(removed))
+    else:
+        total = sum(len(v) for v in removed.values())
+        for kind, items in removed.items():
+            if items:
+                print(f"removed {len(items)} {kind}: {' '.join(map(str, items))}")
+        if not total:
+            print("nothing to clean")
+    return 0
