@@ -47,6 +47,7 @@ def model_from_args(args: argparse.Namespace) -> GilbertElliott:
     for flag in ("p_good_bad", "p_bad_good"):
         v = getattr(args, flag)
         _check(v, "--" + flag.replace("_", "-"), 0 <= v <= 1, "must be a probability in [0, 1]")
+    _check(args.seed, "--seed", args.seed >= 0, "must be >= 0")
     bin_ms = getattr(args, "bin_ms", 100.0)
     _check(bin_ms, "--bin-ms", 1 <= bin_ms <= args.seconds * 1000, "must be in [1, seconds * 1000]")
     kw = {}
@@ -70,7 +71,10 @@ def trace_gen(args: argparse.Namespace) -> int:
     """Write a Gilbert-Elliott trace and print what it holds."""
     model = model_from_args(args)
     out = Path(args.out)
-    rates = write_trace(out, model, args.seconds, args.seed, args.format)
+    try:
+        rates = write_trace(out, model, args.seconds, args.seed, args.format)
+    except OSError as e:
+        raise SpecError("trace-gen", "OUT", f"cannot write {out} ({e.strerror})") from None
     trace = load_trace(out, args.format)
     good = float((rates == model.good_mbit).mean()) if model.good_mbit != model.bad_mbit else 1.0
     print(f"wrote {out}: {args.format}, {trace.period_ms / 1000:g} s, mean {trace.mean_mbit():.2f} Mbit/s "

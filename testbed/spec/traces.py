@@ -97,11 +97,22 @@ class Trace:
         if not self.steps:
             return None
         t_ms = (t_s * 1000.0) % self.period_ms
-        starts = [s.t_s * 1000.0 for s in self.steps]
-        i = int(np.searchsorted(starts, t_ms, side="right")) - 1
+        i = int(np.searchsorted(self._step_starts_ms, t_ms, side="right")) - 1
         return self.steps[max(i, 0)]
 
     # -- cumulative capacity -----------------------------------------------------------
+
+    @functools.cached_property
+    def _step_starts_ms(self) -> np.ndarray:
+        return np.array([s.t_s * 1000.0 for s in self.steps])
+
+    @functools.cached_property
+    def _csv_cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step starts (with the period appended), rates, and bits carried before each start."""
+        starts = np.append(self._step_starts_ms, self.period_ms)
+        rates = np.array([s.bw_mbit for s in self.steps])  # Mbit/s == kbit/ms
+        cum = np.concatenate([[0.0], np.cumsum(rates * np.diff(starts) * 1000.0)])
+        return starts, rates, cum
 
     def _packets_until(self, t_ms: np.ndarray) -> np.ndarray:
         """Number of opportunities in [0, t_ms), looping."""
@@ -112,9 +123,7 @@ class Trace:
     def _csv_bits_until(self, t_ms: np.ndarray | float) -> np.ndarray:
         """Bits the CSV rate steps carry in [0, t_ms), looping."""
         t = np.asarray(t_ms, dtype=np.float64)
-        starts = np.array([s.t_s * 1000.0 for s in self.steps] + [self.period_ms])
-        rates = np.array([s.bw_mbit for s in self.steps])  # Mbit/s == kbit/ms
-        cum = np.concatenate([[0.0], np.cumsum(rates * np.diff(starts) * 1000.0)])
+        starts, rates, cum = self._csv_cumulative
         loops = np.floor(t / self.period_ms)
         rest = t - loops * self.period_ms
         i = np.clip(np.searchsorted(starts, rest, side="right") - 1, 0, len(rates) - 1)
@@ -299,6 +308,6 @@ def _first_bad_line(data: bytes, ok) -> tuple[int, str]:
     for i, ln in enumerate(data.splitlines(), start=1):
         for tok in ln.split():
             s = tok.decode(errors="replace")
-            if not ok(s):
+            if not ok(s) or len(s.lstrip("-")) > 18:
                 return i, s
     return 0, ""
