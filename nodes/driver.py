@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from testbed.model.shard import Shard
 
-    from testbed.model.loading import format_prompt, load_tokenizer
+    from testbed.model.loading import eos_ids, format_prompt, load_tokenizer
+    from testbed.model.shard import Shard
     from testbed.runtime.split_client import SplitClient, SplitError
 
     threads = max(1, min(2, args.threads))
@@ -45,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     start, end = (int(v) for v in args.layers.split(":"))
     shard = Shard.load(args.model, start, end, quant=args.quant, threads=threads)
     shard.eval()
-    tok = None
+    tok = load_tokenizer(args.model)
     if args.prompt_ids:
         ids = torch.tensor([[int(v) for v in args.prompt_ids.split(",")]], dtype=torch.int64)
     else:
-        tok = load_tokenizer(args.model)
         ids = torch.as_tensor(format_prompt(tok, args.prompt or ""), dtype=torch.int64).reshape(1, -1)
-    stop = set() if args.no_stop else _stop_ids(shard.config)
+    stop = set() if args.no_stop else eos_ids(tok, shard.config)
     client = SplitClient(shard, args.next, codec=args.codec, kv_cache=not args.no_kv_cache,
                          timeout_s=args.timeout, layers=[h for h in args.hops.split(",") if h])
     try:
@@ -61,17 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         client.close()
-    if tok is not None:
-        out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
+    out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
     print(json.dumps(out), flush=True)
     return 0
-
-
-def _stop_ids(config) -> set[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class ShardServer:
                 raise WireError(f"position {msg.position_start} != expected {sess.next_pos}")
             cache = sess.cache
         else:
-            sess, cache = None, self.shard.new_cache()
+            sess, cache = None, None  # the whole sequence is resent and recomputed
         max_pos = int(getattr(self.shard.config, "max_position_embeddings", 1 << 30))
         if msg.position_start + t_tokens > max_pos:
             raise WireError("sequence longer than the model's context")

@@ -135,7 +135,7 @@ class SplitClient:
                 x, pos = (ids if step == 0 else ids[:, -1:]), (0 if step == 0 else ids.shape[1] - 1)
                 tok = self.step(step, x, pos, cache)
             else:
-                tok = self.step(step, ids, 0, self.first.new_cache())
+                tok = self.step(step, ids, 0, None)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             tokens.append(tok)
             ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.int64)], dim=1)

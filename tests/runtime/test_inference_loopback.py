@@ -1,0 +1,153 @@
+"""Split inference with shard nodes as real subprocesses over loopback ZeroMQ (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from testbed.model.generate import generate_split
+from testbed.model.shard import Shard
+from testbed.model.tiny import make_tiny_model_dir
+from testbed.runtime.inference import driver_argv, node_env
+from testbed.runtime.local_chain import loopback_chain
+from testbed.runtime.placement import Stage
+from testbed.runtime.split_client import SplitClient, SplitError
+from testbed.wire import message as m
+from testbed.wire.message import Kind, parse
+
+STAGES = [Stage("dev", 0, 1), Stage("edge", 1, 2), Stage("cloud", 2, 3)]
+PROMPTS = [[5, 17, 33, 2, 9], [100, 4, 4, 61], [7], [250, 251, 3, 8, 12, 40, 41]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "m", n_layers=3, hidden=64)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny: Path) -> list[Shard]:
+    return [Shard.load(tiny, s.start, s.end) for s in STAGES]
+
+
+def reference(shards, ids: list[int], n: int, kv: bool = True, codec: str = "fp32") -> list[int]:
+    out = generate_split(shards, list(ids), n, kv_cache=kv, codec=codec)
+    return [int(t) for t in out.tokens]
+
+
+def ping(addr: str) -> list[int]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    try:
+        sock.send_multipart(m.control(Kind.PING).frames())
+        assert sock.poll(5000), "no PONG"
+        return parse(sock.recv_multipart()).tensor().tolist()
+    finally:
+        sock.close(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", [True, False])
+def test_split_matches_in_process_reference(tiny, shards, kv: bool) -> None:
+    with loopback_chain(tiny, STAGES) as addrs:
+        for ids in PROMPTS[:2]:
+            client = SplitClient(shards[0], addrs[1], codec="fp32", kv_cache=kv,
+                                 layers=[s.layers for s in STAGES], timeout_s=60)
+            try:
+                got = client.generate(torch.tensor([ids]), 12, stop_ids=set())
+            finally:
+                client.close()
+            assert got["tokens"] == reference(shards, ids, 12, kv)
+            assert len(got["token_ms"]) == 12 and got["ttft_ms"] > 0 and got["tpot_ms"] > 0
+            hops = got["per_hop"]
+            assert [h["layers"] for h in hops] == ["0:1", "1:2", "2:3"]
+            assert all(h["compute_ms"] > 0 for h in hops)
+            # activation bytes on each link: every position sent once with the cache, the whole
+            # sequence every step without it (4 bytes x hidden 64 per position)
+            positions = len(ids) + 11 if kv else sum(len(ids) + i for i in range(12))
+            assert hops[1]["payload_up"] == hops[2]["payload_up"] == positions * 4 * 64
+            assert hops[1]["bytes_down"] > 0 and hops[2]["bytes_down"] > 0
+        assert ping(addrs[1])[0] == 0  # closed sessions are freed
+
+
+@pytest.mark.slow
+def test_driver_process_prints_json(tiny, shards) -> None:
+    with loopback_chain(tiny, STAGES) as addrs:
+        argv = driver_argv(tiny, STAGES, addrs[1], "hello world", 6, "none", "fp16", True)
+        out = subprocess.run(argv, capture_output=True, timeout=120, env=node_env(1), check=True)
+    res = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert 1 <= len(res["tokens"]) <= 6 and isinstance(res["text"], str)
+    assert res["per_hop"][1]["payload_up"] == (res["prompt_tokens"] + len(res["tokens"]) - 1) * 2 * 64
+
+
+@pytest.mark.slow
+def test_concurrent_sessions_on_one_chain(tiny, shards) -> None:
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int, addr: str) -> None:
+        try:
+            client = SplitClient(shards[0], addr, kv_cache=True, layers=[s.layers for s in STAGES],
+                                 timeout_s=60, ctx=zmq.Context.instance())
+            try:
+                results[i] = client.generate(torch.tensor([PROMPTS[i]]), 10, set())["tokens"]
+            finally:
+                client.close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with loopback_chain(tiny, STAGES) as addrs:
+        threads = [threading.Thread(target=run, args=(i, addrs[1])) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = ping(addrs[2])
+    assert not errors
+    for i, ids in enumerate(PROMPTS):
+        assert results[i] == reference(shards, ids, 10), f"session {i}"
+    assert stats[2] >= sum(10 for _ in PROMPTS)  # requests served by the last node
+
+
+@pytest.mark.slow
+def test_idle_timeout_frees_sessions(tiny, shards) -> None:
+    with loopback_chain(tiny, STAGES, idle_timeout=1.0) as addrs:
+        client = SplitClient(shards[0], addrs[1], layers=[s.layers for s in STAGES], timeout_s=60)
+        client.generate(torch.tensor([PROMPTS[0]]), 4, set())  # no CLOSE: the session stays
+        n_sessions, cache_bytes, _, _ = ping(addrs[1])
+        assert n_sessions == 1 and cache_bytes > 0
+        deadline = time.monotonic() + 10
+        while (ping(addrs[1])[0] or ping(addrs[2])[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ping(addrs[1])[:2] == [0, 0] and ping(addrs[2])[:2] == [0, 0]
+        # the expired session cannot continue: the node says so instead of computing garbage
+        with pytest.raises(SplitError, match="unknown session"):
+            client.step(4, torch.tensor([[3]]), 8, shards[0].new_cache())
+        client.sock.close(0)
+        client.sock = None
+
+
+@pytest.mark.slow
+def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards) -> None:
+    with loopback_chain(tiny, STAGES) as addrs:
+        client = SplitClient(shards[0], addrs[1], layers=[s.layers for s in STAGES], timeout_s=60)
+        with pytest.raises(SplitError, match="unknown session"):
+            client.step(0, torch.tensor([[1, 2]]), 5, shards[0].new_cache())  # no session at pos 5
+        bad = SplitClient(shards[0], addrs[1], codec="int8", layers=[s.layers for s in STAGES])
+        bad.first = Shard.load(tiny, 0, 1)
+        x = torch.randn(1, 2, 32)  # wrong hidden size
+        bad.sock.send_multipart(m.forward_hidden(bad.session, 0, 0, x, "fp16", True).frames())
+        assert bad.sock.poll(5000)
+        reply = parse(bad.sock.recv_multipart())
+        assert reply.kind == Kind.ERROR and "hidden size" in reply.text()
+        bad.close()
+        got = client.generate(torch.tensor([PROMPTS[1]]), 5, set())["tokens"]
+        client.close()
+        assert got == reference(shards, PROMPTS[1], 5)
