@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="testbed", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a topology file")
-    p.add_argument("topo")
+    p = sub.add_parser("validate", help="check a topology file (or a trace file)")
+    p.add_argument("topo", help="topology YAML; any other file is checked as a channel trace")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("trace-gen", help="write a synthetic channel trace (Gilbert-Elliott / Markov)")

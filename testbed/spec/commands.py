@@ -10,7 +10,7 @@ from pathlib import Path
 from testbed.spec.errors import SpecError
 from testbed.spec.synthetic import GilbertElliott, write_trace
 from testbed.spec.topology import ROLES, Topology, load_topology
-from testbed.spec.traces import load_trace
+from testbed.spec.traces import Trace, load_trace
 
 
 def summary(topo: Topology) -> str:
@@ -24,8 +24,23 @@ def summary(topo: Topology) -> str:
             f"{links} link{'s' if links != 1 else ''}{extra}, tcp_cc {topo.tcp_cc}")
 
 
+def trace_summary(trace: Trace) -> str:
+    """One line: format, period, opportunities, mean rate."""
+    return (f"{trace.path}: OK: {trace.format} trace, period {trace.period_ms / 1000:g} s, "
+            f"{trace.packets_per_period} delivery opportunities, mean {trace.mean_mbit():.2f} Mbit/s")
+
+
 def validate(args: argparse.Namespace) -> int:
-    """Check a topology file; print a one-line summary (or the parsed model as JSON)."""
+    """Check a topology file (or, for a non-YAML file, a trace); print a one-line summary or JSON."""
+    if Path(args.topo).suffix.lower() not in (".yaml", ".yml"):
+        trace = load_trace(Path(args.topo))
+        if args.json:
+            print(json.dumps({"path": str(trace.path), "format": trace.format, "period_ms": trace.period_ms,
+                              "opportunities": trace.packets_per_period, "mean_mbit": trace.mean_mbit(),
+                              "steps": len(trace.steps)}))
+        else:
+            print(trace_summary(trace))
+        return 0
     topo = load_topology(args.topo)
     if args.json:
         print(json.dumps(topo.to_dict(), indent=2))

@@ -111,3 +111,17 @@ def test_cli_trace_gen_bad_flags(tmp_path: Path, args: list[str], expected: str)
     assert r.returncode == 2
     assert r.stderr.strip() == expected
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_validate_accepts_a_trace_file(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "testbed", "validate", "topologies/traces/ge-lte.up"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("OK: mahimahi trace, period 30 s, 16500 delivery opportunities, "
+                                     "mean 6.60 Mbit/s")
+    bad = tmp_path / "bad.up"
+    bad.write_text("5\n3\n")
+    r = subprocess.run([sys.executable, "-m", "testbed", "validate", str(bad)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"{bad}: trace: {bad} line 2: timestamps must not decrease (got 3 after 5)"
