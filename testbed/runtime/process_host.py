@@ -53,15 +53,16 @@ class ProcessHost(Host):
             (d / "cgroup.procs").write_text(str(self.pid))  # the shell, hence `cmd` children
 
     def popen(self, *args, **kwargs):
-        """Like ``Host.popen``; the process joins this host's cgroups before it execs."""
+        """Like ``Host.popen``; the process joins this host's cgroups before it enters the host.
+
+        The joining happens in the root mount namespace: inside the host, Mininet's fresh
+        sysfs hides /sys/fs/cgroup."""
         if not self.cgroups:
             return Host.popen(self, *args, **kwargs)
-        cmd = args[0] if len(args) == 1 and isinstance(args[0], list) else list(args)
-        if len(args) == 1 and isinstance(args[0], str):
-            cmd = args[0].split()
         env = dict(kwargs.pop("env", None) or os.environ)
         env["TB_CGROUPS"] = " ".join(str(d) for d in self.cgroups)
-        return Host.popen(self, ["sh", "-c", _JOIN, "sh", *cmd], env=env, **kwargs)
+        mncmd = ["sh", "-c", _JOIN, "sh", "mnexec", "-da", str(self.pid)]
+        return Host.popen(self, *args, mncmd=mncmd, env=env, **kwargs)
 
     def remove_cgroups(self) -> None:
         """Delete the cgroups (after every process in them has exited)."""
