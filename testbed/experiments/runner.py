@@ -80,10 +80,14 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
     p = point.params
     req = Request(prompt=suite.workload.prompts[p["prompt"]], max_new_tokens=p["max_new_tokens"],
                   quant=p["quant"], codec=p.get("codec", "fp32"), kv_cache=p["kv_cache"])
+    t0 = time.monotonic()
     with EmulatedNetwork(topo, shaper=suite.shaper, runtime=p.get("runtime")) as net:
         started = time.monotonic()
         out = run_sessions(net, chains, model_dir, req, started)
         shaper, tcp_cc = net.shaper, net.tcp_cc
+        t_done = time.monotonic()
+    phases = {"network_up_s": round(started - t0, 3), "workload_s": round(t_done - started, 3),
+              "teardown_s": round(time.monotonic() - t_done, 3)}
     sessions = []
     for chain, res in zip(chains, out["sessions"], strict=True):
         for hop, st in zip(res["per_hop"], chain, strict=True):
@@ -108,7 +112,7 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
         "metrics": combined,
         "sessions": sessions,
         "cpu_ms": out["cpu_ms"],
-        "wall_s": out["wall_s"],
+        "phases": {**phases, "drivers_s": out["wall_s"]},
         "shaper": shaper,
         "tcp_cc": tcp_cc,
         "topology": topo.to_dict(),
@@ -127,6 +131,7 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
         "kind": point.kind,
         "placement": point.placement,
         "params": point.params,
+        "swept": list(point.swept),
         "config": {
             "suite_file": str(suite.source),
             "topology_file": str(suite.topology_path),

@@ -63,7 +63,7 @@ class _CpuSampler(threading.Thread):
         self.pids, self.period_s = pids, period_s
         self.last: dict[str, float] = {}
         self.first: dict[str, float] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         for name, pid in self.pids.items():
@@ -73,11 +73,11 @@ class _CpuSampler(threading.Thread):
                 self.last[name] = v
 
     def run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while not self._halt.wait(self.period_s):
             self.sample()
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return {k: round(self.last[k] - self.first.get(k, 0.0), 1) for k in self.last}
 

@@ -274,7 +274,7 @@ def load_suite(path: str | Path, sets: list[str] | None = None) -> Suite:
 
 
 def apply_sets(data: dict[str, Any], sets: list[str], src: Path) -> dict[str, Any]:
-    """Apply command-line overrides ``KEY.PATH=YAML_VALUE`` (e.g. ``model=tiny``, ``sweep.cut=[4,8]``)."""
+    """Apply command-line overrides ``KEY[.NAME]=YAML_VALUE`` (``model=tiny``, ``sweep.cut=[4,8]``)."""
     out = dict(data)
     for item in sets:
         key, sep, raw = item.partition("=")
@@ -284,14 +284,12 @@ def apply_sets(data: dict[str, Any], sets: list[str], src: Path) -> dict[str, An
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise _err(src, f"--set {key}", f"value is not valid YAML: {raw!r}") from None
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
+        top, dot, sub = key.partition(".")  # params.links.a-b.up.bw_mbit: the rest is one name
+        if dot:
+            child = out.get(top)
+            out[top] = {**(child if isinstance(child, dict) else {}), sub: value}
+        else:
+            out[top] = value
     return out
 
 

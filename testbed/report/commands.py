@@ -1,0 +1,39 @@
+"""``testbed report DIR``: PNG plots and a Markdown summary of a results directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from testbed.report import plots
+from testbed.report.data import load_rows
+from testbed.report.summary import write_summary
+from testbed.spec.errors import SpecError
+
+
+def make_report(out_dir: Path) -> tuple[Path, list[Path]]:
+    """Write every applicable plot and ``summary.md`` into ``out_dir``; return (summary, plots)."""
+    if not (out_dir / "results.jsonl").exists():
+        raise SpecError(out_dir, "results.jsonl", "no results here (run `testbed run SUITE --out DIR` first)")
+    rows, records = load_rows(out_dir)
+    if not records:
+        raise SpecError(out_dir / "results.jsonl", "records", "empty: no complete record")
+    ok = [r for r in records if r.get("status") == "ok"]
+    band = tuple(ok[0]["config"].get("analytic_band", (0.5, 2.0))) if ok else (0.5, 2.0)
+    made = [
+        plots.latency_vs_uplink(rows, out_dir),
+        plots.bytes_per_token(rows, out_dir),
+        plots.kv_cache(rows, out_dir),
+        plots.trace_timeline(rows, out_dir),
+        plots.devices(rows, out_dir),
+        plots.measured_vs_predicted(rows, out_dir, band),
+    ]
+    pngs = [p for p in made if p is not None]
+    return write_summary(out_dir, rows, records, pngs), pngs
+
+
+def report(args: argparse.Namespace) -> int:
+    summary, pngs = make_report(Path(args.dir))
+    print(summary.read_text())
+    print(f"wrote {summary} and {len(pngs)} plots: {', '.join(p.name for p in pngs)}")
+    return 0

@@ -1,0 +1,273 @@
+"""PNG plots of a results directory.  Each function returns the file it wrote, or None when the
+suite did not vary what the plot needs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from testbed.report.data import Row  # noqa: E402
+
+BASELINE_STYLE = {"on-device": ("tab:red", "--"), "edge-offload": ("tab:blue", "-."),
+                  "cloud-offload": ("tab:purple", ":")}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _style(row: Row, i: int) -> dict[str, Any]:
+    color, ls = BASELINE_STYLE.get(row.placement_name, (f"C{(i + 3) % 10}", "-"))
+    return {"color": color, "linestyle": ls, "marker": "o"}
+
+
+def crossovers(rows: list[Row], x_key: str = "uplink_mbit") -> list[str]:
+    """Sentences: at which uplink bandwidths each split line beats each baseline (per-token latency)."""
+    lines = _lines(rows, x_key)
+    constant = {r.label(): r.mean("token_latency_ms", "mean") for r in rows if x_key not in r.params and r.ok}
+    out = []
+    for lab, (row, pts) in lines.items():
+        if row.kind != "split" or len(pts) < 2:
+            continue
+        xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        rivals = {name: np.full(len(xs), v) for name, v in constant.items() if v is not None}
+        for other, (orow, opts) in lines.items():
+            if orow.kind != "split":
+                d = dict(opts)
+                rivals[other] = np.array([d.get(x, np.nan) for x in xs])
+        for name, ref in rivals.items():
+            mask = ~np.isnan(ref)
+            if not mask.any():
+                continue
+            x, wins = xs[mask], ys[mask] < ref[mask]
+            span = f"{x.min():g}-{x.max():g} Mbit/s"
+            if wins.all():
+                out.append(f"**{lab}** beats {name} at every uplink bandwidth tried ({span})")
+            elif not wins.any():
+                out.append(f"**{lab}** never beats {name} ({span})")
+            else:
+                flips = ", ".join(f"{x[i]:g}-{x[i + 1]:g}" for i in range(len(x) - 1)
+                                  if wins[i] != wins[i + 1])
+                side = "above" if wins[-1] else "below"
+                out.append(f"**{lab}** beats {name} {side} a crossover between {flips} Mbit/s")
+    return out
+
+
+def _lines(rows: list[Row], x_key: str, y: tuple[str, ...] = ("token_latency_ms", "mean")
+           ) -> dict[str, tuple[Row, list[tuple[float, float]]]]:
+    groups: dict[str, tuple[Row, list[tuple[float, float]]]] = {}
+    for r in rows:
+        if x_key not in r.params or not r.ok:
+            continue
+        v = r.mean(*y)
+        if v is None:
+            continue
+        lab = r.label(skip=(x_key,))
+        groups.setdefault(lab, (r, []))[1].append((float(r.params[x_key]), v))
+    return {k: (r, sorted(p)) for k, (r, p) in groups.items()}
+
+
+def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
+    """Per-token latency and TTFT vs uplink bandwidth, one line per placement (the headline plot)."""
+    if not any("uplink_mbit" in r.params for r in rows):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, y, title in ((axes[0], ("token_latency_ms", "mean"), "per-token latency (decode, mean)"),
+                         (axes[1], ("ttft_ms",), "time to first token")):
+        lines = _lines(rows, "uplink_mbit", y)
+        xs_all = sorted({x for _, pts in lines.values() for x, _ in pts}) or [1.0]
+        for i, (lab, (row, pts)) in enumerate(lines.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=lab, **_style(row, i))
+        for r in rows:  # placements that do not use the network: constant lines
+            if "uplink_mbit" not in r.params and r.ok and r.mean(*y) is not None:
+                color, ls = BASELINE_STYLE.get(r.placement_name, ("black", "--"))
+                ax.hlines(r.mean(*y), xs_all[0], xs_all[-1], colors=color, linestyles=ls,
+                          label=f"{r.label()} (no network)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("uplink bandwidth (Mbit/s)")
+        ax.set_ylabel(f"{title.split(' (')[0]} (ms)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.subplots_adjust(bottom=0.28)
+    fig.tight_layout(rect=(0, 0.12 + 0.03 * (len(labels) // 4), 1, 1))
+    fig.savefig(out / "latency_vs_uplink.png", dpi=110)
+    plt.close(fig)
+    return out / "latency_vs_uplink.png"
+
+
+def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
+    """Bytes sent up per generated token by each placement and codec."""
+    ok = [r for r in rows if r.ok and r.kind != "on-device"]
+    if not ok:
+        return None
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        codec = r.params.get("codec", "token ids")
+        lab = r.label(skip=("codec", "uplink_mbit", "downlink_mbit", "trace", "delay_ms", "loss_pct"))
+        v = r.mean("bytes_up_per_token")
+        if v is not None:
+            by[lab][codec].append(v)
+    codecs = sorted({c for d in by.values() for c in d})
+    labels = list(by)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 2), 4.5))
+    width = 0.8 / max(1, len(codecs))
+    for j, c in enumerate(codecs):
+        vals = [float(np.mean(by[lab][c])) if by[lab].get(c) else 0.0 for lab in labels]
+        bars = ax.bar(np.arange(len(labels)) + j * width, vals, width, label=c)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(codecs) - 1) / 2, labels, rotation=20, ha="right")
+    ax.set_ylabel("bytes up per generated token (B, prompt included)")
+    ax.set_yscale("log")
+    ax.set_title("Uplink bytes per token by placement and activation codec")
+    ax.legend(title="codec")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, out / "bytes_per_token.png")
+
+
+def kv_cache(rows: list[Row], out: Path) -> Path | None:
+    """KV cache on vs off: per-token latency, uplink bytes and KV memory vs prompt length."""
+    if not any("kv_cache" in r.records[0].get("swept", []) for r in rows):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    groups: dict[str, list[tuple[float, Row]]] = defaultdict(list)
+    for r in rows:
+        if r.ok and r.mean("prompt_tokens") is not None:
+            groups[r.label(skip=("prompt",))].append((r.mean("prompt_tokens"), r))
+    for i, (lab, pts) in enumerate(groups.items()):
+        pts.sort(key=lambda p: p[0])
+        xs = [p[0] for p in pts]
+        ls = "-" if pts[0][1].params.get("kv_cache", True) else "--"
+        color = BASELINE_STYLE.get(pts[0][1].placement_name, (f"C{(i // 2 + 3) % 10}", ""))[0]
+        kw = {"label": lab, "linestyle": ls, "marker": "o", "color": color}
+        axes[0].plot(xs, [r.mean("token_latency_ms", "mean") for _, r in pts], **kw)
+        axes[1].plot(xs, [(r.mean("bytes_up_per_token") or 0) / 1e3 for _, r in pts], **kw)
+        axes[2].plot(xs, [(r.kv_bytes() or 0) / 2**20 for _, r in pts], **kw)
+    for ax, ylab, title in ((axes[0], "per-token latency (ms)", "compute + communication"),
+                            (axes[1], "bytes up per token (kB)", "communication"),
+                            (axes[2], "KV cache, all shards (MiB)", "memory")):
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel(ylab)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.suptitle("KV cache on (solid) vs off (dashed)", y=1.0)
+    fig.savefig(out / "kv_cache.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out / "kv_cache.png"
+
+
+def _trace_of(rec: dict[str, Any], device: str) -> tuple[Path | None, Path | None]:
+    for link in rec.get("topology", {}).get("links", []):
+        a, b = link["between"]
+        if device in (a, b):
+            up, down = (link["up"], link["down"]) if a == device else (link["down"], link["up"])
+            return (Path(up["trace"]) if up.get("trace") else None,
+                    Path(down["trace"]) if down.get("trace") else None)
+    return None, None
+
+
+def trace_timeline(rows: list[Row], out: Path) -> Path | None:
+    """Per-token latency over time during trace replay, with the trace's capacity beneath."""
+    from testbed.spec.traces import load_trace
+
+    recs = [r.ok[0] for r in rows if r.ok and "trace" in r.params]
+    if not recs:
+        return None
+    fig, (ax, cap) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    t_max = 0.0
+    for i, rec in enumerate(recs):
+        raw = rec["sessions"][0]["raw"]
+        t0 = float(raw.get("gen_start_s") or 0.0)
+        times = t0 + np.cumsum(raw["token_ms"]) / 1e3
+        t_max = max(t_max, float(times[-1]))
+        color, ls = BASELINE_STYLE.get(rec["placement_name"], (f"C{(i + 3) % 10}", "-"))
+        ax.plot(times, raw["token_ms"], marker=".", color=color, linestyle=ls,
+                label=f"{rec['placement_name']} ({Path(str(rec['params']['trace'])).name})")
+    up, down = _trace_of(recs[0], recs[0]["sessions"][0]["device"])
+    bins = np.arange(0.0, t_max + 1.0, 0.1)
+    for path, lab, color in ((up, "uplink", "tab:green"), (down, "downlink", "tab:orange")):
+        if path is None:
+            continue
+        tr = load_trace(path)
+        rates = tr.rate_bins_mbit(100.0)
+        idx = (np.arange(len(bins)) % len(rates))
+        cap.step(bins, rates[idx], where="post", color=color, label=f"{lab} capacity ({path.name})")
+    ax.set_yscale("log")
+    ax.set_ylabel("per-token latency (ms)")
+    ax.set_title("Per-token latency while the access link replays a trace")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    cap.set_xlabel("time since the network came up (s)")
+    cap.set_ylabel("trace capacity (Mbit/s)")
+    cap.grid(True, alpha=0.3)
+    cap.legend(fontsize=8)
+    return _save(fig, out / "trace_timeline.png")
+
+
+def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float]) -> Path | None:
+    """Measured vs analytically predicted end-to-end latency per point, with the accepted band."""
+    pts = []
+    for r in rows:
+        for rec in r.ok:
+            for s in rec["sessions"]:
+                m = s["metrics"]
+                if m["predicted"]["e2e_ms"]:
+                    pts.append((m["predicted"]["e2e_ms"], m["e2e_ms"], r))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 6))
+    seen = set()
+    for i, (pred, meas, r) in enumerate(pts):
+        color, _ = BASELINE_STYLE.get(r.placement_name, (f"C{(hash(r.placement_name) % 7) + 3}", "-"))
+        lab = r.placement_name if r.placement_name not in seen else None
+        seen.add(r.placement_name)
+        ax.scatter(pred, meas, color=color, label=lab, zorder=3)
+        del i
+    lo = min(min(p[0], p[1]) for p in pts) * 0.7
+    hi = max(max(p[0], p[1]) for p in pts) * 1.4
+    xs = np.array([lo, hi])
+    ax.plot(xs, xs, color="black", linewidth=1, label="measured = predicted")
+    ax.fill_between(xs, xs * band[0], xs * band[1], color="grey", alpha=0.2,
+                    label=f"accepted band x{band[0]:g}-x{band[1]:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("predicted end-to-end latency (ms): compute + bytes/bandwidth + delay")
+    ax.set_ylabel("measured end-to-end latency (ms)")
+    ax.set_title("Measured vs analytic prediction")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "measured_vs_predicted.png")
+
+
+def devices(rows: list[Row], out: Path) -> Path | None:
+    """Per-token latency and aggregate tokens/s vs the number of parallel devices."""
+    if not any("devices" in r.records[0].get("swept", []) for r in rows):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, y, ylab in ((axes[0], ("token_latency_ms", "mean"), "per-token latency, mean over devices (ms)"),
+                        (axes[1], ("tokens_per_s",), "aggregate tokens/s, all devices")):
+        for i, (lab, (row, p)) in enumerate(_lines(rows, "devices", y).items()):
+            ax.plot([x for x, _ in p], [v for _, v in p], label=lab, **_style(row, i))
+        ax.set_xlabel("devices sharing the edge")
+        ax.set_ylabel(ylab)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "devices.png")
