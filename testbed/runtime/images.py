@@ -108,9 +108,14 @@ def _fail(what: str, message: str) -> SpecError:
     return SpecError(str(IMAGE_DIR / "packages.txt"), what, message)
 
 
+def rootfs_tarball(pkgs: list[str], cache_dir: Path = CACHE_DIR) -> Path:
+    """Where the cached debootstrap rootfs for ``pkgs`` lives."""
+    return cache_dir / f"rootfs-{SUITE}-{VARIANT}-{rootfs_key(pkgs)}.tar"
+
+
 def build_rootfs(pkgs: list[str], cache_dir: Path = CACHE_DIR) -> tuple[Path, bool]:
     """The rootfs tarball for ``pkgs`` (debootstrap + tar when not cached); returns (path, cached)."""
-    tarball = cache_dir / f"rootfs-{SUITE}-{VARIANT}-{rootfs_key(pkgs)}.tar"
+    tarball = rootfs_tarball(pkgs, cache_dir)
     if tarball.exists():
         return tarball, True
     if shutil.which("debootstrap") is None:
