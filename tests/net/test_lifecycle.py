@@ -1,0 +1,123 @@
+"""`testbed up --no-cli` as a real subprocess: SIGTERM tears down cleanly; after SIGKILL,
+`testbed clean` removes every leftover (processes, devices, cgroups, state file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from testbed.net.clean import marked_processes
+from testbed.net.naming import STATE_DIR
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+TESTBED = [sys.executable, "-m", "testbed"]
+TOPO = """
+name: lifecycle
+nodes:
+  phone: {role: device, cpu: 0.5}
+  dev2: {role: device}
+  cell: {role: cell}
+  mec: {role: edge}
+links:
+  - between: [phone, cell]
+    up: {bw_mbit: 10}
+    down: {bw_mbit: 20}
+  - between: [dev2, cell]
+  - between: [cell, mec]
+    up: {bw_mbit: 50}
+    down: {bw_mbit: 50}
+"""
+
+
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    topo = tmp_path / "lifecycle.yaml"
+    topo.write_text(TOPO)
+    p = subprocess.Popen([*TESTBED, "up", str(topo), "--no-cli", "--shaper", "kernel"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("ready"):
+            run = re.search(r"run: (\w+)", "".join(lines))
+            assert run, lines
+            return p, run.group(1)
+    p.kill()
+    pytest.fail("testbed up did not become ready: " + "".join(lines))
+
+
+def leftovers(run_id: str) -> dict[str, list]:
+    with IPRoute() as ipr:
+        devices = [x.get("ifname") for x in ipr.get_links() if x.get("ifname", "").startswith("tb" + run_id)]
+    procs = [pid for pid, rid in marked_processes().items() if rid == run_id]
+    cgroups = [str(d) for d in Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}")]
+    state = [str(f) for f in STATE_DIR.glob(f"{run_id}.json")]
+    return {"devices": devices, "processes": procs, "cgroups": cgroups, "state": state}
+
+
+def test_sigterm_tears_down(tmp_path: Path):
+    p, run_id = start_up(tmp_path)
+    during = leftovers(run_id)
+    assert during["devices"] and during["processes"] and during["state"] and during["cgroups"]
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+    assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
+
+
+def test_sigkill_then_clean(tmp_path: Path):
+    p, run_id = start_up(tmp_path)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    left = leftovers(run_id)
+    assert left["devices"] and left["state"] and left["cgroups"]  # root-namespace things outlive a crash
+    # --dead-only: other runs on this machine (owners alive) are left alone
+    cmd = [*TESTBED, "clean", "--dead-only", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    removed = json.loads(out.stdout)
+    assert run_id in removed["state_files"]
+    assert set(left["processes"]) <= set(removed["processes"])
+    assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
+
+
+DRIVER = """
+import sys, time
+from pathlib import Path
+from testbed.spec.topology import load_topology
+from testbed.net.network import EmulatedNetwork
+net = EmulatedNetwork(load_topology(sys.argv[1]), shaper="kernel")
+net.start()
+for node in ("phone", "mec"):
+    net.popen(node, ["sleep", "600"])  # e.g. a shard server: keeps the namespace alive
+print("ready run:", net.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_crash_with_running_processes_then_clean(tmp_path: Path):
+    topo = tmp_path / "lifecycle.yaml"
+    topo.write_text(TOPO)
+    p = subprocess.Popen([sys.executable, "-c", DRIVER, str(topo)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("ready"), line
+    run_id = line.split()[-1]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    left = leftovers(run_id)
+    assert len(left["processes"]) >= 2 and left["devices"] and left["state"]
+    out = subprocess.run([*TESTBED, "clean", "--dead-only"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
+    assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
