@@ -192,6 +192,11 @@ class EmulatedNetwork:
         """A runner for ``testbed.net.probe``: argv -> Popen inside ``node``."""
         return lambda argv, **kw: self.popen(node, argv, **kw)
 
+    @property
+    def trace_t0(self) -> float | None:
+        """``time.monotonic()`` at which kernel trace replay began (bin 0), None without traces."""
+        return self._replayer.t0 if self._replayer is not None else None
+
     def pid(self, node: str) -> int:
         """PID of the process holding ``node``'s namespaces (its shell)."""
         return self._host(node).pid

@@ -1,0 +1,65 @@
+"""Kernel trace replay: the HTB rate follows a Mahimahi trace, within 10 % in every second."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.net import kernel_shaping
+from testbed.net.network import EmulatedNetwork
+from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
+from testbed.spec.traces import load_trace
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+RATES_MBIT = [4, 12, 6, 16, 8, 10]  # one per second
+PKTS_PER_MBIT_S = 1e6 / (1500 * 8)
+
+
+def write_mahimahi(path: Path, rates: list[float]) -> None:
+    """Opportunities spread evenly through each second at that second's rate."""
+    stamps = []
+    for k, r in enumerate(rates):
+        n = round(r * PKTS_PER_MBIT_S)
+        stamps += [1000 * k + int(i * 1000 / n) + 1 for i in range(n)]
+    stamps[-1] = 1000 * len(rates)
+    path.write_text("\n".join(map(str, stamps)) + "\n")
+
+
+def rx_bytes(ipr, ifname: str) -> int:
+    link = ipr.get_links(ifname=ifname)[0]
+    return link.get("IFLA_STATS64")["rx_bytes"]
+
+
+def test_kernel_replay_tracks_trace(tmp_path: Path):
+    trace_file = tmp_path / "steps.trace"
+    write_mahimahi(trace_file, RATES_MBIT)
+    trace = load_trace(trace_file, "mahimahi")
+    up = Shaping(trace=trace_file, format="mahimahi", queue_pkts=50)
+    topo = Topology("replay", tmp_path / "replay.yaml",
+                    {"a": NodeSpec("a", "device"), "b": NodeSpec("b", "edge")}, [LinkSpec("a", "b", up)])
+    seconds = len(RATES_MBIT)
+    with EmulatedNetwork(topo, shaper="kernel") as net:
+        b_if = net.mn.nameToNode["b"].intfList()[-1].name
+        server = net.popen("b", ["iperf3", "-s", "-1"])
+        time.sleep(0.3)
+        client = net.popen("a", ["iperf3", "-u", "-b", "30M", "-l", "1400", "-t", str(seconds + 3),
+                                 "-c", net.ip("b", "a")])
+        ipr = kernel_shaping.open_ns(net.pid("b"))
+        # whole trace seconds starting after the flow is running: windows aligned with the replay
+        t0 = net.trace_t0
+        first = int(time.monotonic() - t0) + 2
+        samples = []
+        for k in range(first, first + seconds + 1):
+            time.sleep(max(0.0, t0 + k - time.monotonic()))
+            samples.append(rx_bytes(ipr, b_if))
+        ipr.close()
+        client.wait(timeout=30)
+        server.wait(timeout=10)
+    measured = [(b1 - b0) * 8 / 1e6 for b0, b1 in zip(samples, samples[1:], strict=False)]
+    expected = trace.capacity_mbit_per_s(seconds, start_s=first)
+    print("measured", [round(m, 2) for m in measured], "expected", [round(e, 2) for e in expected])
+    for m, e in zip(measured, expected, strict=True):
+        assert abs(m - e) <= 0.10 * e, (measured, expected)
