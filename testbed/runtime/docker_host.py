@@ -1,16 +1,17 @@
 """The ``docker`` runtime: a Mininet host whose shell and processes live in a Docker container.
 
 Containernet-style: each node is a container started with ``--network none`` from the
-offline node image (:mod:`testbed.runtime.images`), kept alive by ``sleep``.  The Mininet
-shell of the node is started with ``mnexec -a <container pid>``, i.e. in the container's
-network *and* mount namespaces, and joins the container's cgroups.  Mininet therefore moves
-interfaces into the container and configures addresses and routes exactly as for a process
-host, and every process the testbed starts on the node (``popen``: shard nodes, iperf3,
-ping) runs inside the container: its filesystem, its network, its cgroup (so ``--cpus`` and
-``--memory`` apply).  Containers share the host's PID namespace (``--pid host``): the
-processes attached from outside keep their PIDs, so ``Popen.terminate``/``wait`` behave
-exactly as for a process host, and the container's ``/proc`` shows them (``/proc/self``,
-``/proc/net`` work inside).
+offline node image (:mod:`testbed.runtime.images`), kept alive by ``sleep``.  The node's
+Mininet shell is started with ``nsenter -t <container pid> -n -m -u -i``, i.e. in the
+container's network, mount, UTS and IPC namespaces, and joins the container's cgroups.
+Mininet therefore moves interfaces into the container and configures addresses and routes
+exactly as for a process host, and every process the testbed starts on the node
+(``popen``/``cmd``: shard nodes, iperf3, ping) runs inside the container: its filesystem,
+network, hostname and cgroup (so ``--cpus`` and ``--memory`` apply).
+
+Containers share the host's PID namespace (``--pid host``): processes attached from
+outside keep their PIDs, so ``Popen.terminate``/``wait`` behave exactly as for a process
+host, and the container's ``/proc`` shows them (``/proc/self``, ``/proc/net`` work inside).
 
 Read-only bind mounts at the same paths as on the host (so argv, ``sys.executable`` and
 ``PYTHONPATH`` built on the host work unchanged): the repository, the venv (made from
@@ -18,8 +19,8 @@ Debian's ``/usr/bin/python3`` 3.11.2, the interpreter the bookworm image has, so
 compiled wheels load), and the model cache.  ``/tmp`` is bind-mounted read-write so
 temporary files the testbed hands to nodes (logs, test models) are shared as for process
 hosts; a results directory, when given, too.  ``/proc/sys`` is left writable (Docker's
-read-only path list minus ``/proc/sys``) because the node's per-namespace ``net.*`` sysctls are set
-from inside, as on a process host.
+read-only path list minus ``/proc/sys``) because the node's per-namespace ``net.*``
+sysctls are set from inside, as on a process host.
 """
 
 from __future__ import annotations
@@ -139,11 +140,14 @@ class DockerHost(Host):
         finally:
             self._starting_shell = False
 
+    def _nsenter(self, cwd: str) -> list[str]:
+        """Enter the container's network, mount, UTS and IPC namespaces, working in ``cwd``."""
+        return ["nsenter", "-t", str(self.cpid), "-n", "-m", "-u", "-i", f"--wd={cwd}"]
+
     def _popen(self, cmd: list[str], **params):
         """Every process of this node (the shell included) joins the container's cgroups."""
-        if self._starting_shell:  # Mininet would make a new namespace: attach to the container's
-            cmd = ["mnexec", "-cd", "-a", str(self.cpid), *cmd[2:]]
-            params["cwd"] = "/"
+        if self._starting_shell:  # Mininet's `mnexec -cdn bash ...`: attach to the container instead
+            cmd = ["mnexec", "-cd", *self._nsenter("/"), *cmd[2:]]
         outer = params.pop("preexec_fn", None)
 
         def preexec() -> None:
@@ -155,9 +159,10 @@ class DockerHost(Host):
 
     def popen(self, *args, **kwargs):
         """``Host.popen`` inside the container; a working directory the container lacks becomes /."""
-        cwd = str(kwargs.get("cwd") or os.getcwd())
+        cwd = str(kwargs.pop("cwd", None) or os.getcwd())
         if not self._in_container(cwd):
-            kwargs["cwd"] = "/"
+            cwd = "/"
+        kwargs.setdefault("mncmd", ["mnexec", "-d", *self._nsenter(cwd)])
         return Host.popen(self, *args, **kwargs)
 
     # --- teardown -----------------------------------------------------------------------
