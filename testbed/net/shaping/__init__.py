@@ -1,0 +1,1 @@
+"""Shaping backends that are not plain kernel qdiscs: the userspace link process."""
