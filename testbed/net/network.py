@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -39,6 +40,7 @@ from testbed.runtime.process_host import remove_run_cgroups
 from testbed.spec.topology import Shaping, Topology
 
 BRIDGE_NF = ("iptables", "ip6tables", "arptables")
+PARALLEL = 8  # link processes started / stopped at once
 
 
 def _no_move(*_args, **_kw) -> None:
@@ -368,17 +370,26 @@ class EmulatedNetwork:
         self._replayer.add(ipr, idx, s, trace, netem)
 
     def _start_link_processes(self) -> None:
+        """Offloads off on the host-side ends, then one link process per link (in parallel:
+        each one is a Python start-up that waits until its sockets are bound)."""
         from testbed.net.offload import disable_offloads
         from testbed.net.shaping.userspace import start_link_process
 
-        for end_a, end_b in self.ends:
-            for end in (end_a, end_b):
-                if end.host_if is not None:
-                    disable_offloads(end.host_if, pid=end.pid)
-        for (end_a, end_b), link in zip(self.ends, self.topo.links, strict=True):
-            p = start_link_process(end_a.ifname, end_b.ifname, link.up, link.down)
-            self._link_procs.append(p)
-            self.state.add("link_pids", p.pid)
+        host_ends = [e for pair in self.ends for e in pair if e.host_if is not None]
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(lambda e: disable_offloads(e.host_if, pid=e.pid), host_ends))
+            futures = [pool.submit(start_link_process, a.ifname, b.ifname, link.up, link.down)
+                       for (a, b), link in zip(self.ends, self.topo.links, strict=True)]
+            for f in futures:
+                try:
+                    p = f.result()
+                except Exception:
+                    for g in futures:  # keep the ones that did start, for teardown
+                        if g.done() and g.exception() is None and g.result() not in self._link_procs:
+                            self._link_procs.append(g.result())
+                    raise
+                self._link_procs.append(p)
+                self.state.add("link_pids", p.pid)
 
     # --- teardown ----------------------------------------------------------------------
 
@@ -388,9 +399,12 @@ class EmulatedNetwork:
         if self._link_procs:
             from testbed.net.shaping.userspace import stop_link_process
 
-            for p in self._link_procs:
+            def stop(p: subprocess.Popen) -> None:
                 with contextlib.suppress(Exception):
                     stop_link_process(p)
+
+            with ThreadPoolExecutor(PARALLEL) as pool:
+                list(pool.map(stop, self._link_procs))
         for ipr in self._iprs.values():
             with contextlib.suppress(Exception):
                 ipr.close()
