@@ -4,7 +4,8 @@ Built from the split runtime's pieces (``testbed.runtime.inference``): the shard
 nodes of the downstream stages start once and serve every device's session;
 each device runs its own driver (its own first shard) at the same time.  Besides
 the drivers' results this measures the CPU time of every shard node while the
-workload ran (``/proc/PID/stat`` after the ready line and before the stop) and
+workload ran (``/proc/PID/stat`` after the ready line and before the stop; for the
+drivers, sampled every 50 ms, from the sample before generation started) and
 the moment generation started relative to the network coming up (for trace
 timelines).
 """
@@ -56,30 +57,32 @@ def cpu_ms(pid: int) -> float | None:
 
 
 class _CpuSampler(threading.Thread):
-    """Remembers the latest CPU time of each process until stopped (drivers exit on their own)."""
+    """Samples the CPU time of each process every ``period_s`` (drivers exit on their own)."""
 
     def __init__(self, pids: dict[str, int], period_s: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.pids, self.period_s = pids, period_s
-        self.last: dict[str, float] = {}
-        self.first: dict[str, float] = {}
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
         self._halt = threading.Event()
-
-    def sample(self) -> None:
-        for name, pid in self.pids.items():
-            v = cpu_ms(pid)
-            if v is not None:
-                self.first.setdefault(name, v)
-                self.last[name] = v
 
     def run(self) -> None:
         while not self._halt.wait(self.period_s):
-            self.sample()
+            for name, pid in self.pids.items():
+                v = cpu_ms(pid)
+                if v is not None:
+                    self.samples[name].append((time.monotonic(), v))
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> None:
         self._halt.set()
         self.join()
-        return {k: round(self.last[k] - self.first.get(k, 0.0), 1) for k in self.last}
+
+    def since(self, name: str, t: float) -> float | None:
+        """CPU ms used from time ``t`` (the last sample at or before it) to the last sample."""
+        s = self.samples.get(name) or []
+        if not s:
+            return None
+        before = [v for ts, v in s if ts <= t]
+        return round(s[-1][1] - (before[-1] if before else s[0][1]), 1)
 
 
 def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
@@ -145,7 +148,7 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                 t.start()
             for t in threads:
                 t.join()
-            driver_cpu = sampler.stop()
+            sampler.stop()
             t_end = time.monotonic()
             for o in outs:
                 if isinstance(o, BaseException):
@@ -153,9 +156,10 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
             cpu = {n: round((cpu_ms(p.pid) or shard_cpu[n]) - shard_cpu[n], 1) for n, p in started}
             results = []
             for (dev, _), (res, t_exit) in zip(drivers, outs, strict=True):
-                res["gen_start_s"] = round(t_exit - res.get("total_ms", 0.0) / 1e3 - net_started, 3)
+                t_gen = t_exit - res.get("total_ms", 0.0) / 1e3
+                res["gen_start_s"] = round(t_gen - net_started, 3)
                 results.append(res)
-                cpu.setdefault(dev, driver_cpu.get(dev, 0.0))
+                cpu.setdefault(dev, sampler.since(dev, t_gen))
             return {"sessions": results, "cpu_ms": cpu, "wall_s": round(t_end - t_start, 3)}
         finally:
             stop_all(procs)
