@@ -8,6 +8,7 @@ import signal
 import sys
 
 from testbed.net.network import EmulatedNetwork
+from testbed.spec.topology import Shaping
 
 
 def _load(path: str):
@@ -50,7 +51,9 @@ def probe(args: argparse.Namespace) -> int:
     log = sys.stderr if not args.json else None
     with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
         res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
-                        net.ip(args.dst, args.src), args.seconds, timeline=args.timeline)
+                        net.ip(args.dst, args.src), args.seconds, timeline=args.timeline,
+                        up_hint_mbit=path_rate_mbit(net, args.src, args.dst),
+                        down_hint_mbit=path_rate_mbit(net, args.dst, args.src))
         shaper = net.shaper
     keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct"]
     if args.timeline:
@@ -61,6 +64,35 @@ def probe(args: argparse.Namespace) -> int:
     else:
         _print_table(args, out)
     return 0
+
+
+def _rate(s: Shaping) -> float | None:
+    """Configured peak rate of one direction (a trace's highest 100 ms bin)."""
+    if s.trace is not None:
+        from testbed.spec.traces import load_trace
+
+        return float(load_trace(s.trace, s.format or "mahimahi").rate_bins_mbit(100).max())
+    return s.bw_mbit
+
+
+def path_rate_mbit(net: EmulatedNetwork, src: str, dst: str) -> float | None:
+    """The lowest configured rate along the routed path src -> dst (None: unlimited)."""
+    topo, plan = net.topo, net.plan
+    rates: list[float | None] = []
+    cur = src
+    while cur != dst:
+        nxt, seg = plan.next_hop[cur][dst]
+        for i in plan.segments[seg].links:
+            link = topo.links[i]
+            if {link.a, link.b} == {cur, nxt}:
+                rates.append(_rate(link.up if link.a == cur else link.down))
+            elif cur in (link.a, link.b) and plan.segments[seg].cell is not None:
+                rates.append(_rate(link.up if link.a == cur else link.down))  # cur -> cell
+            elif nxt in (link.a, link.b) and plan.segments[seg].cell is not None:
+                rates.append(_rate(link.up if link.b == nxt else link.down))  # cell -> nxt
+        cur = nxt
+    known = [r for r in rates if r is not None]
+    return min(known) if known else None
 
 
 def _print_table(args: argparse.Namespace, out: dict) -> None:
