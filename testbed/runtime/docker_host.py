@@ -2,7 +2,7 @@
 
 Containernet-style: each node is a container started with ``--network none`` from the
 offline node image (:mod:`testbed.runtime.images`), kept alive by ``sleep``.  The node's
-Mininet shell is started with ``nsenter -t <container pid> -n -m -u -i``, i.e. in the
+Mininet shell is started with ``nsenter -t <container pid> -n -m -u -i -r -w``, i.e. in the
 container's network, mount, UTS and IPC namespaces, and joins the container's cgroups.
 Mininet therefore moves interfaces into the container and configures addresses and routes
 exactly as for a process host, and every process the testbed starts on the node
@@ -140,14 +140,20 @@ class DockerHost(Host):
         finally:
             self._starting_shell = False
 
-    def _nsenter(self, cwd: str) -> list[str]:
-        """Enter the container's network, mount, UTS and IPC namespaces, working in ``cwd``."""
-        return ["nsenter", "-t", str(self.cpid), "-n", "-m", "-u", "-i", f"--wd={cwd}"]
+    def _nsenter(self, cwd: str = "/") -> list[str]:
+        """Enter the container's network, mount, UTS and IPC namespaces and its root, in ``cwd``.
+
+        ``nsenter --wd=DIR`` would resolve DIR on the host (a working directory outside the
+        container's root breaks e.g. MKL inside torch), so ``-w`` takes the container's own
+        working directory (/) and a shell inside changes to ``cwd`` before it execs.
+        """
+        enter = ["nsenter", "-t", str(self.cpid), "-n", "-m", "-u", "-i", "-r", "-w"]
+        return enter if cwd == "/" else [*enter, "sh", "-c", 'cd -- "$0" && exec "$@"', cwd]
 
     def _popen(self, cmd: list[str], **params):
         """Every process of this node (the shell included) joins the container's cgroups."""
         if self._starting_shell:  # Mininet's `mnexec -cdn bash ...`: attach to the container instead
-            cmd = ["mnexec", "-cd", *self._nsenter("/"), *cmd[2:]]
+            cmd = ["mnexec", "-cd", *self._nsenter(), *cmd[2:]]
         outer = params.pop("preexec_fn", None)
 
         def preexec() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from testbed.runtime import docker_engine as de
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
 TOPO = """name: dock
@@ -75,6 +77,11 @@ def test_containers_as_hosts_ping_shape_and_limits(client, tmp_path: Path, monke
         out = net.cmd("phone", ["sh", "-c", "hostname; test -e /etc/edgellm-node && echo in-docker; "
                                             "grep -E ':cpu(,cpuacct)?:' /proc/self/cgroup"])
         assert out.splitlines()[0] == "phone" and "in-docker" in out and phone.id in out
+        # the host's venv and repo work inside (torch's MKL included), in the caller's directory
+        code = "import os, torch; x = torch.ones(64, 64); print(os.getcwd(), int((x @ x).sum()))"
+        p = net.popen("phone", [sys.executable, "-c", code], cwd=str(REPO))
+        out, err = p.communicate(timeout=120)
+        assert out.decode().split() == [str(REPO), str(64**3)], err.decode()[-500:]
         ping = net.cmd("phone", ["ping", "-c", "3", "-i", "0.2", net.ip("mec", "phone")])
         assert " 0% packet loss" in ping
         up = _iperf(net, "phone", "mec", reverse=False)
@@ -95,7 +102,8 @@ def test_mixed_runtimes_and_override(client, tmp_path: Path) -> None:
     with EmulatedNetwork(_topo(tmp_path, phone="docker", mec="process"), shaper="kernel") as net:
         assert [c.labels[de.NODE_LABEL] for c in _labelled(client, net.run_id)] == ["phone"]
         assert " 0% packet loss" in net.cmd("mec", ["ping", "-c", "2", "-i", "0.2", net.ip("phone", "mec")])
-        assert "in-docker" not in net.cmd("mec", ["sh", "-c", "test -e /etc/edgellm-node && echo in-docker; true"])
+        marker = ["sh", "-c", "test -e /etc/edgellm-node && echo in-docker; true"]
+        assert "in-docker" in net.cmd("phone", marker) and "in-docker" not in net.cmd("mec", marker)
     with EmulatedNetwork(_topo(tmp_path), shaper="kernel", runtime="process") as net:
         assert _labelled(client, net.run_id) == []
         assert " 0% packet loss" in net.cmd("phone", ["ping", "-c", "1", net.ip("mec", "phone")])
