@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,3 +124,17 @@ def test_failed_bring_up_leaves_nothing(tmp_path: Path):
     with pytest.raises(Exception):  # noqa: B017 - whatever load_trace raises for a missing file
         net.start()
     assert root_devices(net.run_id) == [] and not net.state.path.exists()
+
+
+def test_cli_kernel_with_delay_is_a_one_line_error():
+    have_netem = capabilities.probe().netem
+    if have_netem:
+        pytest.skip("netem present: the kernel backend can shape delays here")
+    topo = REPO / "topologies/device-edge-cloud.yaml"
+    argv = [sys.executable, "-m", "testbed", "probe", str(topo), "--src", "phone", "--dst", "mec",
+            "--shaper", "kernel"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"{topo}: links[0].up.delay_ms: needs netem, absent on this kernel: "
+                     "use --shaper userspace (or auto)"]
