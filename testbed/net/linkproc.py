@@ -33,6 +33,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -44,6 +45,7 @@ from testbed.spec.topology import Shaping
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
 ETH_HLEN = 14
 OPPORTUNITY_BYTES = 1500
 DEFAULT_QUEUE_PKTS = 1000
@@ -58,7 +60,7 @@ class Direction:
     __slots__ = ("name", "fifo", "queued", "loss", "rate_bps", "delay", "jitter", "limit",
                  "busy_until", "last_release", "opps", "n_opps", "period", "opp_k", "opp_left",
                  "step_starts", "steps", "t0", "pkts_in", "bytes_in", "pkts_out", "bytes_out",
-                 "drop_loss", "drop_queue")
+                 "drop_loss", "drop_queue", "drop_socket")
 
     def __init__(self, name: str, s: Shaping, t0: float) -> None:
         self.name = name
@@ -75,12 +77,12 @@ class Direction:
         self.opps: list[float] = []
         self.n_opps = 0
         self.period = 0.0
-        self.opp_k = 0
-        self.opp_left = 0
+        self.opp_k = -1  # the opportunity in use, counted from t0 across loops
+        self.opp_left = 0  # its bytes not yet used
         self.step_starts: list[float] = []
         self.steps: list[tuple[float, float]] = []  # (extra delay s, extra loss prob) per step
         self.pkts_in = self.bytes_in = self.pkts_out = self.bytes_out = 0
-        self.drop_loss = self.drop_queue = 0
+        self.drop_loss = self.drop_queue = self.drop_socket = 0
         if s.trace is not None:
             self._load_trace(s)
 
@@ -91,7 +93,6 @@ class Direction:
         self.opps = [float(x) / 1000.0 for x in trace.opportunities_ms]
         self.n_opps = len(self.opps)
         self.period = trace.period_ms / 1000.0
-        self.opp_left = 0  # forces a search for the first opportunity
         self.rate_bps = None
         for st in trace.steps:
             self.step_starts.append(st.t_s)
@@ -104,7 +105,10 @@ class Direction:
     def _trace_departure(self, size: int, now: float) -> float:
         """Departure time of a ``size``-byte packet arriving at ``now`` (mahimahi rules)."""
         k, left = self.opp_k, self.opp_left
-        if left <= 0 or self._opp_time(k) < now:
+        if left <= 0:  # the current opportunity is used up (or there is none yet)
+            k += 1
+            left = OPPORTUNITY_BYTES
+        if self._opp_time(k) < now:  # the link idled: opportunities in the past are lost
             el = now - self.t0
             loops = math.floor(el / self.period)
             i = bisect.bisect_left(self.opps, el - loops * self.period)
@@ -161,7 +165,14 @@ class Direction:
     def stats(self) -> dict[str, int]:
         return {"pkts_in": self.pkts_in, "bytes_in": self.bytes_in, "pkts_out": self.pkts_out,
                 "bytes_out": self.bytes_out, "dropped_loss": self.drop_loss,
-                "dropped_queue": self.drop_queue, "queued": len(self.fifo)}
+                "dropped_queue": self.drop_queue, "dropped_socket": self.drop_socket,
+                "queued": len(self.fifo)}
+
+
+def socket_drops(s: socket.socket) -> int:
+    """Frames the kernel dropped because our receive buffer was full (since the last call)."""
+    _packets, drops = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    return drops
 
 
 def open_socket(ifname: str) -> socket.socket:
@@ -198,11 +209,15 @@ def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path 
     started = time.time()
     t0 = time.monotonic()
     up, down = Direction("up", up_s, t0), Direction("down", down_s, t0)
+    socket_drops(sock_a)  # reset: frames before start-up are not ours to count
+    socket_drops(sock_b)
     write_stats(stats, up, down, started)
     # fd -> (socket to read, its direction)
     route = {sock_a.fileno(): (sock_a, up), sock_b.fileno(): (sock_b, down)}
     print("ready", flush=True)
     _serve([sock_a.fileno(), sock_b.fileno(), rfd], route, (up, sock_b), (down, sock_a), stop)
+    up.drop_socket += socket_drops(sock_a)
+    down.drop_socket += socket_drops(sock_b)
     write_stats(stats, up, down, started)
     return 0
 
@@ -231,6 +246,8 @@ def _serve(fds: list[int], route: dict, up_out: tuple, down_out: tuple, stop: li
                 try:
                     frame = recv(FRAME_MAX, dontwait)
                 except BlockingIOError:
+                    break
+                except OSError:  # e.g. ENETDOWN while an interface is down: reported once
                     break
                 admit(frame, now)
         now = clock()

@@ -83,12 +83,20 @@ def _iperf_client(run: Runner, argv: list[str], seconds: float) -> dict[str, Any
 
 
 def measure_throughput(src_run: Runner, dst_run: Runner, dst_ip: str, seconds: float) -> float:
-    """TCP (cubic) goodput src -> dst in Mbit/s, as received, after a 1 s omitted warm-up."""
+    """TCP (cubic) goodput src -> dst in Mbit/s, as received, after a 1 s omitted warm-up.
+
+    It counts the receiver's whole one-second intervals only: the tail interval after the
+    sender stops would otherwise charge the data still queued in the link (bufferbloat) as
+    missing throughput."""
     secs = max(1, math.ceil(seconds))
     with _iperf_server(dst_run) as port:
         data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-t", str(secs), "-O", "1",
                                        "-C", "cubic"], secs + 1)
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+    full = [iv["sum"] for iv in (data.get("server_output_json") or {}).get("intervals", [])
+            if not iv["sum"].get("omitted") and iv["sum"]["seconds"] > 0.5]
+    if not full:
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+    return sum(iv["bytes"] for iv in full) * 8 / sum(iv["seconds"] for iv in full) / 1e6
 
 
 def _udp(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float, seconds: float) -> dict:
