@@ -64,7 +64,8 @@ def marked_processes() -> dict[int, str]:
 def clean(all_runs: bool = True) -> dict[str, list]:
     """Remove leftovers; returns what was removed, by kind."""
     states = {s["run_id"]: s for s in load_states()}
-    live_owners = {rid for rid, s in states.items() if _alive(s.get("owner_pid")) and s.get("owner_pid") != os.getpid()}
+    live_owners = {rid for rid, s in states.items()
+                   if _alive(s.get("owner_pid")) and s.get("owner_pid") != os.getpid()}
     me = _ancestors()
 
     def doomed(run_id: str) -> bool:
@@ -111,7 +112,7 @@ def clean(all_runs: bool = True) -> dict[str, list]:
 
     removed["containers"] = _remove_containers(doomed)
 
-    for rid, s in states.items():
+    for rid in states:
         if doomed(rid):
             (STATE_DIR / f"{rid}.json").unlink(missing_ok=True)
             removed["state_files"].append(rid)

@@ -33,7 +33,9 @@ def up(args: argparse.Namespace) -> int:
                 pass
         else:
             from mininet.cli import CLI
+            from mininet.log import setLogLevel
 
+            setLogLevel("output")  # the CLI prints its results at this level
             CLI(net.mn)
     return 0
 

@@ -138,3 +138,21 @@ def test_cli_kernel_with_delay_is_a_one_line_error():
     lines = out.stderr.strip().splitlines()
     assert lines == [f"{topo}: links[0].up.delay_ms: needs netem, absent on this kernel: "
                      "use --shaper userspace (or auto)"]
+
+
+def test_userspace_cell_topology_all_pairs_reach():
+    """Link processes on every link, a bridge for the cell, the shipped delays and losses."""
+    topo = load_topology(REPO / "topologies/cell-4.yaml")
+    hosts = [h.name for h in topo.hosts()]
+    with EmulatedNetwork(topo, shaper="userspace") as net:
+        assert net.shaper == "userspace"
+        ports = [d for d in root_devices(net.run_id) if re.fullmatch(r"tb\w{5}l\d+[ab]", d)]
+        assert len(ports) == 2 * len(topo.links)
+        # -c 5: the cell-edge devices lose 1 % of packets; one reply out of five is enough
+        procs = {(a, b): net.popen(a, ["ping", "-c", "5", "-i", "0.2", "-W", "2", net.ip(b, a)])
+                 for a in hosts for b in hosts if a < b}
+        outs = {pair: p.communicate(timeout=30)[0].decode() for pair, p in procs.items()}
+        failed = [pair for pair, out in outs.items() if " 0 received" in out or "100% packet loss" in out]
+        assert failed == []
+        shells = [net.pid(h) for h in hosts]
+    assert_gone(net, shells)
