@@ -76,7 +76,7 @@ def _iperf_client(run: Runner, argv: list[str], seconds: float) -> dict[str, Any
         if not err and p.returncode == 0:
             return data
         last = str(err or f"exit code {p.returncode}")
-        if "connect" not in last:  # only "unable to connect" is worth a retry
+        if "refused" not in last:  # only a server not listening yet is worth a retry
             break
         time.sleep(0.1)
     raise ProbeError(f"iperf3 {' '.join(argv)}: {last}")
@@ -120,8 +120,9 @@ def measure_timeline(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: f
                      seconds: float) -> list[float]:
     """A UDP flow at ``rate_mbit`` (saturating): Mbit/s received in each second at the server."""
     server = _udp(src_run, dst_run, dst_ip, rate_mbit, seconds)
-    return [float(iv["sum"]["bits_per_second"]) / 1e6 for iv in server["intervals"]
-            if iv["sum"]["seconds"] > 0.5]
+    per_s = [float(iv["sum"]["bits_per_second"]) / 1e6 for iv in server["intervals"]
+             if iv["sum"]["seconds"] > 0.5]
+    return per_s[:max(1, math.ceil(seconds))]  # later seconds only drain the link's queue
 
 
 def measure_rtt(src_run: Runner, dst_ip: str, count: int = 20, interval: float = 0.05) -> dict[str, float]:

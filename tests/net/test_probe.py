@@ -1,0 +1,62 @@
+"""The probe library against real namespaces joined by the userspace link process."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from testbed.net import probe
+from testbed.net.shaping.userspace import netns_link
+from testbed.spec.topology import Shaping
+
+TCP_SHARE = 1448 / 1500
+UDP_SHARE = probe.UDP_PAYLOAD / (probe.UDP_PAYLOAD + 28)
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _pids_of(ns: str) -> list[str]:
+    return subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+
+
+def test_probe_asymmetric_link_both_ways() -> None:
+    up = Shaping(bw_mbit=12, delay_ms=10)
+    down = Shaping(bw_mbit=3, delay_ms=5, loss_pct=1)
+    with netns_link(up, down) as link:
+        res = probe.probe(link.run1, link.run2, link.ip1, link.ip2, seconds=3, timeline=True,
+                          up_hint_mbit=12, down_hint_mbit=3)
+        left = _pids_of(link.ns1) + _pids_of(link.ns2)
+    assert left == []  # every iperf3 server and client is gone
+    assert abs(res["up_mbit"] - 12 * TCP_SHARE) <= 0.05 * 12  # lost ACKs barely matter
+    # 1 % random loss may cost cubic some goodput on the down side, never more than the rate
+    assert 0.6 * 3 * TCP_SHARE <= res["down_mbit"] <= 3 * TCP_SHARE + 0.05 * 3
+    assert abs(res["rtt_ms"] - 15.0) <= 2.0
+    assert res["rtt"]["replies"] >= 17  # 20 pings, 1 % loss on the way back
+    assert res["loss_up_pct"] <= 0.5
+    assert abs(res["loss_down_pct"] - 1.0) <= 1.0
+    # saturating UDP at 1.5x the hint: each full second carries the rate's payload share
+    for got, rate in ((res["up_timeline"], 12), (res["down_timeline"], 3 * 0.99)):
+        assert len(got) >= 2
+        for g in got[1:]:
+            assert abs(g - rate * UDP_SHARE) <= 0.07 * rate, got
+
+
+def test_timeline_follows_the_rate() -> None:
+    with netns_link(Shaping(bw_mbit=6), Shaping()) as link:
+        got = probe.measure_timeline(link.run1, link.run2, link.ip2, rate_mbit=10, seconds=3)
+    assert len(got) == 3
+    assert all(abs(g - 6 * UDP_SHARE) <= 0.3 for g in got), got
+
+
+def test_loss_below_capacity_is_zero_on_a_clean_link() -> None:
+    with netns_link(Shaping(bw_mbit=20), Shaping(bw_mbit=20)) as link:
+        assert probe.measure_loss(link.run1, link.run2, link.ip2, rate_mbit=10, seconds=2) <= 0.2
+
+
+def test_unreachable_destination_raises() -> None:
+    with netns_link(Shaping(), Shaping()) as link:
+        with pytest.raises(probe.ProbeError, match="no reply"):
+            probe.measure_rtt(link.run1, "10.254.254.254", count=2, interval=0.2)
+        with pytest.raises(probe.ProbeError):
+            probe.measure_throughput(link.run1, link.run2, "10.254.254.254", 1)
