@@ -13,11 +13,10 @@ import argparse
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute
 from rich.console import Console
 from rich.table import Table
 
-from testbed.net.clean import marked_processes
+from testbed.net.clean import leftovers
 from testbed.net.network import EmulatedNetwork
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 
@@ -28,15 +27,6 @@ def star(n: int) -> Topology:
     links = [LinkSpec(f"d{i}", "cell", Shaping(bw_mbit=10), Shaping(bw_mbit=40)) for i in range(n - 1)]
     links.append(LinkSpec("cell", "edge", Shaping(bw_mbit=1000), Shaping(bw_mbit=1000)))
     return Topology(f"star-{n}", Path(f"star-{n}.yaml"), nodes, links)
-
-
-def leftovers(run_id: str) -> int:
-    with IPRoute() as ipr:
-        devs = [x for x in ipr.get_links() if x.get("ifname", "").startswith("tb" + run_id)]
-    procs = [p for p, r in marked_processes().items() if r == run_id]
-    cgroups = list(Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}"))
-    state = list(Path("/run/testbed").glob(f"{run_id}.json"))
-    return len(devs) + len(procs) + len(cgroups) + len(state)
 
 
 def measure(n: int, shaper: str) -> dict:
@@ -51,7 +41,8 @@ def measure(n: int, shaper: str) -> dict:
         t1 = time.monotonic()
         net.stop()
         t_down = time.monotonic() - t1
-    return {"nodes": n, "up_s": t_up, "down_s": t_down, "reach": reach, "leftovers": leftovers(net.run_id)}
+    left = sum(map(len, leftovers(net.run_id).values()))
+    return {"nodes": n, "up_s": t_up, "down_s": t_down, "reach": reach, "leftovers": left}
 
 
 def main() -> None:

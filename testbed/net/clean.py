@@ -61,6 +61,17 @@ def marked_processes() -> dict[int, str]:
     return out
 
 
+def leftovers(run_id: str) -> dict[str, list]:
+    """What of run ``run_id`` still exists: root devices, processes, cgroups, state file."""
+    with IPRoute() as ipr:
+        names = [x.get("ifname", "") for x in ipr.get_links()]
+    devices = [n for n in names if n.startswith(PREFIX + run_id)]
+    procs = [pid for pid, rid in marked_processes().items() if rid == run_id]
+    cgroups = [str(d) for d in Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}")]
+    state = [str(f) for f in STATE_DIR.glob(f"{run_id}.json")]
+    return {"devices": devices, "processes": procs, "cgroups": cgroups, "state": state}
+
+
 def clean(all_runs: bool = True) -> dict[str, list]:
     """Remove leftovers; returns what was removed, by kind."""
     states = {s["run_id"]: s for s in load_states()}
@@ -98,6 +109,8 @@ def clean(all_runs: bool = True) -> dict[str, list]:
     if NETNS_DIR.is_dir():
         for ns in NETNS_DIR.iterdir():
             m = _DEVICE_RE.match(ns.name)
+            if ns.name.startswith("tbt-"):
+                continue  # test harness namespaces (userspace.netns_link) clean up themselves
             if ns.name.startswith(PREFIX) and (m is None or doomed(m.group(1))):
                 from pyroute2 import netns
 

@@ -17,6 +17,7 @@ from mininet.node import Host
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CFS_PERIOD_US = 100_000
+SHARES_WEIGHT = 8 * 1024
 _JOIN = 'for d in $TB_CGROUPS; do echo $$ > "$d/cgroup.procs"; done; exec "$@"'
 
 
@@ -46,6 +47,10 @@ class ProcessHost(Host):
         for d in self.cgroups:
             d.mkdir(parents=True, exist_ok=True)
             if d.parts[-4] == "cpu":
+                # A capped node should get its share even on a loaded machine: the testbed's
+                # groups weigh like SHARES_WEIGHT root tasks (the quota still caps each node).
+                for g in (d.parent.parent, d.parent, d):
+                    (g / "cpu.shares").write_text(str(SHARES_WEIGHT))
                 (d / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
                 (d / "cpu.cfs_quota_us").write_text(str(max(1000, int(CFS_PERIOD_US * self.cpu_share))))
             else:

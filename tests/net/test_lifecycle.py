@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
-from testbed.net.clean import marked_processes
-from testbed.net.naming import STATE_DIR
+from testbed.net.clean import leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -57,15 +55,6 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen, str]:
             return p, run.group(1)
     p.kill()
     pytest.fail("testbed up did not become ready: " + "".join(lines))
-
-
-def leftovers(run_id: str) -> dict[str, list]:
-    with IPRoute() as ipr:
-        devices = [x.get("ifname") for x in ipr.get_links() if x.get("ifname", "").startswith("tb" + run_id)]
-    procs = [pid for pid, rid in marked_processes().items() if rid == run_id]
-    cgroups = [str(d) for d in Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}")]
-    state = [str(f) for f in STATE_DIR.glob(f"{run_id}.json")]
-    return {"devices": devices, "processes": procs, "cgroups": cgroups, "state": state}
 
 
 def test_sigterm_tears_down(tmp_path: Path):
