@@ -62,6 +62,15 @@ def parse_placement(text: str, topo: Topology | None = None, n_layers: int | Non
         if cur.start != prev.end:
             raise SpecError(FIELD, cur.node,
                             f"starts at layer {cur.start} but {prev.node} ends at {prev.end}")
+    if topo is not None and len(stages) > 1:
+        from testbed.net.addressing import plan
+
+        addresses = plan(topo)
+        for prev, cur in zip(stages, stages[1:], strict=False):
+            try:
+                addresses.ip(cur.node, prev.node)
+            except KeyError:
+                raise SpecError(FIELD, cur.node, f"not reachable from {prev.node} in {topo.name}") from None
     if n_layers is not None and stages[-1].end != n_layers:
         raise SpecError(FIELD, stages[-1].node,
                         f"the last stage must end at layer {n_layers} (the model's layer count), "
