@@ -37,7 +37,7 @@ from typing import Any
 from mininet.node import Host
 
 from testbed.runtime import docker_engine as de
-from testbed.runtime.images import ensure_image
+from testbed.runtime.images import ensure_image, inputs_hash
 from testbed.runtime.limits import Limits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,15 +47,16 @@ _INIT = 'echo "$(hostname) up: $(nproc) cpus visible, $(grep MemTotal /proc/memi
 
 
 def model_cache_dirs() -> list[Path]:
-    """Where converted model checkpoints live (``testbed.model.loading``), if that exists."""
-    dirs: list[Path] = []
-    with contextlib.suppress(Exception):
-        from testbed.model.loading import cache_root
-
-        dirs.append(cache_root())
+    """Where converted model checkpoints live (``testbed.model.loading``; not imported here,
+    that would import torch), plus ``TESTBED_CACHE`` when set."""
+    dirs = [Path.home() / ".cache" / "edgellm-testbed"]
+    loading = sys.modules.get("testbed.model.loading")
+    if loading is not None:
+        with contextlib.suppress(Exception):
+            dirs.append(loading.cache_root())
     if os.environ.get("TESTBED_CACHE"):
         dirs.append(Path(os.environ["TESTBED_CACHE"]))
-    return dirs
+    return [d for i, d in enumerate(dirs) if not any(d.is_relative_to(o) for o in dirs[:i])]
 
 
 def default_binds(results_dir: Path | None = None) -> dict[str, dict[str, str]]:
@@ -70,6 +71,26 @@ def default_binds(results_dir: Path | None = None) -> dict[str, dict[str, str]]:
         p.mkdir(parents=True, exist_ok=True)
         binds[str(p.resolve())] = {"bind": str(p.resolve()), "mode": "rw"}
     return binds
+
+
+_CLIENTS: dict[str | None, Any] = {}
+_IMAGES: dict[str, str] = {}
+
+
+def _client(node: str) -> Any:
+    """One checked Docker client per process and ``DOCKER_HOST`` (the first call pings the engine)."""
+    where = os.environ.get("DOCKER_HOST")
+    if where not in _CLIENTS:
+        _CLIENTS[where] = de.engine("<topology>", f"nodes.{node}.runtime")
+    return _CLIENTS[where]
+
+
+def _image(client: Any) -> str:
+    """The node image tag, built if missing; checked once per process and build-input hash."""
+    key = inputs_hash()
+    if key not in _IMAGES:
+        _IMAGES[key] = ensure_image(client=client, quiet=False).tag
+    return _IMAGES[key]
 
 
 def container_name(run_id: str, node: str) -> str:
@@ -108,8 +129,8 @@ class DockerHost(Host):
         self.limits = Limits(cpu=cpu, memory_mb=memory_mb)
         rd = results_dir or os.environ.get(RESULTS_ENV)
         self.results_dir = Path(rd) if rd else None
-        self.client = de.engine("<topology>", f"nodes.{name}.runtime")
-        self.image = image or ensure_image(client=self.client, quiet=False).tag
+        self.client = _client(name)
+        self.image = image or _image(self.client)
         t0 = time.monotonic()
         self.container = start_container(self.client, self.image, container_name(self.run_id, name), name,
                                          self.run_id, self.limits, default_binds(self.results_dir))
