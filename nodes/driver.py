@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     client = SplitClient(shard, args.next, codec=args.codec, kv_cache=not args.no_kv_cache,
                          timeout_s=args.timeout, layers=[h for h in args.hops.split(",") if h])
     try:
+        client.connect()
         out = client.generate(ids, args.max_new_tokens, stop)
     except SplitError as e:
         print(json.dumps({"error": str(e)}), flush=True)

@@ -156,6 +156,19 @@ class SplitClient:
             "per_hop": [t.to_dict() for t in self.totals],
         }
 
+    def connect(self) -> None:
+        """Wait for the connection to the next hop (one PING/PONG), so TTFT excludes its set-up."""
+        if self.sock is None:
+            return
+        self.sock.send_multipart(control(Kind.PING, self.session).frames())
+        while True:
+            try:
+                msg = parse(self._recv())
+            except WireError as e:
+                raise SplitError(f"malformed reply: {e}") from None
+            if msg.kind == Kind.PONG:
+                return
+
     def close(self) -> None:
         """Free this session's KV caches along the chain, then the socket."""
         if self.sock is None:
