@@ -120,3 +120,19 @@ def test_popen_terminate_stops_the_process_in_the_container(client, tmp_path: Pa
         assert p.wait(timeout=5) == -15
         r = subprocess.run(["true"])  # the shell still answers after a child was killed
         assert r.returncode == 0 and net.cmd("phone", ["echo", "alive"]).strip() == "alive"
+
+
+def test_memory_limit_is_enforced_in_the_container(client, tmp_path: Path) -> None:
+    from testbed.net.network import EmulatedNetwork
+    from testbed.spec.topology import load_topology
+
+    f = tmp_path / "mem.yaml"
+    f.write_text("name: mem\nnodes:\n  phone: {role: device, memory_mb: 96, runtime: docker}\n"
+                 "  mec: {role: edge}\nlinks:\n  - between: [phone, mec]\n")
+    alloc = "import sys; b = b'x' * (int(sys.argv[1]) << 20); print('ok')"  # touches every page
+    with EmulatedNetwork(load_topology(f), shaper="kernel") as net:
+        small = net.popen("phone", ["python3", "-c", alloc, "16"])
+        big = net.popen("phone", ["python3", "-c", alloc, "400"])
+        assert small.communicate(timeout=60)[0].strip() == b"ok" and small.returncode == 0
+        big.communicate(timeout=60)
+        assert big.returncode == -9  # OOM-killed by the container's memory cgroup
