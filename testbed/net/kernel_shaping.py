@@ -1,13 +1,15 @@
 """Kernel shaping of one interface's egress through netlink (pyroute2).
 
 Layout: ``root 1: htb default 1`` -> class ``1:1`` (rate = ceil, quantum 1514) -> child
-qdisc ``10:``: netem (delay, jitter, loss, limit) when the kernel has it, else a pfifo
-with the queue limit.  Without a rate the child sits at the root.
+qdisc ``10:``: netem (delay, jitter, loss, limit) when the kernel has it and they are asked
+for, else a pfifo when a queue limit is.  Without a rate the child sits at the root.
 """
 
 from __future__ import annotations
 
-from pyroute2 import IPRoute
+import os
+
+from pyroute2 import IPRoute, netns
 
 from testbed.spec.topology import Shaping
 
@@ -17,8 +19,21 @@ DEFAULT_LIMIT = 1000
 
 
 def open_ns(pid: int | None) -> IPRoute:
-    """A netlink socket in the network namespace of ``pid`` (None: our own namespace)."""
-    return IPRoute() if pid is None else IPRoute(netns=f"/proc/{pid}/ns/net")
+    """A netlink socket in the network namespace of ``pid`` (None: our own namespace).
+
+    The socket is made while this thread visits the namespace (setns and back, ~2 ms),
+    not by pyroute2's ``netns=`` helper, which forks a child per socket (~30 ms)."""
+    if pid is None:
+        return IPRoute()
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        netns.pushns(fd)
+        try:
+            return IPRoute()
+        finally:
+            netns.popns()
+    finally:
+        os.close(fd)
 
 
 def _kbit(mbit: float) -> str:
@@ -47,7 +62,7 @@ def apply(ipr: IPRoute, ifname: str, s: Shaping, netem: bool, start_mbit: float 
     if netem and (s.delay_ms or s.jitter_ms or s.loss_pct or s.format == "csv"):
         ipr.tc("add", "netem", index=idx, parent=parent, handle="10:", limit=limit,
                delay=int(s.delay_ms * 1000), jitter=int(s.jitter_ms * 1000), loss=s.loss_pct)
-    elif s.queue_pkts or rate is not None:
+    elif s.queue_pkts:  # otherwise HTB's default leaf: a pfifo as long as the txqueuelen (1000)
         ipr.tc("add", "pfifo", index=idx, parent=parent, handle="10:", limit=limit)
     return idx
 

@@ -367,7 +367,7 @@ class EmulatedNetwork:
         idx = kernel_shaping.apply(ipr, end.ifname, s, netem, start_mbit=float(trace.rate_bins_mbit(100)[0]))
         if self._replayer is None:
             self._replayer = TraceReplayer()
-        self._replayer.add(ipr, idx, s, trace, netem)
+        self._replayer.add(end.pid, idx, s, trace, netem)
 
     def _start_link_processes(self) -> None:
         """Offloads off on the host-side ends, then one link process per link (in parallel:

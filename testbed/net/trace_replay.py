@@ -20,7 +20,7 @@ BIN_MS = 100
 class Replayed:
     """One shaped interface following a trace."""
 
-    ipr: IPRoute
+    pid: int | None  # namespace holder (None: root namespace)
     idx: int
     shaping: Shaping
     trace: Trace
@@ -35,22 +35,42 @@ class TraceReplayer(threading.Thread):
         super().__init__(name="trace-replay", daemon=True)
         self.items: list[Replayed] = []
         self._stop_event = threading.Event()
+        self._started = threading.Event()
         self.t0 = 0.0
 
-    def add(self, ipr: IPRoute, idx: int, shaping: Shaping, trace: Trace, netem: bool) -> None:
-        self.items.append(Replayed(ipr, idx, shaping, trace, trace.rate_bins_mbit(BIN_MS), netem))
+    def start(self) -> None:
+        """Start replaying; returns once bin 0 has begun (``t0`` is set)."""
+        super().start()
+        self._started.wait(timeout=5)
+
+    def add(self, pid: int | None, idx: int, shaping: Shaping, trace: Trace, netem: bool) -> None:
+        self.items.append(Replayed(pid, idx, shaping, trace, trace.rate_bins_mbit(BIN_MS), netem))
 
     def run(self) -> None:
+        # netlink sockets are used by the thread that made them (pyroute2 binds them to it)
+        iprs: dict[int | None, IPRoute] = {}
+        for it in self.items:
+            if it.pid not in iprs:
+                iprs[it.pid] = kernel_shaping.open_ns(it.pid)
+        try:
+            self._replay(iprs)
+        finally:
+            for ipr in iprs.values():
+                ipr.close()
+
+    def _replay(self, iprs: dict[int | None, IPRoute]) -> None:
         self.t0 = time.monotonic()
+        self._started.set()
         k = 0
         while not self._stop_event.is_set():
             for it in self.items:
-                kernel_shaping.set_rate(it.ipr, it.idx, float(it.bins[k % len(it.bins)]))
+                ipr = iprs[it.pid]
+                kernel_shaping.set_rate(ipr, it.idx, float(it.bins[k % len(it.bins)]))
                 step = it.trace.step_at(k * BIN_MS / 1000.0)
                 if it.netem and step is not None:
                     delay = it.shaping.delay_ms + (step.delay_ms or 0.0)
                     loss = it.shaping.loss_pct + (step.loss_pct or 0.0)
-                    kernel_shaping.set_netem(it.ipr, it.idx, it.shaping, delay, loss)
+                    kernel_shaping.set_netem(ipr, it.idx, it.shaping, delay, loss)
             k += 1
             # sleep until the next bin boundary (no drift: boundaries are t0 + k * 100 ms)
             self._stop_event.wait(max(0.0, self.t0 + k * BIN_MS / 1000.0 - time.monotonic()))
