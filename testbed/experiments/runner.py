@@ -9,6 +9,7 @@ the suite goes on; Ctrl-C stops at once, writing nothing for the interrupted poi
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -188,6 +189,7 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
         rec = record_for(suite, point, repeat, env, info)
         t0 = time.time()
         rec["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+        rec["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine: note its load
         try:
             rec.update(execute(suite, point, model_dir, info))
             rec["status"] = "ok"

@@ -7,7 +7,8 @@ the drivers' results this measures the CPU time of every shard node while the
 workload ran (``/proc/PID/stat`` after the ready line and before the stop; for the
 drivers, sampled every 50 ms, from the sample before generation started) and
 the moment generation started relative to the network coming up (for trace
-timelines).
+timelines).  Drivers start while the shard nodes load; each waits for its next hop
+before it starts timing, so start-up overlaps but no measurement includes it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class _CpuSampler(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        self.join()
+        if self.is_alive():
+            self.join()
 
     def since(self, name: str, t: float) -> float | None:
         """CPU ms used from time ``t`` (the last sample at or before it) to the last sample."""
@@ -98,6 +100,7 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
             raise ValueError("parallel devices must share the downstream stages")
     env = node_env()
     procs: list[subprocess.Popen] = []
+    sampler: _CpuSampler | None = None
     with tempfile.TemporaryDirectory(prefix="testbed-run-") as tmp:
         logs = Path(tmp)
         try:
@@ -118,12 +121,6 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                                   stdout=subprocess.PIPE, stderr=err, env=env)
                 procs.append(p)
                 started.append((st.node, p))
-            try:
-                wait_ready(started)
-            except InferenceError as e:
-                tails = "\n".join(f"[{n}] {_tail(logs / f'{n}.log')}" for n, _ in started)
-                raise InferenceError(f"{e}\n{tails}") from None
-            shard_cpu = {n: cpu_ms(p.pid) or 0.0 for n, p in started}
             first_addr = addrs[1] if downstream else None
             drivers = []
             t_start = time.monotonic()
@@ -135,6 +132,14 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                 drivers.append((chain[0].node, d))
             sampler = _CpuSampler({dev: d.pid for dev, d in drivers})
             sampler.start()
+            # Drivers start together with the shard nodes (both import torch and load weights); a
+            # driver waits for its next hop (PING/PONG) before it starts timing.
+            try:
+                wait_ready(started)
+            except InferenceError as e:
+                tails = "\n".join(f"[{n}] {_tail(logs / f'{n}.log')}" for n, _ in started)
+                raise InferenceError(f"{e}\n{tails}") from None
+            shard_cpu = {n: cpu_ms(p.pid) or 0.0 for n, p in started}
             outs: list[Any] = [None] * len(drivers)
 
             def collect(i: int) -> None:
@@ -162,6 +167,8 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                 cpu.setdefault(dev, sampler.since(dev, t_gen))
             return {"sessions": results, "cpu_ms": cpu, "wall_s": round(t_end - t_start, 3)}
         finally:
+            if sampler is not None:
+                sampler.stop()
             stop_all(procs)
 
 
