@@ -54,6 +54,7 @@ def loopback(model: Path, tokens: int, rounds: int) -> None:
     stages = [Stage("a", 0, CUTS[0]), Stage("b", CUTS[0], CUTS[1]), Stage("c", CUTS[1], n)]
     ids = format_prompt(load_tokenizer(model), PROMPT)
     local, split = [], []
+    compute_local = compute_split = 0.0
     with loopback_chain(model, stages, threads=2) as addrs:
         for r in range(rounds + 1):
             ref = generate_split(shards, ids, tokens)
@@ -66,11 +67,15 @@ def loopback(model: Path, tokens: int, rounds: int) -> None:
             if r:  # the first round warms both up; decode steps only (the first step is the prefill)
                 local += ref.step_ms[1:]
                 split += got["token_ms"][1:]
+                compute_local += sum(ref.per_shard_ms)
+                compute_split += sum(h["compute_ms"] for h in got["per_hop"])
     print(f"loopback ZeroMQ, 3 shards (cuts {CUTS}), {rounds} rounds x {tokens - 1} decode steps, "
           f"alternating in-process / split")
     for name, f in (("median", statistics.median), ("mean", statistics.fmean), ("min", min)):
         a, b = f(local), f(split)
         print(f"  per-token {name:>6}: in-process {a:.2f} ms  split {b:.2f} ms  ratio {b / a:.3f}")
+    print(f"  shard compute, all steps: in-process {compute_local:.0f} ms, split (measured in the nodes) "
+          f"{compute_split:.0f} ms, ratio {compute_split / compute_local:.3f}")
     print("  goal: median ratio <= 1.05")
 
 
