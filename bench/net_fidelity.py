@@ -106,7 +106,43 @@ def trace_rows(seconds: float) -> list[list[str]]:
              f"{sum(got) / len(got):.2f} mean", f"max {100 * max(errs):.1f}% / s", f"{cpu:.2f}"]]
 
 
-GRIDS = {"rate": rate_rows, "delay": delay_rows, "loss": loss_rows, "trace": trace_rows}
+def kernel_rows(seconds: float) -> list[list[str]]:
+    """Kernel backend (engineer C): HTB rates and HTB trace replay, through EmulatedNetwork.
+
+    HTB counts whole Ethernet frames, so TCP goodput is at most 1448/1514 of the rate."""
+    from testbed.net.network import EmulatedNetwork
+    from testbed.spec.topology import LinkSpec, NodeSpec, Topology
+
+    def pair(up: Shaping, down: Shaping) -> Topology:
+        nodes = {"a": NodeSpec("a", "device"), "b": NodeSpec("b", "edge")}
+        return Topology("pair", Path("pair.yaml"), nodes, [LinkSpec("a", "b", up, down)])
+
+    rows = []
+    for mbit in (10, 50, 100, 200):
+        with EmulatedNetwork(pair(Shaping(bw_mbit=mbit), Shaping()), shaper="kernel") as net:
+            got = probe.measure_throughput(net.runner("a"), net.runner("b"), net.ip("b"), seconds)
+        want = mbit * 1448 / 1514
+        rows.append([f"kernel HTB rate {mbit} Mbit/s", f"{want:.2f}", f"{got:.2f}",
+                     f"{100 * (got - want) / want:+.1f}%", "-"])
+    if TRACE.exists():
+        secs = max(4, int(seconds * 2))
+        up = Shaping(trace=TRACE, format="mahimahi", queue_pkts=50)
+        with EmulatedNetwork(pair(up, Shaping()), shaper="kernel") as net:
+            launched = time.monotonic()
+            got = probe.measure_timeline(net.runner("a"), net.runner("b"), net.ip("b"), rate_mbit=40,
+                                         seconds=secs)
+            offset = launched - net.trace_t0
+        # UDP goodput per IP packet; HTB counts the 14-byte Ethernet header too
+        share = probe.UDP_PAYLOAD / (probe.UDP_PAYLOAD + 28 + 14)
+        want = [c * share for c in load_trace(TRACE).capacity_mbit_per_s(len(got), offset + 0.05)]
+        errs = [abs(g - w) / w for g, w in zip(got, want, strict=True)]
+        rows.append([f"kernel HTB trace {TRACE.name}, {len(got)} s", f"{sum(want) / len(want):.2f} mean",
+                     f"{sum(got) / len(got):.2f} mean", f"max {100 * max(errs):.1f}% / s", "-"])
+    return rows
+
+
+GRIDS = {"rate": rate_rows, "delay": delay_rows, "loss": loss_rows, "trace": trace_rows,
+         "kernel": kernel_rows}
 
 
 def main() -> int:
