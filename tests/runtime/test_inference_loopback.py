@@ -151,3 +151,26 @@ def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards) -> No
         got = client.generate(torch.tensor([PROMPTS[1]]), 5, set())["tokens"]
         client.close()
         assert got == reference(shards, PROMPTS[1], 5)
+
+
+@pytest.mark.slow
+def test_node_exits_cleanly_on_sigterm_and_refuses_wildcard_bind(tiny) -> None:
+    from testbed.runtime.inference import shard_argv, wait_ready
+    from testbed.runtime.local_chain import free_port
+
+    argv = shard_argv("tcp://0.0.0.0:5999", tiny, STAGES[2], None, "none", 1)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=node_env(1))
+    assert r.returncode == 2 and "--bind" in r.stderr
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    p = subprocess.Popen(shard_argv(addr, tiny, STAGES[2], None, "none", 1), stdout=subprocess.PIPE,
+                         env=node_env(1))
+    try:
+        wait_ready([("cloud", p)], timeout_s=60)
+        assert ping(addr)[0] == 0
+        p.terminate()
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
