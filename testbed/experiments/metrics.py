@@ -23,10 +23,19 @@ def latency_stats(values: list[float]) -> dict[str, float | None]:
             "max": _r(a.max())}
 
 
-def session_metrics(result: dict[str, Any]) -> dict[str, Any]:
+def positions_sent(prompt_tokens: int, tokens: int, kv_cache: bool) -> int:
+    """Token positions a hop receives over a request: with the KV cache the prompt once and then one
+    per step; without it the whole sequence at every step."""
+    if kv_cache:
+        return prompt_tokens + max(0, tokens - 1)
+    return sum(prompt_tokens + i for i in range(tokens))
+
+
+def session_metrics(result: dict[str, Any], kv_cache: bool = True) -> dict[str, Any]:
     """Metrics of one session's result (the dict ``run_split_inference`` returns)."""
     token_ms = [float(x) for x in result.get("token_ms") or []]
     tokens = len(result.get("tokens") or token_ms)
+    sent = positions_sent(int(result.get("prompt_tokens") or 0), tokens, kv_cache)
     decode = token_ms[1:] if len(token_ms) > 1 else token_ms
     e2e = float(result.get("total_ms") or sum(token_ms))
     per_hop = result.get("per_hop") or []
@@ -49,6 +58,7 @@ def session_metrics(result: dict[str, Any]) -> dict[str, Any]:
                 payload_up=h.get("payload_up"),
                 bytes_up_per_token=_r(h.get("bytes_up", 0) / tokens, 1) if tokens else None,
                 bytes_down_per_token=_r(h.get("bytes_down", 0) / tokens, 1) if tokens else None,
+                payload_per_position=_r((h.get("payload_up") or 0) / sent, 2) if sent else None,
             )
         for key in ("kv_cache_bytes", "cpu_ms", "node"):
             if key in h:
@@ -65,6 +75,8 @@ def session_metrics(result: dict[str, Any]) -> dict[str, Any]:
         "bytes_down": bytes_down,
         "bytes_up_per_token": _r(bytes_up / tokens, 1) if tokens else None,
         "bytes_down_per_token": _r(bytes_down / tokens, 1) if tokens else None,
+        "positions_sent": sent,
+        "payload_up_per_position": hops[1]["payload_per_position"] if len(hops) > 1 else None,
         "per_hop": hops,
         "compute_ms": _r(sum((h.get("compute_ms", 0.0) + h.get("codec_ms", 0.0)) for h in per_hop)),
         "transfer_ms": _r(sum(h.get("transfer_ms", 0.0) for h in per_hop[1:])),

@@ -97,7 +97,7 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
             positions = (res.get("prompt_tokens") or 0) + len(res.get("tokens") or [])
             if st.end > st.start and p["kv_cache"]:
                 hop["kv_cache_bytes"] = kv_cache_bytes(info, st.start, st.end, positions)
-        m = metrics.session_metrics(res)
+        m = metrics.session_metrics(res, p["kv_cache"])
         pred = analytic.predict(topo, ",".join(f"{s.node}={s.layers}" for s in chain), res)
         dev_hop = res["per_hop"][0]
         busy = dev_hop.get("compute_ms", 0.0) + dev_hop.get("codec_ms", 0.0)

@@ -8,15 +8,38 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from testbed.report.data import Row  # noqa: E402
+from testbed.spec.suite import NETWORK_PARAMS  # noqa: E402
 
 BASELINE_STYLE = {"on-device": ("tab:red", "--"), "edge-offload": ("tab:blue", "-."),
                   "cloud-offload": ("tab:purple", ":")}
+
+
+def _plain_log(ax, x: bool = True, y: bool = True) -> None:
+    """Log axes labelled with plain numbers (2, 10, 50) instead of powers of ten."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for on, axis in ((x, ax.xaxis), (y, ax.yaxis)):
+        if on:
+            axis.set_major_formatter(fmt)
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def crossing(xs: np.ndarray, ys: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Uplink bandwidths where a line crosses a reference (interpolated on a log bandwidth axis)."""
+    out = []
+    d = ys - ref
+    for i in range(len(xs) - 1):
+        if np.isnan(d[i]) or np.isnan(d[i + 1]) or (d[i] < 0) == (d[i + 1] < 0):
+            continue
+        f = d[i] / (d[i] - d[i + 1])
+        out.append(float(np.exp(np.log(xs[i]) + f * (np.log(xs[i + 1]) - np.log(xs[i])))))
+    return out
 
 
 def _save(fig, path: Path) -> Path:
@@ -93,45 +116,62 @@ def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
                 color, ls = BASELINE_STYLE.get(r.placement_name, ("black", "--"))
                 ax.hlines(r.mean(*y), xs_all[0], xs_all[-1], colors=color, linestyles=ls,
                           label=f"{r.label()} (no network)")
+                for lab, (row, pts) in lines.items():  # where a split line crosses on-device
+                    if row.kind != "split":
+                        continue
+                    xs = np.array([p[0] for p in pts])
+                    for xc in crossing(xs, np.array([p[1] for p in pts]), np.full(len(xs), r.mean(*y))):
+                        ax.axvline(xc, color="grey", linestyle=":", linewidth=1)
+                        ax.annotate(f"{lab} = {r.placement_name}\n@ {xc:.2g} Mbit/s", (xc, r.mean(*y)),
+                                    textcoords="offset points", xytext=(4, 6), fontsize=7, color="dimgrey")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log(ax)
         ax.set_xlabel("uplink bandwidth (Mbit/s)")
         ax.set_ylabel(f"{title.split(' (')[0]} (ms)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.subplots_adjust(bottom=0.28)
-    fig.tight_layout(rect=(0, 0.12 + 0.03 * (len(labels) // 4), 1, 1))
+    fig.suptitle("Latency vs uplink bandwidth per placement (lower is better)")
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * (1 + len(labels) // 4), 1, 1))
     fig.savefig(out / "latency_vs_uplink.png", dpi=110)
     plt.close(fig)
     return out / "latency_vs_uplink.png"
 
 
 def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
-    """Bytes sent up per generated token by each placement and codec."""
+    """Uplink payload per token position sent (codec x hidden for activations, 8 B for token ids)."""
     ok = [r for r in rows if r.ok and r.kind != "on-device"]
     if not ok:
         return None
     by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in ok:
         codec = r.params.get("codec", "token ids")
-        lab = r.label(skip=("codec", "uplink_mbit", "downlink_mbit", "trace", "delay_ms", "loss_pct"))
-        v = r.mean("bytes_up_per_token")
+        lab = r.label(skip=("codec", "prompt", "kv_cache", "devices", *NETWORK_PARAMS))
+        v = r.mean("payload_up_per_position")
         if v is not None:
             by[lab][codec].append(v)
     codecs = sorted({c for d in by.values() for c in d})
+    colors = {c: f"C{i}" for i, c in enumerate(codecs)}
     labels = list(by)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 2), 4.5))
-    width = 0.8 / max(1, len(codecs))
-    for j, c in enumerate(codecs):
-        vals = [float(np.mean(by[lab][c])) if by[lab].get(c) else 0.0 for lab in labels]
-        bars = ax.bar(np.arange(len(labels)) + j * width, vals, width, label=c)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(np.arange(len(labels)) + width * (len(codecs) - 1) / 2, labels, rotation=20, ha="right")
-    ax.set_ylabel("bytes up per generated token (B, prompt included)")
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(labels) + 2), 4.8))
+    width = 0.8 / max(1, max(len(d) for d in by.values()))
+    drawn: set[str] = set()
+    for i, lab in enumerate(labels):
+        present = [c for c in codecs if by[lab].get(c)]
+        for j, c in enumerate(present):
+            x = i + (j - (len(present) - 1) / 2) * width
+            bar = ax.bar(x, float(np.mean(by[lab][c])), width, color=colors[c],
+                         label=c if c not in drawn else None)
+            drawn.add(c)
+            ax.bar_label(bar, fmt="%.0f", fontsize=7)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel("uplink payload per token position (B)")
     ax.set_yscale("log")
-    ax.set_title("Uplink bytes per token by placement and activation codec")
+    _plain_log(ax, x=False)
+    ax.set_title("Bytes per token on the device's uplink, by placement and codec\n(activations: "
+                 "codec x hidden size; offload: int64 token ids; headers excluded)", fontsize=10)
     ax.legend(title="codec")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out / "bytes_per_token.png")
@@ -163,6 +203,7 @@ def kv_cache(rows: list[Row], out: Path) -> Path | None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].set_yscale("log")
+    _plain_log(axes[0], x=False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
@@ -209,6 +250,7 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
         idx = (np.arange(len(bins)) % len(rates))
         cap.step(bins, rates[idx], where="post", color=color, label=f"{lab} capacity ({path.name})")
     ax.set_yscale("log")
+    _plain_log(ax, x=False)
     ax.set_ylabel("per-token latency (ms)")
     ax.set_title("Per-token latency while the access link replays a trace")
     ax.grid(True, alpha=0.3)
@@ -249,6 +291,7 @@ def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float])
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
+    _plain_log(ax)
     ax.set_xlabel("predicted end-to-end latency (ms): compute + bytes/bandwidth + delay")
     ax.set_ylabel("measured end-to-end latency (ms)")
     ax.set_title("Measured vs analytic prediction")
