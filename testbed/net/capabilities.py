@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from testbed.net import kernel_shaping
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
 
@@ -39,11 +40,12 @@ def _try_qdiscs() -> tuple[bool, bool]:
     try:
         ns = f"/proc/{holder.pid}/ns/net"
         # unshare execs sleep once the namespace exists: wait until it differs from ours
-        for _ in range(200):
-            if os.readlink(ns) != os.readlink("/proc/self/ns/net"):
-                break
-            os.sched_yield()
-        with IPRoute(netns=ns) as ipr:
+        deadline = time.monotonic() + 5
+        while os.readlink(ns) == os.readlink("/proc/self/ns/net"):
+            if time.monotonic() > deadline or holder.poll() is not None:
+                raise RuntimeError("capability probe: could not create a scratch network namespace")
+            time.sleep(0.002)
+        with kernel_shaping.open_ns(holder.pid) as ipr:
             ipr.link("add", ifname="cap0", kind="veth", peer="cap1")
             idx = ipr.link_lookup(ifname="cap0")[0]
             try:
