@@ -139,6 +139,20 @@ def test_quick_report(quick_tiny):
         assert f"({png})" in summary
 
 
+def test_failed_point_is_recorded_and_the_suite_goes_on(tmp_path):
+    out = tmp_path / "out"
+    # 16 MiB is too little for a shard process: that point fails at run time, the other runs
+    proc = testbed("run", str(QUICK), "--out", str(out), *TINY, "--only", "placement=split,uplink_mbit=2",
+                   "--set", "sweep.nodes.mec.memory_mb=[16, 2048]")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    recs = read_records(out / "results.jsonl")
+    assert [r["params"]["nodes.mec.memory_mb"] for r in recs] == [16, 2048]
+    failed, ok = recs
+    assert failed["status"] == "error" and failed["error"] and "traceback" in failed
+    assert "metrics" not in failed
+    check_record(ok)
+
+
 def _run_ids(owner: int) -> set[str]:
     from testbed.net.naming import load_states
 
