@@ -174,3 +174,16 @@ def test_node_exits_cleanly_on_sigterm_and_refuses_wildcard_bind(tiny) -> None:
             p.kill()
             p.wait()
         p.stdout.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int8", "bf16"])
+def test_quantized_nodes_match_quantized_reference(tiny, quant: str) -> None:
+    qshards = [Shard.load(tiny, s.start, s.end, quant=quant) for s in STAGES]
+    with loopback_chain(tiny, STAGES, quant=quant) as addrs:
+        client = SplitClient(qshards[0], addrs[1], codec="fp16", layers=[s.layers for s in STAGES])
+        try:
+            got = client.generate(torch.tensor([PROMPTS[0]]), 8, set())["tokens"]
+        finally:
+            client.close()
+    assert got == reference(qshards, PROMPTS[0], 8, codec="fp16")
