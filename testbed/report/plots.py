@@ -26,6 +26,7 @@ def _plain_log(ax, x: bool = True, y: bool = True) -> None:
     fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for on, axis in ((x, ax.xaxis), (y, ax.yaxis)):
         if on:
+            axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(fmt)
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -231,10 +232,11 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
     if not recs:
         return None
     fig, (ax, cap) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    t_max = 0.0
+    t_max, t_min = 0.0, float("inf")
     for i, rec in enumerate(recs):
         raw = rec["sessions"][0]["raw"]
         t0 = float(raw.get("gen_start_s") or 0.0)
+        t_min = min(t_min, t0)
         times = t0 + np.cumsum(raw["token_ms"]) / 1e3
         t_max = max(t_max, float(times[-1]))
         color, ls = BASELINE_STYLE.get(rec["placement_name"], (f"C{(i + 3) % 10}", "-"))
@@ -255,7 +257,8 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
     ax.set_title("Per-token latency while the access link replays a trace")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    cap.set_xlabel("time since the network came up (s)")
+    cap.set_xlim(max(0.0, t_min - 1.0), t_max + 1.0)  # the generation window, not the start-up
+    cap.set_xlabel("time since the network (and the trace replay) started (s)")
     cap.set_ylabel("trace capacity (Mbit/s)")
     cap.grid(True, alpha=0.3)
     cap.legend(fontsize=8)
