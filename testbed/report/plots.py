@@ -153,6 +153,8 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
         v = r.mean("payload_up_per_position")
         if v is not None:
             by[lab][codec].append(v)
+    if not by:
+        return None
     codecs = sorted({c for d in by.values() for c in d})
     colors = {c: f"C{i}" for i, c in enumerate(codecs)}
     labels = list(by)
