@@ -41,7 +41,9 @@ import time
 from collections import deque
 from pathlib import Path
 
+from testbed.net.naming import PREFIX
 from testbed.net.offload import disable_offloads
+from testbed.spec.errors import SpecError
 from testbed.spec.topology import Shaping
 
 ETH_P_ALL = 0x0003
@@ -220,6 +222,7 @@ def write_stats(path: Path | None, up: Direction, down: Direction, started: floa
 
 
 def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path | None) -> int:
+    up, down = Direction("up", up_s, 0.0), Direction("down", down_s, 0.0)  # traces load first
     for ifname in (iface_a, iface_b):
         disable_offloads(ifname)
     raise_priority()
@@ -230,8 +233,7 @@ def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(1))
     started = time.time()
-    t0 = time.monotonic()
-    up, down = Direction("up", up_s, t0), Direction("down", down_s, t0)
+    up.t0 = down.t0 = time.monotonic()
     socket_drops(sock_a)  # reset: frames before start-up are not ours to count
     socket_drops(sock_b)
     write_stats(stats, up, down, started)
@@ -310,8 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--down", default="{}", help="Shaping JSON for b -> a")
     ap.add_argument("--stats", type=Path, default=None)
     args = ap.parse_args(argv)
-    return run(args.iface_a, args.iface_b, _shaping(args.up, "--up"), _shaping(args.down, "--down"),
-               args.stats)
+    for flag, name in (("--iface-a", args.iface_a), ("--iface-b", args.iface_b)):
+        if not name.startswith(PREFIX):  # never touch (offloads!) an interface we did not create
+            raise SystemExit(f"linkproc: {flag}: {name!r} is not a testbed interface ({PREFIX}...)")
+    try:
+        return run(args.iface_a, args.iface_b, _shaping(args.up, "--up"), _shaping(args.down, "--down"),
+                   args.stats)
+    except (SpecError, RuntimeError, OSError) as e:  # bad trace, missing interface: one line
+        print(f"linkproc: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

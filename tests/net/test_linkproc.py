@@ -239,3 +239,22 @@ def test_bad_shaping_json_is_one_line() -> None:
                           "--up", '{"bw_mbit": 1, "nope": 2}'], capture_output=True, text=True)
     assert res.returncode != 0
     assert res.stderr.strip().startswith("linkproc: --up: bad shaping JSON")
+
+
+def _linkproc(*args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "testbed.net.linkproc", *args]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def test_refuses_interfaces_outside_the_testbed() -> None:
+    res = _linkproc("--iface-a", "lo", "--iface-b", "tbx")
+    assert res.returncode != 0
+    assert res.stderr.strip() == "linkproc: --iface-a: 'lo' is not a testbed interface (tb...)"
+
+
+def test_missing_trace_is_one_line(tmp_path: Path) -> None:
+    gone = tmp_path / "gone.up"
+    up = json.dumps(Shaping(trace=gone, format="mahimahi").to_dict())
+    res = _linkproc("--iface-a", "tbx", "--iface-b", "tby", "--up", up)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"linkproc: {gone}: trace: {gone}: trace file not found"
