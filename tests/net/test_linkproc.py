@@ -235,8 +235,7 @@ def test_start_fails_cleanly_on_missing_interface() -> None:
 
 
 def test_bad_shaping_json_is_one_line() -> None:
-    res = subprocess.run([sys.executable, "-m", "testbed.net.linkproc", "--iface-a", "x", "--iface-b", "y",
-                          "--up", '{"bw_mbit": 1, "nope": 2}'], capture_output=True, text=True)
+    res = _linkproc("--iface-a", "tbx", "--iface-b", "tby", "--up", '{"bw_mbit": 1, "nope": 2}')
     assert res.returncode != 0
     assert res.stderr.strip().startswith("linkproc: --up: bad shaping JSON")
 
