@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from testbed.spec.topology import Shaping
 from testbed.spec.traces import Trace
 
 BIN_MS = 100
+NICE = -10  # of the replay thread
 
 
 @dataclass
@@ -47,6 +50,9 @@ class TraceReplayer(threading.Thread):
         self.items.append(Replayed(pid, idx, shaping, trace, trace.rate_bins_mbit(BIN_MS), netem))
 
     def run(self) -> None:
+        # rate changes must land on time even on a loaded machine (root may raise priority)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         # netlink sockets are used by the thread that made them (pyroute2 binds them to it)
         iprs: dict[int | None, IPRoute] = {}
         for it in self.items:
