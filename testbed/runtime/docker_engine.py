@@ -152,6 +152,23 @@ def remove_container(container: Any) -> None:
     except Exception as e:  # noqa: BLE001
         if getattr(e, "status_code", None) != 404:
             raise
+    run_id = (container.labels or {}).get(RUN_LABEL)
+    if run_id:
+        remove_run_cgroup_dirs(run_id)
+
+
+def remove_run_cgroup_dirs(run_id: str) -> list[Path]:
+    """Remove the (empty) ``testbed/<run id>`` cgroup parents docker made in every hierarchy."""
+    v1, v2 = _cgroup_mounts()
+    removed = []
+    for base in [*v1.values(), *([v2] if v2 else [])]:
+        d = base / "testbed" / run_id
+        try:
+            d.rmdir()
+            removed.append(d)
+        except OSError:  # absent, or still in use (another node of the run, a process host)
+            continue
+    return removed
 
 
 def remove_labelled(client: Any | None = None, run_id: str | None = None) -> list[str]:

@@ -39,6 +39,7 @@ from mininet.node import Host
 from testbed.runtime import docker_engine as de
 from testbed.runtime.images import ensure_image, inputs_hash
 from testbed.runtime.limits import Limits
+from testbed.runtime.process_host import SHARES_WEIGHT
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_ENV = "TESTBED_RESULTS_DIR"
@@ -97,6 +98,14 @@ def container_name(run_id: str, node: str) -> str:
     return f"edgellm-{run_id}-{node}"
 
 
+def _weigh_parents(run_id: str) -> None:
+    """cgroup v1: give /testbed and /testbed/<run> the process hosts' weight (docker made them)."""
+    cpu = Path("/sys/fs/cgroup/cpu/testbed")
+    for d in (cpu, cpu / run_id):
+        with contextlib.suppress(OSError):
+            (d / "cpu.shares").write_text(str(SHARES_WEIGHT))
+
+
 def start_container(client: Any, image: str, name: str, node: str, run_id: str, limits: Limits,
                     binds: dict[str, dict[str, str]]) -> Any:
     """Run the node container (detached, no network, labelled, limited); returns it once running."""
@@ -105,7 +114,10 @@ def start_container(client: Any, image: str, name: str, node: str, run_id: str, 
         kw["nano_cpus"] = limits.nano_cpus()
     if limits.memory_mb is not None:
         kw["mem_limit"] = kw["memswap_limit"] = limits.memory_bytes()
-    hc = client.api.create_host_config(network_mode="none", pid_mode="host", binds=binds, **kw)
+    # Same cgroup placement and weight as process hosts (testbed.runtime.process_host): under
+    # /testbed/<run>, weighing SHARES_WEIGHT, so both runtimes compete equally on a loaded machine.
+    hc = client.api.create_host_config(network_mode="none", pid_mode="host", binds=binds,
+                                       cgroup_parent=f"/testbed/{run_id}", cpu_shares=SHARES_WEIGHT, **kw)
     hc["ReadonlyPaths"] = READONLY_PATHS  # Docker's default list minus /proc/sys
     cid = client.api.create_container(
         image, ["sh", "-c", _INIT], name=name, hostname=node, working_dir="/", host_config=hc,
@@ -114,6 +126,7 @@ def start_container(client: Any, image: str, name: str, node: str, run_id: str, 
     container = client.containers.get(cid)
     try:
         container.start()
+        _weigh_parents(run_id)
     except BaseException:
         de.remove_container(container)
         raise

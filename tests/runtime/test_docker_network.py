@@ -90,6 +90,7 @@ def test_containers_as_hosts_ping_shape_and_limits(client, tmp_path: Path, monke
     assert 8.5 <= up <= 10.5, up
     assert 42 <= down <= 52, down
     assert _labelled(client, run_id) == []  # removed at teardown
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}"))  # and their cgroups
     logs = {p.name for p in results.iterdir()}
     assert f"edgellm-{run_id}-phone.log" in logs and f"edgellm-{run_id}-phone.inspect.json" in logs
     assert "phone up:" in (results / f"edgellm-{run_id}-phone.log").read_text()
