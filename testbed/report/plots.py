@@ -19,6 +19,8 @@ from testbed.spec.suite import NETWORK_PARAMS  # noqa: E402
 
 BASELINE_STYLE = {"on-device": ("tab:red", "--"), "edge-offload": ("tab:blue", "-."),
                   "cloud-offload": ("tab:purple", ":")}
+SPLIT_COLORS = ("tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray",
+                "black")
 
 
 def _plain_log(ax, x: bool = True, y: bool = True) -> None:
@@ -50,8 +52,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _color(name: str, i: int) -> tuple[str, str]:
+    """(color, line style): fixed ones for the baselines, a palette without their colors otherwise."""
+    return BASELINE_STYLE.get(name, (SPLIT_COLORS[i % len(SPLIT_COLORS)], "-"))
+
+
 def _style(row: Row, i: int) -> dict[str, Any]:
-    color, ls = BASELINE_STYLE.get(row.placement_name, (f"C{(i + 3) % 10}", "-"))
+    color, ls = _color(row.placement_name, i)
     return {"color": color, "linestyle": ls, "marker": "o"}
 
 
@@ -117,14 +124,14 @@ def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
                 color, ls = BASELINE_STYLE.get(r.placement_name, ("black", "--"))
                 ax.hlines(r.mean(*y), xs_all[0], xs_all[-1], colors=color, linestyles=ls,
                           label=f"{r.label()} (no network)")
-                for lab, (row, pts) in lines.items():  # where a split line crosses on-device
-                    if row.kind != "split":
-                        continue
-                    xs = np.array([p[0] for p in pts])
-                    for xc in crossing(xs, np.array([p[1] for p in pts]), np.full(len(xs), r.mean(*y))):
-                        ax.axvline(xc, color="grey", linestyle=":", linewidth=1)
-                        ax.annotate(f"{lab} = {r.placement_name}\n@ {xc:.2g} Mbit/s", (xc, r.mean(*y)),
-                                    textcoords="offset points", xytext=(4, 6), fontsize=7, color="dimgrey")
+                crossed = []
+                for _lab, (row, pts) in lines.items():  # where a split line crosses on-device
+                    if row.kind == "split":
+                        xs = np.array([p[0] for p in pts])
+                        crossed += crossing(xs, np.array([p[1] for p in pts]), np.full(len(xs), r.mean(*y)))
+                if crossed:
+                    ax.plot(crossed, [r.mean(*y)] * len(crossed), linestyle="none", marker="X", markersize=10,
+                            color="black", label=f"a split line crosses {r.placement_name}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_log(ax)
@@ -193,7 +200,7 @@ def kv_cache(rows: list[Row], out: Path) -> Path | None:
         pts.sort(key=lambda p: p[0])
         xs = [p[0] for p in pts]
         ls = "-" if pts[0][1].params.get("kv_cache", True) else "--"
-        color = BASELINE_STYLE.get(pts[0][1].placement_name, (f"C{(i // 2 + 3) % 10}", ""))[0]
+        color = _color(pts[0][1].placement_name, i // 2)[0]
         kw = {"label": lab, "linestyle": ls, "marker": "o", "color": color}
         axes[0].plot(xs, [r.mean("token_latency_ms", "mean") for _, r in pts], **kw)
         axes[1].plot(xs, [(r.mean("bytes_up_per_token") or 0) / 1e3 for _, r in pts], **kw)
@@ -241,7 +248,7 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
         t_min = min(t_min, t0)
         times = t0 + np.cumsum(raw["token_ms"]) / 1e3
         t_max = max(t_max, float(times[-1]))
-        color, ls = BASELINE_STYLE.get(rec["placement_name"], (f"C{(i + 3) % 10}", "-"))
+        color, ls = _color(rec["placement_name"], i)
         ax.plot(times, raw["token_ms"], marker=".", color=color, linestyle=ls,
                 label=f"{rec['placement_name']} ({Path(str(rec['params']['trace'])).name})")
     up, down = _trace_of(recs[0], recs[0]["sessions"][0]["device"])
@@ -281,7 +288,7 @@ def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float])
     fig, ax = plt.subplots(figsize=(7, 6))
     seen = set()
     for i, (pred, meas, r) in enumerate(pts):
-        color, _ = BASELINE_STYLE.get(r.placement_name, (f"C{(hash(r.placement_name) % 7) + 3}", "-"))
+        color, _ = _color(r.placement_name, 0)
         lab = r.placement_name if r.placement_name not in seen else None
         seen.add(r.placement_name)
         ax.scatter(pred, meas, color=color, label=lab, zorder=3)
