@@ -35,8 +35,10 @@ class Row:
                 vals.append(float(v))
         return float(np.mean(vals)) if vals else None
 
-    def kv_bytes(self) -> float | None:
-        vals = [sum(h.get("kv_cache_bytes", 0) or 0 for h in r["metrics"]["per_hop"]) for r in self.ok]
+    def kv_bytes(self, device_only: bool = False) -> float | None:
+        """KV-cache bytes held at the end of the request: all shards, or the device's shard only."""
+        hops = [r["metrics"]["per_hop"][: 1 if device_only else None] for r in self.ok]
+        vals = [sum(h.get("kv_cache_bytes", 0) or 0 for h in hs) for hs in hops]
         return float(np.mean(vals)) if vals else None
 
     def label(self, skip: tuple[str, ...] = ()) -> str:
