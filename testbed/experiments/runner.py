@@ -94,7 +94,8 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
         for hop, st in zip(res["per_hop"], chain, strict=True):
             hop["node"] = st.node
             hop["cpu_ms"] = out["cpu_ms"].get(st.node)
-            positions = (res.get("prompt_tokens") or 0) + len(res.get("tokens") or [])
+            # held at the end: the prompt and every generated token but the last (never fed back)
+            positions = metrics.positions_sent(res.get("prompt_tokens") or 0, len(res["tokens"]), True)
             if st.end > st.start and p["kv_cache"]:
                 hop["kv_cache_bytes"] = kv_cache_bytes(info, st.start, st.end, positions)
         m = metrics.session_metrics(res, p["kv_cache"])

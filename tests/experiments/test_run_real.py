@@ -68,11 +68,11 @@ def check_record(rec: dict) -> None:
         start_l, end_l = map(int, h["layers"].split(":"))
         if end_l > start_l:
             assert h["compute_ms"] > 0
-            assert (
-                h["kv_cache_bytes"]
-                == 2 * (end_l - start_l) * info["kv_heads"] * info["head_dim"] * (m["prompt_tokens"] + n) * 4
-            )
+            held = m["prompt_tokens"] + n - 1  # the last generated token is never fed back
+            per_position = 2 * info["kv_heads"] * info["head_dim"] * 4  # K and V, fp32
+            assert h["kv_cache_bytes"] == (end_l - start_l) * per_position * held
     sent_tokens = m["prompt_tokens"] + n - 1  # KV cache on: the prompt once, then one token per step
+    assert m["positions_sent"] == sent_tokens
     if rec["kind"] == "on-device":
         assert len(hops) == 1 and m["bytes_up"] == 0 and m["bytes_down"] == 0
         assert m["energy"]["radio_j"] == 0
