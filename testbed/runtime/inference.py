@@ -108,16 +108,35 @@ def _tail(path: Path, n: int = 1500) -> str:
     return ""
 
 
+def _await_driver(drv: subprocess.Popen, nodes: list[tuple[str, subprocess.Popen]], where: str,
+                  timeout_s: float, logs: Path) -> tuple[bytes, bytes]:
+    """The driver's output; InferenceError as soon as a shard node dies or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return drv.communicate(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        dead = [(name, p.returncode) for name, p in nodes if p.poll() is not None]
+        if dead:
+            name, rc = dead[0]
+            raise InferenceError(f"shard node on {name} exited with {rc} during the run: "
+                                 f"{_tail(logs / f'{name}.log')}")
+        if time.monotonic() > deadline:
+            raise InferenceError(f"driver on {where} did not finish in {timeout_s:.0f} s")
+
+
 def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_new_tokens: int,
                    quant: str, codec: str, kv_cache: bool, prompt_ids: list[int] | None = None,
-                   timeout_s: float = 900.0) -> dict:
+                   timeout_s: float = 900.0, ports: list[int] | None = None) -> dict:
     """Start the shard nodes on ``net`` (an EmulatedNetwork that is up), run the driver, stop all."""
     procs: list[subprocess.Popen] = []
     env = node_env()
     with tempfile.TemporaryDirectory(prefix="testbed-infer-") as tmp:
         logs = Path(tmp)
         try:
-            addrs = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{BASE_PORT + i}"
+            ports = ports or [BASE_PORT + i for i in range(len(stages))]
+            addrs = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
                               for i, s in enumerate(stages) if i > 0]
             started = []
             for i in range(len(stages) - 1, 0, -1):
@@ -137,11 +156,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
                                         max_new_tokens, quant, codec, kv_cache, prompt_ids=prompt_ids),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
             procs.append(drv)
-            try:
-                out, err = drv.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise InferenceError(
-                    f"driver on {stages[0].node} did not finish in {timeout_s:.0f} s") from None
+            out, err = _await_driver(drv, started, stages[0].node, timeout_s, logs)
             lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
             if not lines:
                 raise InferenceError(f"driver on {stages[0].node} failed ({drv.returncode}): "
