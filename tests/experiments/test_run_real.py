@@ -30,15 +30,20 @@ KINDS = {"on-device", "edge-offload", "cloud-offload", "split"}
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-def testbed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "testbed", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background parent may have ignored it
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "testbed", *args],
+        preexec_fn=_sigint_default,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -104,7 +109,7 @@ def check_record(rec: dict) -> None:
 @pytest.fixture(scope="module")
 def quick_tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick-tiny")
-    proc = testbed("run", str(QUICK), "--out", str(out), *TINY)
+    proc = run_cli("run", str(QUICK), "--out", str(out), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -123,7 +128,7 @@ def test_quick_records(quick_tiny):
 
 
 def test_quick_report(quick_tiny):
-    proc = testbed("report", str(quick_tiny), timeout=120)
+    proc = run_cli("report", str(quick_tiny), timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = (quick_tiny / "summary.md").read_text()
     for name in (
@@ -142,7 +147,7 @@ def test_quick_report(quick_tiny):
 def test_failed_point_is_recorded_and_the_suite_goes_on(tmp_path):
     out = tmp_path / "out"
     # 16 MiB is too little for a shard process: that point fails at run time, the other runs
-    proc = testbed("run", str(QUICK), "--out", str(out), *TINY, "--only", "placement=split,uplink_mbit=2",
+    proc = run_cli("run", str(QUICK), "--out", str(out), *TINY, "--only", "placement=split,uplink_mbit=2",
                    "--set", "sweep.nodes.mec.memory_mb=[16, 2048]")
     assert proc.returncode == 1, proc.stderr[-2000:]
     recs = read_records(out / "results.jsonl")
@@ -222,16 +227,16 @@ def test_interrupted_run_resumes(tmp_path, how):
         assert proc.returncode == 130
         assert _leftovers(run_ids) == []
     else:  # a killed run leaves its network: clean removes it (only runs whose owner is dead)
-        assert testbed("clean", "--dead-only", timeout=120).returncode == 0
+        assert run_cli("clean", "--dead-only", timeout=120).returncode == 0
         assert _leftovers(run_ids) == []
-    proc2 = testbed(*args, "--resume")
+    proc2 = run_cli(*args, "--resume")
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     recs = read_records(results)
     keys = [(r["point"], r["repeat"]) for r in recs]
     assert len(keys) == 3 and len(set(keys)) == 3
     assert recs[0] == first[0]  # the finished record is kept as it was, not re-run
     assert {r["params"]["uplink_mbit"] for r in recs} == {2, 20, 50}
-    proc3 = testbed(*args, "--resume")  # nothing left to do
+    proc3 = run_cli(*args, "--resume")  # nothing left to do
     assert proc3.returncode == 0 and len(read_records(results)) == 3
 
 
@@ -239,7 +244,7 @@ def test_interrupted_run_resumes(tmp_path, how):
 def test_quick_real_model(tmp_path):
     out = tmp_path / "quick"
     t0 = time.monotonic()
-    proc = testbed("run", str(QUICK), "--out", str(out))
+    proc = run_cli("run", str(QUICK), "--out", str(out))
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = read_records(out / "results.jsonl")
@@ -247,5 +252,5 @@ def test_quick_real_model(tmp_path):
     for rec in recs:
         check_record(rec)
         assert "Paris" in rec["text"], rec["text"]
-    assert testbed("report", str(out), timeout=120).returncode == 0
+    assert run_cli("report", str(out), timeout=120).returncode == 0
     print(json.dumps({"quick_elapsed_s": round(elapsed, 1)}))
