@@ -151,8 +151,13 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
             threads = [threading.Thread(target=collect, args=(i,), daemon=True) for i in range(len(drivers))]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.2)
+                for n, node in started:  # a node that dies mid-run fails the point now, not at a timeout
+                    if node.poll() is not None:
+                        raise InferenceError(f"shard node on {n} exited with {node.returncode} during "
+                                             f"the run\n{_tail(logs / f'{n}.log')}")
             sampler.stop()
             t_end = time.monotonic()
             for o in outs:
