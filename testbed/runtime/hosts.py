@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from testbed.runtime.limits import resolve_limits
 from testbed.runtime.process_host import ProcessHost
 from testbed.spec.topology import NodeSpec
 
@@ -12,12 +13,11 @@ def host_class(node: NodeSpec, runtime_override: str | None = None) -> tuple[typ
     ``runtime_override`` (the ``--runtime`` flag) wins over the node's own ``runtime``.
     """
     runtime = runtime_override or node.runtime
+    lim = resolve_limits(node)  # the same limits (role defaults included) in both runtimes
     if runtime == "process":
-        return ProcessHost, {"cpu": node.cpu, "memory_mb": node.memory_mb}
-    if runtime == "docker":  # engineer F: containers, limits resolved with role defaults
+        return ProcessHost, {"cpu": lim.cpu, "memory_mb": lim.memory_mb}
+    if runtime == "docker":
         from testbed.runtime.docker_host import DockerHost
-        from testbed.runtime.limits import resolve_limits
 
-        lim = resolve_limits(node)
         return DockerHost, {"cpu": lim.cpu, "memory_mb": lim.memory_mb}
     raise NotImplementedError(f"runtime {runtime!r} is not available yet (node {node.name})")
