@@ -47,7 +47,7 @@ class Point:
                     have = self.kind
                 else:
                     have = self.params.get(key)
-                if have is None or _fmt(have) != value and Path(str(have)).name != value:
+                if have is None or value.lower() not in {_fmt(have), str(have).lower(), label_value(have)}:
                     return False
             elif term not in self.id:
                 return False
@@ -122,7 +122,7 @@ def expand(suite: Suite, layers: int) -> list[Point]:
             else:
                 placement = baseline_placement(kind, suite.roles, layers)
             shown = [k for k in swept if k in params]
-            pid = name + ("/" + ",".join(f"{k}={_label(params[k])}" for k in shown) if shown else "")
+            pid = name + ("/" + ",".join(f"{k}={label_value(params[k])}" for k in shown) if shown else "")
             if pid in seen:
                 continue
             seen.add(pid)
@@ -130,7 +130,8 @@ def expand(suite: Suite, layers: int) -> list[Point]:
     return points
 
 
-def _label(v: Any) -> str:
+def label_value(v: Any) -> str:
+    """A parameter value as point ids and plot labels show it (on/off, 10 not 10.0, file names)."""
     s = _fmt(v)
     return Path(s).name if "/" in s else s
 

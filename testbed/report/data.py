@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from testbed.experiments.points import label_value
 from testbed.experiments.results import read_records
 
 
@@ -49,17 +50,8 @@ class Row:
             if k in skip or k not in self.params:
                 continue
             v = self.params[k]
-            parts.append(str(v) if k == "codec" else f"{k}={_short(v)}")
+            parts.append(str(v) if k == "codec" else f"{k}={label_value(v)}")
         return " ".join(parts)
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    s = str(v)
-    return Path(s).name if "/" in s else s
 
 
 def load_rows(out_dir: Path) -> tuple[list[Row], list[dict[str, Any]]]:

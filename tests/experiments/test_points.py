@@ -76,6 +76,8 @@ def test_only_filter(tmp_path):
     assert [p.id for p in points if p.matches("placement=split,uplink_mbit=10")] == ["split/uplink_mbit=10"]
     assert {p.kind for p in points if p.matches("offload")} == {"edge-offload", "cloud-offload"}
     assert all(p.matches(None) for p in points)
+    assert all(p.matches("kv_cache=true") and p.matches("kv_cache=on") for p in points)
+    assert not any(p.matches("kv_cache=off") for p in points)
 
 
 def test_network_overrides_hit_the_device_access_link(tmp_path):
