@@ -41,10 +41,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        w = weight.float()
-        # round the scale to bf16 (the kernel's type) first, so codes are chosen for the scale actually used
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = quantize_int8(weight.float())
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scales", scale)
         self.out_features, self.in_features = q.shape
@@ -71,6 +68,11 @@ class Int4Linear(nn.Module):
         n, k = codes.shape
         self.out_features, self.in_features, self.group = n, k, group
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+        # the codes again, two per byte, for the dense prompt path (cheap to unpack, unlike the kernel layout)
+        c = codes.to(torch.uint8)
+        self.register_buffer("nibbles", (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous())
+        self.register_buffer("d", d.float().contiguous())
+        self.register_buffer("m", m.float().contiguous())
         # the kernel computes (q - 8) * scale + zero, so zero = m + 8 d
         d, m = d.float(), m.float()
         sz = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1).contiguous()  # [k/group, n, 2]
@@ -83,8 +85,10 @@ class Int4Linear(nn.Module):
         return cls(codes, d, m, group)
 
     def dequantized(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return self._mm(eye).float().t()
+        n, k = self.out_features, self.in_features
+        codes = torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1)
+        codes = codes.view(n, k // self.group, self.group)
+        return (codes.float() * self.d[..., None] + self.m[..., None]).view(n, k)
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
@@ -96,6 +100,24 @@ class Int4Linear(nn.Module):
         else:
             y = self._mm(x2.to(torch.bfloat16))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_int8(w: torch.Tensor, clips: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 codes and bf16 scales; each row's clipping range is the one (of ``clips`` tried,
+    from the full range down to 70% of it) with the least squared error."""
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = amax / 127.0
+    for frac in torch.linspace(1.0, 0.7, clips).tolist():
+        # scales are rounded to bf16 (the kernel's type) before the codes are chosen for them
+        scale = (amax * frac / 127.0).to(torch.bfloat16).float()
+        q = torch.round(w / scale[:, None]).clamp(-127, 127)
+        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    q = torch.round(w / best_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, best_scale.to(torch.bfloat16)
 
 
 def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, ...]:

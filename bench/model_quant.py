@@ -1,0 +1,74 @@
+"""fp32 / bf16 / int8 / int4 shards side by side in one run: decode and prefill tok/s, agreement with fp32.
+
+Usage: nice .venv/bin/python bench/model_quant.py [--max-tokens N] [--quants bf16,int8,int4] [--threads 2]
+Agreement is teacher-forced top-1 over the shipped text (testbed/model/data/eval_text.txt) in 512-token
+chunks through the decode kernels; speeds are best-of-3, measured interleaved so that load affects all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from testbed.model.evaluation import CHUNK, chain_logits, chunks, decode_kernels, text_ids
+from testbed.model.generate import generate_split, load_shards
+from testbed.model.loading import default_model_dir, load_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--quants", default="bf16,int8,int4")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    model_dir = default_model_dir()
+    ids = text_ids(load_tokenizer(model_dir), None, args.max_tokens)
+    names = ["none", *[q for q in args.quants.split(",") if q]]
+    models = {q: load_shards(model_dir, [], q, args.threads) for q in names}
+    t0 = time.time()
+    ref = [chain_logits(models["none"], c) for c in chunks(ids)]
+    rows: dict[str, dict] = {}
+    for q in names:
+        same = total = 0
+        diff_max = diff_sum = 0.0
+        with decode_kernels():
+            for c, r in zip(chunks(ids), ref, strict=True):
+                lg = chain_logits(models[q], c)
+                same += int((lg.argmax(-1) == r.argmax(-1)).sum())
+                total += len(c)
+                d = (lg - r).abs()
+                diff_max, diff_sum = max(diff_max, float(d.max())), diff_sum + float(d.mean()) * len(c)
+        rows[q] = {"top1": same / total, "max_diff": diff_max, "mean_diff": diff_sum / total,
+                   "weight_bytes": sum(s.weight_bytes() for s in models[q]), "decode": [], "prefill": []}
+    prompt, pre = ids[:32], ids[:CHUNK]
+    for _ in range(args.repeats):  # interleaved
+        for q in names:
+            r = generate_split(models[q], prompt, args.decode_tokens)
+            rows[q]["decode"].append(1e3 / r.tpot_ms)
+            t = time.perf_counter()
+            chain_logits(models[q], pre)
+            rows[q]["prefill"].append(len(pre) / (time.perf_counter() - t))
+    base = rows["none"]
+    print(f"tokens={sum(len(c) for c in chunks(ids))} threads={torch.get_num_threads()} "
+          f"elapsed={time.time() - t0:.0f}s")
+    print(f"{'quant':6s} {'top1':>7s} {'maxdiff':>8s} {'decode t/s':>11s} {'x fp32':>7s} "
+          f"{'prefill t/s':>12s} {'x fp32':>7s} {'MB':>7s}")
+    out = {}
+    for q in names:
+        r = rows[q]
+        dec, pf = max(r["decode"]), max(r["prefill"])
+        dx, px = dec / max(base["decode"]), pf / max(base["prefill"])
+        print(f"{q:6s} {r['top1']:7.2%} {r['max_diff']:8.3f} {dec:11.1f} {dx:7.2f} {pf:12.1f} {px:7.2f} "
+              f"{r['weight_bytes'] / 1e6:7.1f}")
+        out[q] = {"top1": r["top1"], "decode_tok_s": dec, "decode_x": dx, "prefill_tok_s": pf,
+                  "prefill_x": px, "max_logit_diff": r["max_diff"], "weight_bytes": r["weight_bytes"]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
