@@ -110,7 +110,7 @@ def _lines(rows: list[Row], x_key: str, y: tuple[str, ...] = ("token_latency_ms"
 
 def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency and TTFT vs uplink bandwidth, one line per placement (the headline plot)."""
-    if not any("uplink_mbit" in r.params for r in rows):
+    if not any("uplink_mbit" in r.records[0].get("swept", []) for r in rows):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, y, title in ((axes[0], ("token_latency_ms", "mean"), "per-token latency (decode, mean)"),
