@@ -87,10 +87,17 @@ def crossovers(rows: list[Row], x_key: str = "uplink_mbit") -> list[str]:
             elif not wins.any():
                 out.append(f"**{lab}** never beats {name} ({span})")
             else:
-                flips = ", ".join(f"{x[i]:g}-{x[i + 1]:g}" for i in range(len(x) - 1)
-                                  if wins[i] != wins[i + 1])
-                side = "above" if wins[-1] else "below"
-                out.append(f"**{lab}** beats {name} {side} a crossover between {flips} Mbit/s")
+                flips = [i for i in range(len(x) - 1) if wins[i] != wins[i + 1]]
+                if len(flips) == 1:
+                    i = flips[0]
+                    side = "above" if wins[-1] else "below"
+                    out.append(f"**{lab}** beats {name} {side} a crossover between {x[i]:g} and "
+                               f"{x[i + 1]:g} Mbit/s")
+                else:  # no single crossover: the two are close, say where each won
+                    won = ", ".join(f"{v:g}" for v in x[wins])
+                    lost = ", ".join(f"{v:g}" for v in x[~wins])
+                    out.append(f"**{lab}** and {name} alternate: {lab} faster at {won} Mbit/s, "
+                               f"slower at {lost} Mbit/s")
     return out
 
 
