@@ -39,7 +39,7 @@ def test_probe_asymmetric_link_both_ways() -> None:
     for got, rate in ((res["up_timeline"], 12), (res["down_timeline"], 3 * 0.99)):
         assert len(got) >= 2
         for g in got[1:]:
-            assert abs(g - rate * UDP_SHARE) <= 0.07 * rate, got
+            assert abs(g - rate * UDP_SHARE) <= 0.10 * rate, got  # per-second, as for traces
 
 
 def test_timeline_follows_the_rate() -> None:
