@@ -294,12 +294,10 @@ def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float])
         return None
     fig, ax = plt.subplots(figsize=(7, 6))
     seen = set()
-    for i, (pred, meas, r) in enumerate(pts):
-        color, _ = _color(r.placement_name, 0)
+    for pred, meas, r in pts:
         lab = r.placement_name if r.placement_name not in seen else None
         seen.add(r.placement_name)
-        ax.scatter(pred, meas, color=color, label=lab, zorder=3)
-        del i
+        ax.scatter(pred, meas, color=_color(r.placement_name, 0)[0], label=lab, zorder=3)
     lo = min(min(p[0], p[1]) for p in pts) * 0.7
     hi = max(max(p[0], p[1]) for p in pts) * 1.4
     xs = np.array([lo, hi])
