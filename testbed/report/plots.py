@@ -324,10 +324,14 @@ def devices(rows: list[Row], out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, y, ylab in ((axes[0], ("token_latency_ms", "mean"), "per-token latency, mean over devices (ms)"),
                         (axes[1], ("tokens_per_s",), "aggregate tokens/s, all devices")):
+        counts: set[float] = set()
         for i, (lab, (row, p)) in enumerate(_lines(rows, "devices", y).items()):
             ax.plot([x for x, _ in p], [v for _, v in p], label=lab, **_style(row, i))
+            counts.update(x for x, _ in p)
+        ax.set_xticks(sorted(counts))
         ax.set_xlabel("devices sharing the edge")
         ax.set_ylabel(ylab)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle("Devices in parallel on one cell and one edge server")
     return _save(fig, out / "devices.png")
