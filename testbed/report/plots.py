@@ -62,10 +62,11 @@ def _style(row: Row, i: int) -> dict[str, Any]:
     return {"color": color, "linestyle": ls, "marker": "o"}
 
 
-def crossovers(rows: list[Row], x_key: str = "uplink_mbit") -> list[str]:
-    """Sentences: at which uplink bandwidths each split line beats each baseline (per-token latency)."""
-    lines = _lines(rows, x_key)
-    constant = {r.label(): r.mean("token_latency_ms", "mean") for r in rows if x_key not in r.params and r.ok}
+def crossovers(rows: list[Row], y: tuple[str, ...] = ("token_latency_ms", "mean"),
+               x_key: str = "uplink_mbit") -> list[str]:
+    """Sentences: at which uplink bandwidths each split line beats each baseline (metric ``y``)."""
+    lines = _lines(rows, x_key, y)
+    constant = {r.label(): r.mean(*y) for r in rows if x_key not in r.params and r.ok}
     out = []
     for lab, (row, pts) in lines.items():
         if row.kind != "split" or len(pts) < 2:

@@ -48,6 +48,8 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
         lines += ["## When does end-edge cooperation win?", "",
                   "Per-token latency (decode steps, mean) of each split placement against the baselines:", ""]
         lines += [f"- {h}" for h in heads]
+        lines += ["", "Time to first token (the prompt's activations cross the uplink once):", ""]
+        lines += [f"- {h}" for h in crossovers(rows, ("ttft_ms",))]
         lines.append("")
     if ok:
         lines += ["## Environment", ""] + _environment(first) + [""]
