@@ -139,6 +139,7 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
             "topology_file": str(suite.topology_path),
             "model": info,
             "shaper_requested": suite.shaper,
+            "sets": suite.sets,
             "prompt_text": suite.workload.prompts[point.params["prompt"]],
             "energy_model": asdict(suite.energy),
             "analytic_band": list(suite.band),
@@ -179,7 +180,8 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
     model_dir = prepare_model(suite, out_dir)
     info = model_info(model_dir)
     points = plan(suite, out_dir, only, info)
-    write_atomic(out_dir / "suite.yaml", suite.source.read_text())
+    header = "".join(f"# run with --set {s}\n" for s in suite.sets)
+    write_atomic(out_dir / "suite.yaml", header + suite.source.read_text())
     env = environment.collect()
     tasks = [(p, r) for r in range(suite.repeats) for p in points if (p.id, r) not in done]
     if on_start:

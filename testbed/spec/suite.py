@@ -116,7 +116,7 @@ class Suite:
     shaper: str
     energy: EnergyModel
     band: tuple[float, float] = (0.5, 2.0)  # accepted measured/predicted ratio range
-    extra: dict[str, Any] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)  # command-line overrides applied (--set)
 
 
 def _err(src: Path, fld: str, msg: str) -> SpecError:
@@ -270,7 +270,9 @@ def load_suite(path: str | Path, sets: list[str] | None = None) -> Suite:
     data = _read_yaml(src, src, "file")
     if not isinstance(data, dict):
         raise _err(src, "file", "must be a mapping")
-    return parse_suite(apply_sets(data, sets or [], src), src)
+    suite = parse_suite(apply_sets(data, sets or [], src), src)
+    suite.sets = list(sets or [])
+    return suite
 
 
 def apply_sets(data: dict[str, Any], sets: list[str], src: Path) -> dict[str, Any]:
