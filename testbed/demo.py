@@ -1,9 +1,17 @@
-"""``testbed demo``: bring up the default topology, probe every link, show configured vs measured."""
+"""``testbed demo`` (``make demo``): the main job on the embedded default, in three parts.
+
+1. Bring the device-edge-cloud topology up and probe every link: configured vs measured.
+2. Split inference of SmolLM2-135M (device -> edge -> cloud) across the shaped links: the answer,
+   TTFT/TPOT and a per-hop table of compute, transfer and bytes.
+3. The ``experiments/quick.yaml`` suite (baselines vs a split at two uplink bandwidths) and its
+   summary table.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -12,6 +20,13 @@ from testbed.net.network import EmulatedNetwork
 from testbed.spec.topology import Shaping, Topology
 
 PROBE_SECONDS = 3.0
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+DEMO_PLACEMENT = "phone=0:8,mec=8:20,cloud=20:30"
+DEMO_QUANT = "int4"
+DEMO_CODEC = "fp16"
+DEMO_TOKENS = 24
+QUICK_SUITE = Path("experiments/quick.yaml")
+QUICK_OUT = Path("results/demo-quick")
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
@@ -53,6 +68,44 @@ def render(rows: list[dict], shaper: str, tcp_cc: str) -> Table:
     return t
 
 
+def hop_table(result: dict) -> Table:
+    t = Table(title=f"split inference per hop ({result['quant']} weights, {result['codec']} activations)")
+    for col in ("node", "layers", "compute ms", "transfer ms", "bytes up", "bytes down"):
+        t.add_column(col, justify="left" if col == "node" else "right")
+    for h in result["per_hop"]:
+        t.add_row(h["node"], str(h["layers"]), f"{h['compute_ms']:.0f}", f"{h['transfer_ms']:.0f}",
+                  str(h["bytes_up"]), str(h["bytes_down"]))
+    return t
+
+
+def split_inference(topo: Topology, shaper: str, console: Console) -> None:
+    """Part 2: SmolLM2 split across the topology's device, edge and cloud."""
+    from testbed.model.loading import prepare_model_dir
+    from testbed.runtime.inference import run_split_inference
+
+    console.print(f"\n[bold]split inference[/] {DEMO_PLACEMENT}: {DEMO_PROMPT!r}")
+    model_dir = prepare_model_dir(None)  # converts the shipped GGUF once (~20 s), then cached
+    r = run_split_inference(topo, DEMO_PLACEMENT, DEMO_PROMPT, DEMO_TOKENS, DEMO_QUANT, DEMO_CODEC,
+                            True, shaper, model_dir)
+    console.print(f"[green]answer:[/] {r['text'].strip()}")
+    console.print(f"{len(r['tokens'])} tokens, TTFT {r['ttft_ms']:.0f} ms, TPOT {r['tpot_ms']:.0f} ms, "
+                  f"{r['bytes_up']} B up, {r['bytes_down']} B down, {r['shaper']} shaper")
+    console.print(hop_table(r))
+
+
+def quick_suite(console: Console) -> int:
+    """Part 3: run quick.yaml and print its summary table."""
+    from testbed.experiments.commands import run
+    from testbed.report.commands import make_report
+
+    console.print(f"\n[bold]suite[/] {QUICK_SUITE} -> {QUICK_OUT}")
+    rc = run(argparse.Namespace(suite=str(QUICK_SUITE), out=str(QUICK_OUT), resume=False, only=None, set=[]))
+    summary, pngs = make_report(QUICK_OUT)
+    console.print(summary.read_text())
+    console.print(f"plots: {', '.join(str(p) for p in pngs)}")
+    return rc
+
+
 def demo(args: argparse.Namespace) -> int:
     from testbed.spec.topology import load_topology
 
@@ -63,4 +116,5 @@ def demo(args: argparse.Namespace) -> int:
                       f"probing each link for {PROBE_SECONDS:.0f} s per direction")
         rows = probe_links(net, topo)
         console.print(render(rows, net.shaper, net.tcp_cc))
-    return 0
+    split_inference(topo, args.shaper, console)
+    return quick_suite(console)

@@ -37,14 +37,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def client():
-    try:
-        return de.engine()
-    except de.DockerUnavailable as e:
-        pytest.skip(str(e))
-
-
 def test_clean_removes_containers_of_a_killed_run(client, tmp_path: Path) -> None:
     topo = tmp_path / "t.yaml"
     topo.write_text("name: kill\nnodes:\n  phone: {role: device, cpu: 0.5}\n  mec: {role: edge}\n"

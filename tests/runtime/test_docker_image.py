@@ -12,14 +12,6 @@ from testbed.runtime import images
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def client():
-    try:
-        return de.engine()
-    except de.DockerUnavailable as e:
-        pytest.skip(str(e))
-
-
 def test_image_is_built_then_reused_by_hash(client) -> None:
     first = images.ensure_image(client=client)
     t0 = time.monotonic()

@@ -16,14 +16,6 @@ PROMPT = [5, 17, 33, 2, 9, 41]
 
 
 @pytest.fixture(scope="module")
-def client():
-    try:
-        return de.engine()
-    except de.DockerUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     from testbed.model.tiny import make_tiny_model_dir
 

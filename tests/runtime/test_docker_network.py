@@ -26,14 +26,6 @@ links:
 """
 
 
-@pytest.fixture(scope="module")
-def client():
-    try:
-        return de.engine()
-    except de.DockerUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _topo(tmp_path: Path, phone: str = "docker", mec: str = "docker"):
     from testbed.spec.topology import load_topology
 

@@ -16,14 +16,6 @@ pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 GOODPUT = 1448 / 1514  # TCP payload per Ethernet frame on a rate-limited link
 
 
-@pytest.fixture(scope="module")
-def client():
-    try:
-        return de.engine()
-    except de.DockerUnavailable as e:
-        pytest.skip(str(e))
-
-
 def test_probe_between_containers_within_tolerance(client, tmp_path: Path) -> None:
     topo = tmp_path / "lossy.yaml"
     topo.write_text("""
