@@ -34,7 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--quant", choices=QUANTS, default="none")
     p.add_argument("--codec", choices=CODECS, default="fp32")
-    p.add_argument("--no-kv-cache", action="store_true", help="resend and recompute the whole sequence each step")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="resend and recompute the whole sequence each step")
     p.add_argument("--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M)")
     p.add_argument("--json", action="store_true")
 
