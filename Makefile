@@ -14,7 +14,7 @@ deps:
 	@bash vagrant/provision.sh "$(CURDIR)"
 
 test: deps
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
 
 test-quick: deps  ## unit tests only: no namespaces, no real model
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
