@@ -43,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, min(2, args.threads))
     torch.set_num_threads(threads)
     start, end = (int(v) for v in args.layers.split(":"))
-    shard = Shard.load(args.model, start, end, quant=args.quant, threads=threads)
-    shard.eval()
+    shard = None  # --layers 0:0: no layer on the device, token ids go upstream
+    if end > start:
+        shard = Shard.load(args.model, start, end, quant=args.quant, threads=threads)
+        shard.eval()
     tok = load_tokenizer(args.model)
     if args.prompt_ids:
         ids = torch.tensor([[int(v) for v in args.prompt_ids.split(",")]], dtype=torch.int64)
     else:
         ids = torch.as_tensor(format_prompt(tok, args.prompt or ""), dtype=torch.int64).reshape(1, -1)
-    stop = set() if args.no_stop else eos_ids(tok, shard.config)
+    stop = set() if args.no_stop else eos_ids(tok, shard.config if shard else None)
     client = SplitClient(shard, args.next, codec=args.codec, kv_cache=not args.no_kv_cache,
                          timeout_s=args.timeout, layers=[h for h in args.hops.split(",") if h])
     try:

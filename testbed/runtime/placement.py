@@ -25,7 +25,8 @@ def parse_placement(text: str, topo: Topology | None = None, n_layers: int | Non
     """Parse and check a placement; a one-line ``SpecError`` (``--placement: ...``) if it is wrong.
 
     Stages must be distinct hosts of ``topo`` whose ranges are non-empty, contiguous,
-    start at layer 0 and end at ``n_layers``.
+    start at layer 0 and end at ``n_layers``; only the first may be empty (``phone=0:0``):
+    that device runs no layer and uploads token ids (edge/cloud offload).
     """
     stages: list[Stage] = []
     items = [p.strip() for p in (text or "").split(",")]
@@ -41,7 +42,7 @@ def parse_placement(text: str, topo: Topology | None = None, n_layers: int | Non
             s = e = -1
         if not eq or not colon or not node or s < 0 or e < 0:
             raise SpecError(FIELD, item, "expected node=START:END with integer layers")
-        if e <= s:
+        if e <= s and not (not stages and s == e == 0 and len(items) > 1):
             raise SpecError(FIELD, item, "empty layer range")
         stages.append(Stage(node, s, e))
     seen: set[str] = set()

@@ -21,6 +21,7 @@ from testbed.wire.message import (
     WireError,
     control,
     forward_hidden,
+    forward_tokens,
     parse,
     wire_size,
 )
@@ -75,10 +76,10 @@ class SplitClient:
             self.sock = self.ctx.socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.connect(self.next_addr)
-        elif not self.first.is_last:
+        elif self.first is None or not self.first.is_last:
             raise ValueError("the device's shard is not the last one: a next hop is required")
         if not self.layers:
-            self.layers = [f"{self.first.start}:{self.first.end}"]
+            self.layers = [f"{self.first.start}:{self.first.end}" if self.first else "0:0"]
         self.totals = [HopTotals(x) for x in self.layers]
 
     def _recv(self) -> list:
@@ -90,14 +91,18 @@ class SplitClient:
     def step(self, step: int, ids: torch.Tensor, pos: int, cache: object) -> int:
         """One forward pass of the whole chain; returns the greedy next token id."""
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.first.forward(ids, cache, pos)
-        t1 = time.perf_counter()
+        if self.first is None:  # no layer on the device: upload the token ids
+            t1 = t0
+            frames = forward_tokens(self.session, step, pos, ids, self.kv_cache).frames()
+        else:
+            with torch.inference_mode():
+                out = self.first.forward(ids, cache, pos)
+            t1 = time.perf_counter()
+            if self.sock is None:
+                self.totals[0].add((t1 - t0) * 1e3, 0.0, 0.0, 0, 0)
+                return int(out[0, -1].argmax())
+            frames = forward_hidden(self.session, step, pos, out, self.codec, self.kv_cache).frames()
         compute_ms = (t1 - t0) * 1e3
-        if self.sock is None:
-            self.totals[0].add(compute_ms, 0.0, 0.0, 0, 0)
-            return int(out[0, -1].argmax())
-        frames = forward_hidden(self.session, step, pos, out, self.codec, self.kv_cache).frames()
         t2 = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)
         while True:
@@ -125,7 +130,7 @@ class SplitClient:
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> dict:
         """Greedy decoding; stops after ``max_new_tokens`` or at a stop token (which is kept)."""
         ids = prompt_ids.reshape(1, -1).to(torch.int64)
-        cache = self.first.new_cache() if self.kv_cache else None
+        cache = self.first.new_cache() if self.kv_cache and self.first is not None else None
         tokens: list[int] = []
         step_ms: list[float] = []
         t_start = time.perf_counter()

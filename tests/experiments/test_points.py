@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from testbed.experiments.points import build_topology, expand, topology_data
@@ -118,3 +119,18 @@ def test_multi_device_renames_devices(tmp_path):
     from testbed.experiments.points import device_nodes
 
     assert device_nodes(suite, 4) == ["dev1", "dev2", "dev3", "dev4"]
+
+
+def test_baseline_placements_are_valid_placements():
+    from testbed.runtime.placement import parse_placement
+    from testbed.spec.errors import SpecError
+
+    suite = load_suite(REPO / "experiments/quick.yaml")
+    for p in expand(suite, 30):
+        topo = build_topology(suite, p)
+        stages = parse_placement(p.placement, topo, 30)
+        if p.kind in ("edge-offload", "cloud-offload"):  # the device runs the driver, no layer
+            assert len(stages) == 2 and (stages[0].node, stages[0].start, stages[0].end) == ("phone", 0, 0)
+    for bad in ("phone=0:0", "phone=0:8,mec=8:8,cloud=8:30"):  # only a leading device may be empty
+        with pytest.raises(SpecError, match="empty layer range"):
+            parse_placement(bad, topo, 30)
