@@ -16,12 +16,43 @@ import torch
 from testbed.model.evaluation import CHUNK, chain_logits, chunks, decode_kernels, text_ids
 from testbed.model.generate import generate_split, load_shards
 from testbed.model.loading import default_model_dir, load_tokenizer
+from testbed.model.quant import QuantOptions, quantize_shard
+
+# engineer D's first version
+OLD = QuantOptions(int4_exact="none", int8_chunks=1, fuse=False, head_bits=8, head_topk=16)
+# label -> (quant, options); the plain names are the shipped defaults
+VARIANTS = {
+    "bf16": ("bf16", QuantOptions()),
+    "int8": ("int8", QuantOptions()),
+    "int4": ("int4", QuantOptions()),
+    "int8-old": ("int8", OLD),
+    "int4-old": ("int4", OLD),
+    "int8-c1": ("int8", QuantOptions(int8_chunks=1)),
+    "int8-c2": ("int8", QuantOptions(int8_chunks=2)),
+    "int8-c8": ("int8", QuantOptions(int8_chunks=8)),
+    "int8-head8": ("int8", QuantOptions(head_bits=8)),
+    "int4-inexact": ("int4", QuantOptions(int4_exact="none")),
+    "int4-x-attn": ("int4", QuantOptions(int4_exact="attn")),
+    "int4-x-mlp": ("int4", QuantOptions(int4_exact="mlp")),
+    "int4-unfused": ("int4", QuantOptions(fuse=False)),
+    "int4-head8": ("int4", QuantOptions(head_bits=8)),
+}
+
+
+def load_variant(model_dir, label: str, threads: int):
+    if label == "none":
+        return load_shards(model_dir, [], "none", threads)
+    quant, opts = VARIANTS[label]
+    shards = load_shards(model_dir, [], "none", threads)
+    for s in shards:
+        quantize_shard(s, quant, model_dir, opts)
+    return shards
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--quants", default="bf16,int8,int4")
+    ap.add_argument("--quants", default="bf16,int8,int4", help=f"from {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -29,7 +60,7 @@ def main() -> None:
     model_dir = default_model_dir()
     ids = text_ids(load_tokenizer(model_dir), None, args.max_tokens)
     names = ["none", *[q for q in args.quants.split(",") if q]]
-    models = {q: load_shards(model_dir, [], q, args.threads) for q in names}
+    models = {q: load_variant(model_dir, q, args.threads) for q in names}
     t0 = time.time()
     ref = [chain_logits(models["none"], c) for c in chunks(ids)]
     rows: dict[str, dict] = {}
@@ -56,14 +87,14 @@ def main() -> None:
     base = rows["none"]
     print(f"tokens={sum(len(c) for c in chunks(ids))} threads={torch.get_num_threads()} "
           f"elapsed={time.time() - t0:.0f}s")
-    print(f"{'quant':6s} {'top1':>7s} {'maxdiff':>8s} {'decode t/s':>11s} {'x fp32':>7s} "
+    print(f"{'quant':12s} {'top1':>7s} {'maxdiff':>8s} {'decode t/s':>11s} {'x fp32':>7s} "
           f"{'prefill t/s':>12s} {'x fp32':>7s} {'MB':>7s}")
     out = {}
     for q in names:
         r = rows[q]
         dec, pf = max(r["decode"]), max(r["prefill"])
         dx, px = dec / max(base["decode"]), pf / max(base["prefill"])
-        print(f"{q:6s} {r['top1']:7.2%} {r['max_diff']:8.3f} {dec:11.1f} {dx:7.2f} {pf:12.1f} {px:7.2f} "
+        print(f"{q:12s} {r['top1']:7.2%} {r['max_diff']:8.3f} {dec:11.1f} {dx:7.2f} {pf:12.1f} {px:7.2f} "
               f"{r['weight_bytes'] / 1e6:7.1f}")
         out[q] = {"top1": r["top1"], "decode_tok_s": dec, "decode_x": dx, "prefill_tok_s": pf,
                   "prefill_x": px, "max_logit_diff": r["max_diff"], "weight_bytes": r["weight_bytes"]}

@@ -11,13 +11,14 @@ exactly from the fp32 embedding table, so the greedy choice rarely changes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 INT4_GROUP = 32
-TOPK = 16
+TOPK = 32
 DENSE_ROWS = 32  # from this many rows on, dequantize and use a dense fp32 GEMM
 
 
@@ -37,37 +38,69 @@ class Bf16Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Symmetric per-output-channel int8 weights."""
+    """Symmetric int8 weights with one scale per output channel and per column chunk.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    With ``chunks`` > 1 each row is split into that many column chunks with their own scale.  The kernel
+    only takes one scale per row, so the chunked weight is stored as ``chunks * n`` rows of ``k / chunks``
+    inputs and the input row is folded into ``chunks`` rows: the kernel reads every weight once (the cost
+    of one call) and the wanted products are the diagonal blocks of its output, summed.
+    """
+
+    def __init__(self, weight: torch.Tensor, chunks: int = 1) -> None:
         super().__init__()
-        q, scale = quantize_int8(weight.float())
+        n, k = weight.shape
+        if k % chunks:
+            chunks = 1
+        self.out_features, self.in_features, self.chunks = n, k, chunks
+        # [n, k] -> [chunks * n, k / chunks]: chunk i of every row, then chunk i + 1 ...
+        blocks = weight.float().view(n, chunks, k // chunks).transpose(0, 1).reshape(chunks * n, k // chunks)
+        q, scale = quantize_int8(blocks)
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scales", scale)
-        self.out_features, self.in_features = q.shape
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
+        n, k, c = self.out_features, self.in_features, self.chunks
+        w = self.qweight.float() * self.scales.float()[:, None]
+        return w.view(c, n, k // c).transpose(0, 1).reshape(n, k)
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        c, n = self.chunks, self.out_features
+        if c == 1:
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        m = x2.shape[0]
+        y = torch._weight_int8pack_mm(x2.reshape(m * c, -1), self.qweight, self.scales)
+        return y.view(m, c, c, n).diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if x2.shape[0] >= DENSE_ROWS:
             y = nn.functional.linear(x2.float(), self.dequantized())
         else:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales)
+            y = self._mm(x2.to(torch.bfloat16))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric group-wise int4: ``w = d * q + m`` with codes ``q`` in 0..15, one (d, m) per 32 inputs."""
+    """Asymmetric group-wise int4: ``w = d * q + m`` with codes ``q`` in 0..15, one (d, m) per 32 inputs.
+
+    The kernel takes bf16 scales and zeros, but the GGUF's fp16 ``d`` (and ``m + 8 d``) are mostly not
+    bf16 numbers, so rounding them moves every weight of the group.  With ``exact`` the codes are stored
+    twice along the input axis, the second copy carrying the bf16 remainders of scale and zero; the input
+    row is duplicated to match, so one kernel call sums both parts in its fp32 accumulator and the weights
+    are the grid's to ~2^-17 (at twice the weight bytes per call).
+    """
 
     def __init__(
-        self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = INT4_GROUP
+        self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = INT4_GROUP,
+        exact: bool = False,
     ) -> None:
         super().__init__()
         n, k = codes.shape
-        self.out_features, self.in_features, self.group = n, k, group
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+        self.out_features, self.in_features, self.group, self.exact = n, k, group, exact
+        c32 = codes.to(torch.int32)
+        self.register_buffer(
+            "packed", torch._convert_weight_to_int4pack_for_cpu(torch.cat([c32, c32], 1) if exact else c32, 2)
+        )
         # the codes again, two per byte, for the dense prompt path (cheap to unpack, unlike the kernel layout)
         c = codes.to(torch.uint8)
         self.register_buffer("nibbles", (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous())
@@ -76,13 +109,16 @@ class Int4Linear(nn.Module):
         # the kernel computes (q - 8) * scale + zero, so zero = m + 8 d
         d, m = d.float(), m.float()
         sz = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1).contiguous()  # [k/group, n, 2]
-        self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
+        hi = sz.to(torch.bfloat16)
+        if exact:
+            hi = torch.cat([hi, (sz - hi.float()).to(torch.bfloat16)], 0)
+        self.register_buffer("scales_zeros", hi.contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group: int = INT4_GROUP) -> Int4Linear:
+    def from_float(cls, weight: torch.Tensor, group: int = INT4_GROUP, exact: bool = False) -> Int4Linear:
         """Round a float weight to its own min/max grid per group (lossy: error reported by quant-eval)."""
         codes, d, m = quantize_int4(weight, group)
-        return cls(codes, d, m, group)
+        return cls(codes, d, m, group, exact)
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -91,6 +127,8 @@ class Int4Linear(nn.Module):
         return (codes.float() * self.d[..., None] + self.m[..., None]).view(n, k)
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            x2 = torch.cat([x2, x2], -1)
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,18 +171,17 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.
 
 
 class CandidateHead(nn.Module):
-    """Output layer: int8 scores for the whole vocabulary, the top ``k`` recomputed exactly in fp32."""
+    """Output layer: int8/int4 scores for the whole vocabulary, the top ``k`` recomputed exactly in fp32."""
 
-    def __init__(self, weight: torch.Tensor, k: int = TOPK) -> None:
+    def __init__(self, weight: torch.Tensor, k: int = TOPK, bits: int = 8) -> None:
         super().__init__()
-        self.scorer = Int8Linear(weight)
+        self.scorer = Int8Linear(weight) if bits == 8 else Int4Linear.from_float(weight)
         self.register_buffer("table", weight.float().contiguous())
         self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x).float()
-        scores = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.scorer.qweight, self.scorer.scales)
-        scores = scores.float()
+        scores = self.scorer._mm(x2.to(torch.bfloat16)).float()
         idx = scores.topk(self.k, dim=-1).indices  # [rows, k]
         exact = torch.einsum("rh,rkh->rk", x2, self.table[idx])
         scores.scatter_(-1, idx, exact)
@@ -152,6 +189,56 @@ class CandidateHead(nn.Module):
 
 
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Choices measured side by side by ``bench/model_quant.py``; the defaults are the shipped ones."""
+
+    int4_exact: str = "all"  # where to carry the bf16 remainders of the scales/zeros: all, attn, mlp, none
+    head_bits: int = 4  # output-layer scorer (the top ``head_topk`` are recomputed exactly anyway)
+    int8_chunks: int = 4  # int8 scales per row (column chunks)
+    fuse: bool = True  # one kernel call for q/k/v and one for gate/up
+    head_topk: int = TOPK
+
+
+class FusedLinear(nn.Module):
+    """Several linear layers that read the same input, run as one kernel call over their stacked rows.
+
+    The parts (``part(i)``) stand in for the original modules: the first computes all outputs and keeps
+    them for the others, which reuse them when called with the very same input tensor (as LLaMA's
+    attention and MLP do) and compute on their own otherwise.
+    """
+
+    def __init__(self, inner: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.inner, self.sizes = inner, sizes
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+
+    def run(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 0 or x is not self._input:
+            self._outputs = self.inner(x).split(self.sizes, dim=-1)
+            self._input = x
+        out = self._outputs[index]
+        if index == len(self.sizes) - 1:
+            self._input, self._outputs = None, ()
+        return out
+
+    def part(self, index: int) -> nn.Module:
+        return _FusedPart(self, index)
+
+
+class _FusedPart(nn.Module):
+    def __init__(self, fused: FusedLinear, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "fused", fused)  # not a submodule: the parent owns it once
+        self.index = index
+        self.out_features = fused.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.run(self.index, x)
 
 
 def _gguf_grid(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
@@ -175,31 +262,49 @@ def _gguf_grid(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor] | N
     return out
 
 
-def quantize_shard(shard, quant: str, model_dir: Path) -> None:
+def _make(quant: str, w: torch.Tensor, grid: dict | None, names: list[str], opts: QuantOptions) -> nn.Module:
+    """One quantized module for the (row-stacked) weight ``w`` of checkpoint tensors ``names``."""
+    exact = opts.int4_exact == "all" or f".{opts.int4_exact}." in names[0].replace("self_attn", "attn")
+    if quant == "bf16":
+        return Bf16Linear(w)
+    if quant == "int8":
+        return Int8Linear(w, opts.int8_chunks)
+    if quant == "int4" and grid is not None:
+        codes, d, m = (torch.cat([grid[f"{n}.{p}"] for n in names]) for p in ("q", "d", "m"))
+        return Int4Linear(codes, d, m, exact=exact)
+    if quant == "int4":
+        return Int4Linear.from_float(w, exact=exact)
+    raise ValueError(f"unknown quant {quant!r}")
+
+
+def quantize_shard(shard, quant: str, model_dir: Path, opts: QuantOptions | None = None) -> None:
     """Replace the shard's linear layers (and output layer) by ``quant`` versions, in place."""
-    linears: list[tuple[nn.Module, str, str]] = []  # (parent, attribute, checkpoint name)
+    opts = opts or QuantOptions()
+    if quant not in ("bf16", "int8", "int4"):
+        raise ValueError(f"unknown quant {quant!r}")
+    parents: list[tuple[nn.Module, str]] = []  # (module, checkpoint prefix)
     for local, layer in enumerate(shard.layers):
         prefix = f"model.layers.{shard.start + local}"
-        for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-            for attr in _LINEAR_NAMES:
-                if hasattr(parent, attr):
-                    linears.append((parent, attr, f"{prefix}.{parent_name}.{attr}.weight"))
-    grid = _gguf_grid(model_dir, [n for _, _, n in linears]) if quant == "int4" else None
-    for parent, attr, name in linears:
-        w = getattr(parent, attr).weight.data
-        if quant == "bf16":
-            new: nn.Module = Bf16Linear(w)
-        elif quant == "int8":
-            new = Int8Linear(w)
-        elif quant == "int4" and grid is not None:
-            new = Int4Linear(grid[f"{name}.q"], grid[f"{name}.d"], grid[f"{name}.m"])
-        elif quant == "int4":
-            new = Int4Linear.from_float(w)
-        else:
-            raise ValueError(f"unknown quant {quant!r}")
-        setattr(parent, attr, new)
+        parents += [(layer.self_attn, f"{prefix}.self_attn"), (layer.mlp, f"{prefix}.mlp")]
+    all_names = [f"{p}.{a}.weight" for parent, p in parents for a in _LINEAR_NAMES if hasattr(parent, a)]
+    grid = _gguf_grid(model_dir, all_names) if quant == "int4" else None
+    for parent, prefix in parents:
+        fuse = opts.fuse and quant != "bf16"
+        groups = [g for g in _FUSED_GROUPS if fuse and all(hasattr(parent, a) for a in g)]
+        singles = [(a,) for a in _LINEAR_NAMES if hasattr(parent, a) and not any(a in g for g in groups)]
+        for attrs in groups + singles:
+            names = [f"{prefix}.{a}.weight" for a in attrs]
+            weights = [getattr(parent, a).weight.data for a in attrs]
+            new = _make(quant, torch.cat(weights), grid, names, opts)
+            if len(attrs) == 1:
+                setattr(parent, attrs[0], new)
+                continue
+            fused = FusedLinear(new, [w.shape[0] for w in weights])
+            setattr(parent, "fused_" + "_".join(a.split("_")[0] for a in attrs), fused)
+            for i, a in enumerate(attrs):
+                setattr(parent, a, fused.part(i))
     if shard.is_last:
         w = shard.lm_head.weight.data
-        shard.lm_head = Bf16Linear(w) if quant == "bf16" else CandidateHead(w)
+        shard.lm_head = Bf16Linear(w) if quant == "bf16" else CandidateHead(w, opts.head_topk, opts.head_bits)
     shard.quant = quant
     shard.int4_source = "gguf-q4_1" if grid is not None else ("minmax-g32" if quant == "int4" else None)
