@@ -36,6 +36,8 @@ VARIANTS = {
     "int4-x-mlp": ("int4", QuantOptions(int4_exact="mlp")),
     "int4-unfused": ("int4", QuantOptions(fuse=False)),
     "int4-head8": ("int4", QuantOptions(head_bits=8)),
+    "int8-bf16pre": ("int8", QuantOptions(bf16_prefill=True)),
+    "int4-bf16pre": ("int4", QuantOptions(bf16_prefill=True)),
 }
 
 

@@ -26,6 +26,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _dense(lin: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+    """Many rows: a dense GEMM, on the cached bf16 copy if there is one, else on weights dequantized now."""
+    cached = getattr(lin, "dense_bf16", None)
+    if cached is not None:
+        return nn.functional.linear(x2.to(torch.bfloat16), cached).float()
+    return nn.functional.linear(x2.float(), lin.dequantized())
+
+
+def keep_bf16_prefill_copy(shard) -> int:
+    """Keep a dense bf16 copy of every quantized linear weight for prompts; returns the bytes added."""
+    added = 0
+    scorer = getattr(shard.lm_head, "scorer", None)  # the output layer never takes the dense path
+    for mod in shard.modules():
+        if isinstance(mod, Int4Linear | Int8Linear) and mod is not scorer and not hasattr(mod, "dense_bf16"):
+            mod.register_buffer("dense_bf16", mod.dequantized().to(torch.bfloat16).contiguous())
+            added += mod.dense_bf16.numel() * 2
+    return added
+
+
 class Bf16Linear(nn.Module):
     """bf16 weights and activations; fp32 in and out."""
 
@@ -74,7 +93,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if x2.shape[0] >= DENSE_ROWS:
-            y = nn.functional.linear(x2.float(), self.dequantized())
+            y = _dense(self, x2)
         else:
             y = self._mm(x2.to(torch.bfloat16))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -134,7 +153,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if x2.shape[0] >= DENSE_ROWS:
-            y = nn.functional.linear(x2.float(), self.dequantized())
+            y = _dense(self, x2)
         else:
             y = self._mm(x2.to(torch.bfloat16))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -201,6 +220,7 @@ class QuantOptions:
     int8_chunks: int = 4  # int8 scales per row (column chunks)
     fuse: bool = True  # one kernel call for q/k/v and one for gate/up
     head_topk: int = TOPK
+    bf16_prefill: bool = False  # keep a dense bf16 copy of the weights for prompts (faster, +2 B/weight)
 
 
 class FusedLinear(nn.Module):
@@ -306,5 +326,7 @@ def quantize_shard(shard, quant: str, model_dir: Path, opts: QuantOptions | None
     if shard.is_last:
         w = shard.lm_head.weight.data
         shard.lm_head = Bf16Linear(w) if quant == "bf16" else CandidateHead(w, opts.head_topk, opts.head_bits)
+    if opts.bf16_prefill:
+        keep_bf16_prefill_copy(shard)
     shard.quant = quant
     shard.int4_source = "gguf-q4_1" if grid is not None else ("minmax-g32" if quant == "int4" else None)

@@ -134,3 +134,16 @@ def test_fused_parts_equal_separate_layers(tiny_dir) -> None:
     # generation with a KV cache runs through the fused parts too
     res = generate_split([fused], ids[0, :6].tolist(), 5)
     assert res.tokens == generate_split([sep], ids[0, :6].tolist(), 5).tokens
+
+
+def test_bf16_prefill_copy_serves_prompts(tiny_dir) -> None:
+    plain = load_shards(tiny_dir, [2], "int4")[0]
+    cached = load_shards(tiny_dir, [2], "none")[0]
+    quantize_shard(cached, "int4", tiny_dir, QuantOptions(bf16_prefill=True))
+    assert cached.layers[0].mlp.down_proj.dense_bf16.dtype == torch.bfloat16
+    assert cached.weight_bytes() > plain.weight_bytes()
+    ids = torch.arange(3, 60).unsqueeze(0)  # 57 rows: the dense path
+    with decode_kernels():
+        kern = plain(ids, None, 0)
+    dense = cached(ids, None, 0)
+    assert float((dense - kern).abs().max()) < 0.02 * float(kern.abs().max())
