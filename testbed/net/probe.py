@@ -26,6 +26,7 @@ Runner = Callable[..., subprocess.Popen]
 
 UDP_PAYLOAD = 1448  # bytes: one datagram per 1500-byte IP packet, never fragmented
 CONNECT_TRIES = 40
+UDP_START_TRIES = 4
 _ports = itertools.count((os.getpid() * 37) % 20000)
 _PING_TIME = re.compile(rb"time=([0-9.]+) ms")
 
@@ -101,9 +102,17 @@ def measure_throughput(src_run: Runner, dst_run: Runner, dst_ip: str, seconds: f
 
 def _udp(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float, seconds: float) -> dict:
     secs = max(1, math.ceil(seconds))
-    with _iperf_server(dst_run) as port:
-        data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-u", "-b", f"{rate_mbit}M",
-                                       "-l", str(UDP_PAYLOAD), "-t", str(secs)], secs)
+    for attempt in range(UDP_START_TRIES):
+        try:
+            with _iperf_server(dst_run) as port:
+                data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-u", "-b", f"{rate_mbit}M",
+                                               "-l", str(UDP_PAYLOAD), "-t", str(secs)], secs)
+            break
+        except ProbeError as e:
+            # iperf3 starts a UDP test with one datagram each way; a lossy link may drop one,
+            # and the client then fails reading its "stream socket": start again, fresh server
+            if "stream socket" not in str(e) or attempt == UDP_START_TRIES - 1:
+                raise
     server = data.get("server_output_json")
     if not server:
         raise ProbeError("iperf3 returned no server-side results")

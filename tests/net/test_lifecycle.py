@@ -105,7 +105,10 @@ def test_crash_with_running_processes_then_clean(tmp_path: Path):
     run_id = line.split()[-1]
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
-    left = leftovers(run_id)
+    # Mininet's `mnexec -d` forks the node processes off asynchronously: give them a moment to show
+    deadline = time.monotonic() + 5
+    while len((left := leftovers(run_id))["processes"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(left["processes"]) >= 2 and left["devices"] and left["state"]
     out = subprocess.run([*TESTBED, "clean", "--dead-only"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
