@@ -1,12 +1,13 @@
-"""Quantized shards: bf16, int8 (per-channel) and int4 (group-wise; the GGUF Q4_1 grid when there is one).
+"""Quantized shards: bf16, int8 (per-channel, column-chunked) and int4 (group-wise; the GGUF Q4_1 grid when
+there is one, with its fp16 scales kept exact).
 
 Linear weights are replaced in place by modules that run torch's CPU weight-only kernels on bf16
-activations (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); the residual stream, norms and
-attention stay fp32.
-For prompts (many rows) the weights are dequantized once per call and multiplied in fp32, because the
-weight-only kernels are tuned for few rows and fall behind a dense fp32 GEMM there.
-The output layer scores the whole vocabulary with int8 weights and recomputes the best ``TOPK`` candidates
-exactly from the fp32 embedding table, so the greedy choice rarely changes.
+activations (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); q/k/v and gate/up are fused into
+one call each; the residual stream, norms and attention stay fp32.
+For prompts (many rows) the weights are dequantized once per call and multiplied in fp32 (or, with
+``bf16_prefill``, a kept bf16 copy is used), because the weight-only kernels fall behind a dense GEMM there.
+The output layer scores the whole vocabulary with int4 (or int8) weights and recomputes the best
+``head_topk`` candidates exactly from the fp32 embedding table, so the greedy choice rarely changes.
 """
 
 from __future__ import annotations
