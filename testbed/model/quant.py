@@ -69,8 +69,9 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, chunks: int = 1) -> None:
         super().__init__()
         n, k = weight.shape
-        if k % chunks:
-            chunks = 1
+        # the kernel crashes on inputs whose length is not a multiple of 16: use fewer chunks then
+        while chunks > 1 and (k % chunks or (k // chunks) % 16):
+            chunks -= 1
         self.out_features, self.in_features, self.chunks = n, k, chunks
         # [n, k] -> [chunks * n, k / chunks]: chunk i of every row, then chunk i + 1 ...
         blocks = weight.float().view(n, chunks, k // chunks).transpose(0, 1).reshape(chunks * n, k // chunks)

@@ -56,6 +56,15 @@ def test_int8_linear_matches_its_grid(weight, rows, chunks) -> None:
     assert float((lin(x) - want).abs().max()) < 0.02 * float(want.abs().max())
 
 
+def test_int8_chunks_fall_back_to_kernel_friendly_sizes() -> None:
+    w = torch.randn(32, 576)
+    assert Int8Linear(w, 8).chunks == 6  # 576 / 8 = 72 is no multiple of 16 (the kernel crashes on it)
+    assert Int8Linear(w, 4).chunks == 4
+    lin = Int8Linear(w, 8)
+    x = torch.randn(1, 576)
+    assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=0.05 * float((x @ w.t()).abs().max()))
+
+
 def test_candidate_head_is_exact_on_its_top_k() -> None:
     torch.manual_seed(0)
     table = torch.randn(500, 64)
