@@ -57,7 +57,25 @@ class Bf16Linear(nn.Module):
         return nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """A linear layer on low-precision weights: few rows (decode) through the weight-only kernel
+    (``_mm``, bf16 activations), many rows (prompts) through :func:`_dense`."""
+
+    out_features: int
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        if x2.shape[0] >= DENSE_ROWS:
+            y = _dense(self, x2)
+        else:
+            y = self._mm(x2.to(torch.bfloat16))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """Symmetric int8 weights with one scale per output channel and per column chunk.
 
     With ``chunks`` > 1 each row is split into that many column chunks with their own scale.  The kernel
@@ -92,16 +110,8 @@ class Int8Linear(nn.Module):
         y = torch._weight_int8pack_mm(x2.reshape(m * c, -1), self.qweight, self.scales)
         return y.view(m, c, c, n).diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _rows(x)
-        if x2.shape[0] >= DENSE_ROWS:
-            y = _dense(self, x2)
-        else:
-            y = self._mm(x2.to(torch.bfloat16))
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """Asymmetric group-wise int4: ``w = d * q + m`` with codes ``q`` in 0..15, one (d, m) per 32 inputs.
 
     The kernel takes bf16 scales and zeros, but the GGUF's fp16 ``d`` (and ``m + 8 d``) are mostly not
@@ -151,14 +161,6 @@ class Int4Linear(nn.Module):
         if self.exact:
             x2 = torch.cat([x2, x2], -1)
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _rows(x)
-        if x2.shape[0] >= DENSE_ROWS:
-            y = _dense(self, x2)
-        else:
-            y = self._mm(x2.to(torch.bfloat16))
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def quantize_int8(w: torch.Tensor, clips: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
