@@ -38,4 +38,4 @@ experiment: deps
 	$(TB) run $(SUITE)
 
 lint: deps
-	$(VENV)/bin/ruff check testbed nodes tests bench
+	$(VENV)/bin/ruff check --no-cache testbed nodes tests bench

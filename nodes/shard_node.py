@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, min(2, args.threads))
 
     import torch
-    from testbed.model.shard import Shard
 
+    from testbed.model.shard import Shard
     from testbed.runtime.shard_server import ShardServer
 
     torch.set_num_threads(threads)
