@@ -10,6 +10,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ruff_clean() -> None:
-    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "testbed", "nodes", "tests", "bench"],
-                         cwd=REPO, capture_output=True, text=True)
+    argv = [sys.executable, "-m", "ruff", "check", "--no-cache", "testbed", "nodes", "tests", "bench"]
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
