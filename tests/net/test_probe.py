@@ -34,7 +34,9 @@ def test_probe_asymmetric_link_both_ways() -> None:
     assert abs(res["rtt_ms"] - 15.0) <= 2.0
     assert res["rtt"]["replies"] >= 17  # 20 pings, 1 % loss on the way back
     assert res["loss_up_pct"] <= 0.5
-    assert abs(res["loss_down_pct"] - 1.0) <= 1.0
+    # the down loss probe is small: 1.5 Mbit/s x 3 s = ~390 datagrams, binomial sigma ~0.5 pp at 1 %;
+    # allow 3 sigma (the +-1 pp fidelity target is asserted on large samples in test_linkproc/test_cli_probe)
+    assert abs(res["loss_down_pct"] - 1.0) <= 1.5
     # saturating UDP at 1.5x the hint: each full second carries the rate's payload share
     for got, rate in ((res["up_timeline"], 12), (res["down_timeline"], 3 * 0.99)):
         assert len(got) >= 2
