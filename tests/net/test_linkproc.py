@@ -174,6 +174,17 @@ def test_queue_limit_bounds_delay() -> None:
     assert rtt["max"] <= 30.0, rtt
 
 
+def assert_tracks_trace(got: list[float], trace, launch_offset_s: float) -> None:
+    """Each second's UDP goodput within 10 % of the trace's capacity in that second.
+
+    The flow starts ~50 ms after the client is launched (start-up and control handshake);
+    goodput is the payload share of each 1500-byte packet."""
+    cap = trace.capacity_mbit_per_s(len(got), launch_offset_s + 0.05)
+    want = [c * probe.UDP_PAYLOAD / UDP_IP_BYTES for c in cap]
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert abs(g - w) <= 0.10 * w, f"second {i}: got {got}, trace {want}"
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_mahimahi_trace_replay_per_second(tmp_path: Path) -> None:
@@ -186,13 +197,8 @@ def test_mahimahi_trace_replay_per_second(tmp_path: Path) -> None:
         started = json.loads(stats.read_text())["started_unix"]
         launched = time.time()
         got = probe.measure_timeline(link.run1, link.run2, link.ip2, rate_mbit=15, seconds=seconds)
-    # the flow starts ~50 ms after the client is launched (start-up and control handshake)
-    start_s = launched - started + 0.05
-    cap = load_trace(trace_path).capacity_mbit_per_s(len(got), start_s)
-    want = [c * probe.UDP_PAYLOAD / UDP_IP_BYTES for c in cap]  # goodput share of each packet
     assert len(got) >= seconds - 1
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert abs(g - w) <= 0.10 * w, f"second {i}: got {got}, trace {want}"
+    assert_tracks_trace(got, load_trace(trace_path), launched - started)
 
 
 @pytest.mark.root
@@ -205,10 +211,7 @@ def test_csv_trace_steps(tmp_path: Path) -> None:
         started = json.loads(stats.read_text())["started_unix"]
         launched = time.time()
         got = probe.measure_timeline(link.run1, link.run2, link.ip2, rate_mbit=12, seconds=6)
-    cap = load_trace(trace_path, "csv").capacity_mbit_per_s(len(got), launched - started + 0.05)
-    want = [c * probe.UDP_PAYLOAD / UDP_IP_BYTES for c in cap]
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert abs(g - w) <= 0.10 * w, f"second {i}: got {got}, trace {want}"
+    assert_tracks_trace(got, load_trace(trace_path, "csv"), launched - started)
 
 
 @pytest.mark.root
