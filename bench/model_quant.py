@@ -7,6 +7,8 @@ chunks through the decode kernels; speeds are best-of-3, measured interleaved so
 
 from __future__ import annotations
 
+import testbed.omp as omp  # isort: skip  (first: the OpenMP wait policy is fixed when torch loads)
+
 import argparse
 import json
 import time
@@ -19,7 +21,9 @@ from testbed.model.loading import default_model_dir, load_tokenizer
 from testbed.model.quant import QuantOptions, quantize_shard
 
 # engineer D's first version
-OLD = QuantOptions(int4_exact="none", int8_chunks=1, fuse=False, head_bits=8, head_topk=16)
+OLD = QuantOptions(
+    int4_exact="none", int8_layout="channel", int8_chunks=1, fuse=False, head_bits=8, head_topk=16
+)
 # label -> (quant, options); the plain names are the shipped defaults
 VARIANTS = {
     "bf16": ("bf16", QuantOptions()),
@@ -27,9 +31,9 @@ VARIANTS = {
     "int4": ("int4", QuantOptions()),
     "int8-old": ("int8", OLD),
     "int4-old": ("int4", OLD),
-    "int8-c1": ("int8", QuantOptions(int8_chunks=1)),
-    "int8-c2": ("int8", QuantOptions(int8_chunks=2)),
-    "int8-c8": ("int8", QuantOptions(int8_chunks=8)),
+    "int8-ch1": ("int8", QuantOptions(int8_layout="channel", int8_chunks=1)),
+    "int8-ch4": ("int8", QuantOptions(int8_layout="channel", int8_chunks=4)),
+    "int8-ch8": ("int8", QuantOptions(int8_layout="channel", int8_chunks=8)),
     "int8-head8": ("int8", QuantOptions(head_bits=8)),
     "int4-inexact": ("int4", QuantOptions(int4_exact="none")),
     "int4-x-attn": ("int4", QuantOptions(int4_exact="attn")),
@@ -88,7 +92,7 @@ def main() -> None:
             rows[q]["prefill"].append(len(pre) / (time.perf_counter() - t))
     base = rows["none"]
     print(f"tokens={sum(len(c) for c in chunks(ids))} threads={torch.get_num_threads()} "
-          f"elapsed={time.time() - t0:.0f}s")
+          f"omp={omp.in_effect()} elapsed={time.time() - t0:.0f}s")
     print(f"{'quant':12s} {'top1':>7s} {'maxdiff':>8s} {'decode t/s':>11s} {'x fp32':>7s} "
           f"{'prefill t/s':>12s} {'x fp32':>7s} {'MB':>7s}")
     out = {}

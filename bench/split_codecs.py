@@ -13,15 +13,12 @@ For each prompt, fp32 split generation gives the reference continuation.  Then f
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from testbed.model.codecs import get_codec  # noqa: E402
-from testbed.model.generate import generate_split, load_shards  # noqa: E402
-from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer  # noqa: E402
+from testbed.model.codecs import get_codec
+from testbed.model.generate import generate_split, load_shards
+from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer
 
 PROMPTS = [
     "What is the capital of France?",

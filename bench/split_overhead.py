@@ -12,22 +12,22 @@
 
 from __future__ import annotations
 
+import testbed.omp as omp  # isort: skip  (first: the OpenMP wait policy is fixed when torch loads)
+
 import argparse
 import os
 import statistics
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from testbed.model.generate import generate_split, load_shards  # noqa: E402
-from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer  # noqa: E402
-from testbed.model.shard import load_config  # noqa: E402
-from testbed.runtime.local_chain import loopback_chain  # noqa: E402
-from testbed.runtime.placement import Stage  # noqa: E402
-from testbed.runtime.split_client import SplitClient  # noqa: E402
+from testbed.model.generate import generate_split, load_shards
+from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer
+from testbed.model.shard import load_config
+from testbed.runtime.local_chain import loopback_chain
+from testbed.runtime.placement import Stage
+from testbed.runtime.split_client import SplitClient
 
 PROMPT = "Explain in two sentences why the sky is blue."
 CUTS = (8, 20)
@@ -70,7 +70,7 @@ def loopback(model: Path, tokens: int, rounds: int) -> None:
                 compute_local += sum(ref.per_shard_ms)
                 compute_split += sum(h["compute_ms"] for h in got["per_hop"])
     print(f"loopback ZeroMQ, 3 shards (cuts {CUTS}), {rounds} rounds x {tokens - 1} decode steps, "
-          f"alternating in-process / split")
+          f"alternating in-process / split, OpenMP wait {omp.in_effect()}")
     for name, f in (("median", statistics.median), ("mean", statistics.fmean), ("min", min)):
         a, b = f(local), f(split)
         print(f"  per-token {name:>6}: in-process {a:.2f} ms  split {b:.2f} ms  ratio {b / a:.3f}")

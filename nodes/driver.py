@@ -8,13 +8,9 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import json
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:

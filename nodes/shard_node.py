@@ -9,14 +9,9 @@ exits cleanly on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import os
-
-# Several shard processes share two cores: do not spin while idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import signal
+import sys
 
 
 def parse_layers(text: str) -> tuple[int, int]:

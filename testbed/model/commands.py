@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from testbed import omp
 from testbed.spec.errors import SpecError
 
 
@@ -53,6 +54,7 @@ def generate(args: argparse.Namespace) -> int:
             "tpot_ms": round(res.tpot_ms, 3), "quant": args.quant, "codec": args.codec,
             "cuts": cuts, "kv_cache": res.kv_cache, "prompt_tokens": res.prompt_tokens,
             "per_shard_ms": [round(x, 3) for x in res.per_shard_ms], "wire_bytes": res.wire_bytes,
+            "omp": omp.in_effect(),
         }))
     else:
         print(text)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from testbed import omp
 from testbed.model import quant as quant_mod
 from testbed.model.generate import generate_split, load_shards
 from testbed.model.shard import Shard
@@ -108,6 +109,7 @@ def quant_eval(
         out["decode_tok_s"], out["decode_tok_s_fp32"] = decode_tok_s(test, prompt), decode_tok_s(ref, prompt)
         out["prefill_tok_s"], out["prefill_tok_s_fp32"] = prefill_tok_s(test, pre), prefill_tok_s(ref, pre)
         out["prefill_tokens"] = len(pre)
+    out["omp"] = omp.in_effect()
     out["weight_bytes"] = sum(s.weight_bytes() for s in test)
     out["weight_bytes_fp32"] = sum(s.weight_bytes() for s in ref)
     return out

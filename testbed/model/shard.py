@@ -7,13 +7,10 @@ Each shard builds its own rotary embedding and keeps one KV cache per session wi
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several shard processes share 2 cores
-
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 QUANTS = ("none", "bf16", "int8", "int4")
 DEFAULT_THREADS = 2
@@ -71,6 +68,7 @@ class Shard(nn.Module):
         self.is_first, self.is_last = start == 0, end == n
         self.hidden_size = config.hidden_size
         self.quant = "none"
+        self.lean = False  # quantized shards run testbed.model.lean's forward instead of transformers' layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(end - start))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last else None
@@ -150,28 +148,39 @@ class Shard(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, cache=None, position_start: int = 0) -> torch.Tensor:
         """First shard: ids [1, T]; others: hidden [1, T, H].  Returns hidden or logits [1, T, V]."""
-        from transformers.masking_utils import create_causal_mask
-
         if self.is_first:
             h = self.embed_tokens(x)
         else:
             h = x if x.dtype == torch.float32 else x.float()
         t = h.shape[1]
         position_ids = torch.arange(position_start, position_start + t).unsqueeze(0)
+        pos_emb = self.rotary_emb(h, position_ids=position_ids)
+        if self.lean:
+            from testbed.model.lean import lean_layers, rms_norm
+
+            h = lean_layers(self.layers, h, *pos_emb, cache)
+            if self.is_last:
+                h = rms_norm(self.norm, h)
+        else:
+            h = self._hf_layers(h, cache, position_ids, pos_emb)
+            if self.is_last:
+                h = self.norm(h)
+        return self.lm_head(h).float() if self.is_last else h
+
+    def _hf_layers(self, h: torch.Tensor, cache, position_ids: torch.Tensor, pos_emb) -> torch.Tensor:
+        """transformers' own decoder layers: the exact fp32 reference."""
+        from transformers.masking_utils import create_causal_mask
+
         mask = create_causal_mask(
             config=self.config, inputs_embeds=h, attention_mask=None,
             past_key_values=cache, position_ids=position_ids,
         )
-        pos_emb = self.rotary_emb(h, position_ids=position_ids)
         for layer in self.layers:
             h = layer(
                 h, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                 past_key_values=cache, use_cache=cache is not None,
             )
-        if not self.is_last:
-            return h
-        h = self.norm(h)
-        return self.lm_head(h).float()
+        return h
 
     def weight_bytes(self) -> int:
         """Bytes of parameters and buffers (quantized weights counted at their stored size)."""

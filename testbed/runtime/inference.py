@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from testbed.omp import describe, omp_env
 from testbed.runtime.placement import Stage, parse_placement
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
@@ -35,7 +36,8 @@ class InferenceError(RuntimeError):
 
 def node_env(threads: int = 2) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env.update(omp_env(env))  # the caller's OpenMP wait policy (testbed/omp.py)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
@@ -192,7 +194,8 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
-    result.update(shaper=shaper_used, tcp_cc=tcp_cc, quant=quant, codec=codec, kv_cache=kv_cache,
+    result.update(shaper=shaper_used, tcp_cc=tcp_cc, omp=describe(node_env()), quant=quant, codec=codec,
+                  kv_cache=kv_cache,
                   placement=",".join(f"{s.node}={s.layers}" for s in stages))
     return result
 

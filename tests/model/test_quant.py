@@ -11,6 +11,7 @@ from testbed.model.quant import (
     CandidateHead,
     FusedLinear,
     Int4Linear,
+    Int8GroupLinear,
     Int8Linear,
     QuantOptions,
     quantize_int4,
@@ -54,6 +55,36 @@ def test_int8_linear_matches_its_grid(weight, rows, chunks) -> None:
     x = torch.randn(1, rows, 128)
     want = x @ lin.dequantized().t()
     assert float((lin(x) - want).abs().max()) < 0.02 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int8_group_linear_matches_its_grid(rows) -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(128, 96) * 0.05
+    weight[:, 7] *= 30  # an outlier column: per-channel int8 loses the rest of each row to it
+    lin = Int8GroupLinear(weight)
+    assert int(lin.codes().max()) <= 255 and lin.codes().dtype == torch.uint8
+    step = lin.scale[..., None].expand(128, 3, 32).reshape(128, 96)
+    assert bool(((lin.dequantized() - weight).abs() <= step * 0.51).all())  # half a step of its group
+    x = torch.randn(1, rows, 96)
+    want = x @ lin.dequantized().t()
+    assert float((lin(x) - want).abs().max()) < 0.02 * float(want.abs().max())
+    # away from the outlier's group, the group scales keep 8 bits for the ordinary weights
+    channel = Int8Linear(weight, 1)
+    err = {k: float((m.dequantized() - weight)[:, 32:].norm())
+           for k, m in (("group", lin), ("channel", channel))}
+    assert err["group"] < err["channel"] / 10, err
+
+
+@pytest.mark.parametrize("n", [128, 96])
+def test_int4_codes_read_back_from_the_kernel_layout(n) -> None:
+    """The dense path reads the codes from the packed weight; rows not in whole blocks keep a copy."""
+    torch.manual_seed(6)
+    codes = torch.randint(0, 16, (n, 64), dtype=torch.uint8)
+    lin = Int4Linear(codes, torch.rand(n, 2) * 0.01, -torch.rand(n, 2) * 0.05, exact=True)
+    assert all(torch.equal(p, codes) for p in lin.planes())
+    if n == 128:
+        assert lin.plane_codes is None  # nothing stored twice
 
 
 def test_int8_chunks_fall_back_to_kernel_friendly_sizes() -> None:
@@ -105,6 +136,24 @@ def test_decode_kernels_and_dense_prompt_path_agree(tiny_dir, quant) -> None:
     with decode_kernels():
         kern = first(ids, None, 0)
     assert float((dense - kern).abs().max()) < 0.02 * float(dense.abs().max())
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "bf16"])
+def test_lean_forward_equals_transformers_layers(tiny_dir, quant) -> None:
+    """The lean forward runs the same quantized weights as transformers' layers: prompt, decode steps with
+    a KV cache, and a second chunk of several tokens after cached ones (the explicit mask)."""
+    (s,) = load_shards(tiny_dir, [], quant)
+    assert s.lean
+    ids = torch.arange(3, 23).unsqueeze(0)
+    outs = {}
+    for lean in (True, False):
+        s.lean = lean
+        cache = s.new_cache()
+        steps = [s(ids[:, :12], cache, 0), s(ids[:, 12:13], cache, 12), s(ids[:, 13:], cache, 13)]
+        outs[lean] = (steps, s.cache_bytes(cache))
+    for a, b in zip(outs[True][0], outs[False][0], strict=True):
+        assert float((a - b).abs().max()) < 1e-3 * float(b.abs().max()), float((a - b).abs().max())
+    assert outs[True][1] == outs[False][1] > 0
 
 
 def test_int4_on_non_gguf_checkpoint_reports_its_source(tiny_dir) -> None:

@@ -49,14 +49,13 @@ def test_split_equals_unsplit(model_dir, reference, prompt, cuts) -> None:
     assert generate_split(shards, prompt, 8, kv_cache=False).tokens == want
 
 
-# targets: int4 >= 99 %, int8 >= 97 % on the whole text; int8 measures ~96.7 % here (short of its target,
-# see bench/README.md), so its floor only guards against regressions.
-@pytest.mark.parametrize(("quant", "floor"), [("int4", 0.98), ("int8", 0.93)])
+# the targets, on the whole shipped text (2,672 tokens): int4 >= 99 %, int8 >= 97 %
+@pytest.mark.parametrize(("quant", "floor"), [("int4", 0.99), ("int8", 0.97)])
 def test_quantized_agreement(model_dir, quant, floor) -> None:
-    ids = text_ids(load_tokenizer(model_dir), None, 512)
+    ids = text_ids(load_tokenizer(model_dir), None, None)
     ref, test = load_shards(model_dir, [], "none"), load_shards(model_dir, [], quant)
     if quant == "int4":
         assert test[0].int4_source == "gguf-q4_1"
     a = agreement(ref, test, ids)
-    assert a["tokens"] == 512
+    assert a["tokens"] > 2000
     assert a["top1_agreement"] >= floor, a

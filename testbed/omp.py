@@ -1,0 +1,78 @@
+"""How idle OpenMP threads wait in processes that run shards; chosen before torch loads.
+
+libgomp (torch's intra-op threads, and llama.cpp's) reads its environment once, when it is loaded, so
+the choice is made by ``import testbed`` (this package's ``__init__``) and passed on to node processes
+through their environment.  ``TESTBED_OMP`` picks it:
+
+- ``passive`` (default): ``OMP_WAIT_POLICY=PASSIVE``, idle threads sleep at once.  Several shard processes
+  share the cores of one machine; when two of them compute at once, spinning threads take the cores from
+  the thread doing work (two decoding processes on 2 cores: 3-6x less throughput spinning,
+  ``bench/omp_wait.py``).
+- ``spin``: ``GOMP_SPINCOUNT=10000``, idle threads spin briefly, then sleep.  Every op that runs on two
+  threads then starts without waking a sleeping thread: a quantized decode step (a hundred-odd such ops)
+  runs ~1.5x faster where one process computes at a time (one process, or a chain of shards serving one
+  session), at the cost above where processes compute concurrently.
+
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set by the user win over both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+ENV_VAR = "TESTBED_OMP"
+POLICIES: dict[str, dict[str, str]] = {
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin": {"GOMP_SPINCOUNT": "10000"},
+}
+DEFAULT = "passive"
+_USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def policy_name(env: Mapping[str, str] | None = None) -> str:
+    """The policy ``env`` asks for (``TESTBED_OMP``; default passive)."""
+    env = os.environ if env is None else env
+    name = env.get(ENV_VAR, "") or DEFAULT
+    if name not in POLICIES:
+        raise ValueError(f"{ENV_VAR}={name!r}: choose one of {', '.join(POLICIES)}")
+    return name
+
+
+def omp_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables to add to ``env`` for its policy (none where the user set libgomp's own)."""
+    env = os.environ if env is None else env
+    name = policy_name(env)
+    if any(k in env for k in _USER_KEYS):
+        return {ENV_VAR: name}
+    return {ENV_VAR: name, **POLICIES[name]}
+
+
+def describe(env: Mapping[str, str] | None = None) -> str:
+    """What a process started with ``env`` runs with, for reports: ``passive`` or ``OMP_WAIT_POLICY=...``."""
+    env = os.environ if env is None else env
+    name = policy_name(env)
+    user = [f"{k}={env[k]}" for k in _USER_KEYS if k in env and POLICIES[name].get(k) != env[k]]
+    return ",".join(user) if user else name
+
+
+_APPLIED: str | None = None
+
+
+def apply() -> str:
+    """Set this process's libgomp variables for its policy; returns what is in effect.  Too late (and
+    said so) once torch is loaded."""
+    global _APPLIED
+    if _APPLIED is None:
+        if "torch" in sys.modules:
+            _APPLIED = "unset (torch was loaded first)"
+        else:
+            os.environ.update(omp_env())
+            _APPLIED = describe()
+    return _APPLIED
+
+
+def in_effect() -> str:
+    """The policy this process runs with (as :func:`apply` found it)."""
+    return _APPLIED if _APPLIED is not None else apply()
