@@ -49,6 +49,7 @@ LINKS = {"up1": 5, "down1": 20, "d1": 10, "up2": 100, "d2": 5}
 
 
 def loopback(model: Path, tokens: int, rounds: int) -> None:
+    os.environ.setdefault(omp.ENV_VAR, omp.policy_name())  # the nodes wait as this process does
     shards = load_shards(model, list(CUTS), threads=2)
     n = shards[-1].end
     stages = [Stage("a", 0, CUTS[0]), Stage("b", CUTS[0], CUTS[1]), Stage("c", CUTS[1], n)]

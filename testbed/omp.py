@@ -2,16 +2,17 @@
 
 libgomp (torch's intra-op threads, and llama.cpp's) reads its environment once, when it is loaded, so
 the choice is made by ``import testbed`` (this package's ``__init__``) and passed on to node processes
-through their environment.  ``TESTBED_OMP`` picks it:
+through their environment.  ``TESTBED_OMP=passive|spin`` picks it for all; unset, a process that computes
+alone (a command, the one-process reference, a benchmark) spins and shard nodes are passive:
 
-- ``passive`` (default): ``OMP_WAIT_POLICY=PASSIVE``, idle threads sleep at once.  Several shard processes
+- ``passive`` (nodes): ``OMP_WAIT_POLICY=PASSIVE``, idle threads sleep at once.  Several shard processes
   share the cores of one machine; when two of them compute at once, spinning threads take the cores from
   the thread doing work (two decoding processes on 2 cores: 3-6x less throughput spinning,
   ``bench/omp_wait.py``).
-- ``spin``: ``GOMP_SPINCOUNT=10000``, idle threads spin briefly, then sleep.  Every op that runs on two
-  threads then starts without waking a sleeping thread: a quantized decode step (a hundred-odd such ops)
-  runs ~1.5x faster where one process computes at a time (one process, or a chain of shards serving one
-  session), at the cost above where processes compute concurrently.
+- ``spin`` (one process): ``GOMP_SPINCOUNT=10000``, idle threads spin briefly, then sleep.  Every op
+  that runs on two threads then starts without waking a sleeping thread: a quantized decode step (a
+  hundred-odd such ops) runs 1.6-1.9x faster where one process computes at a time (one process, or a
+  chain of shards serving one session), at the cost above where processes compute concurrently.
 
 ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set by the user win over both.
 """
@@ -27,37 +28,38 @@ POLICIES: dict[str, dict[str, str]] = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "spin": {"GOMP_SPINCOUNT": "10000"},
 }
-DEFAULT = "passive"
+# where TESTBED_OMP is unset: the process itself (a command, the one-process reference, a benchmark)
+# computes alone; shard nodes share the cores with each other
+DEFAULTS = {"local": "spin", "node": "passive"}
 _USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def policy_name(env: Mapping[str, str] | None = None) -> str:
-    """The policy ``env`` asks for (``TESTBED_OMP``; default passive)."""
+def policy_name(env: Mapping[str, str] | None = None, role: str = "local") -> str:
+    """The policy ``env`` asks for: ``TESTBED_OMP``, else the default for ``role`` (local or node)."""
     env = os.environ if env is None else env
-    name = env.get(ENV_VAR, "") or DEFAULT
+    name = env.get(ENV_VAR, "") or DEFAULTS[role]
     if name not in POLICIES:
         raise ValueError(f"{ENV_VAR}={name!r}: choose one of {', '.join(POLICIES)}")
     return name
 
 
-def omp_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The variables to add to ``env`` for its policy (none where the user set libgomp's own)."""
+def omp_env(env: Mapping[str, str] | None = None, role: str = "local") -> dict[str, str]:
+    """libgomp's variables for ``env``'s policy (none where the user set libgomp's own)."""
     env = os.environ if env is None else env
-    name = policy_name(env)
-    if any(k in env for k in _USER_KEYS):
-        return {ENV_VAR: name}
-    return {ENV_VAR: name, **POLICIES[name]}
+    name = policy_name(env, role)
+    return {} if any(k in env for k in _USER_KEYS) else dict(POLICIES[name])
 
 
-def describe(env: Mapping[str, str] | None = None) -> str:
-    """What a process started with ``env`` runs with, for reports: ``passive`` or ``OMP_WAIT_POLICY=...``."""
+def describe(env: Mapping[str, str] | None = None, role: str = "local") -> str:
+    """What a process with ``env`` runs with, for reports: the policy's name, or the user's variables."""
     env = os.environ if env is None else env
-    name = policy_name(env)
+    name = policy_name(env, role)
     user = [f"{k}={env[k]}" for k in _USER_KEYS if k in env and POLICIES[name].get(k) != env[k]]
     return ",".join(user) if user else name
 
 
 _APPLIED: str | None = None
+_ADDED: dict[str, str] = {}
 
 
 def apply() -> str:
@@ -68,7 +70,8 @@ def apply() -> str:
         if "torch" in sys.modules:
             _APPLIED = "unset (torch was loaded first)"
         else:
-            os.environ.update(omp_env())
+            _ADDED.update(omp_env())
+            os.environ.update(_ADDED)
             _APPLIED = describe()
     return _APPLIED
 
@@ -76,3 +79,12 @@ def apply() -> str:
 def in_effect() -> str:
     """The policy this process runs with (as :func:`apply` found it)."""
     return _APPLIED if _APPLIED is not None else apply()
+
+
+def node_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a shard node process: this process's own policy variables replaced by the nodes'."""
+    out = {k: v for k, v in env.items() if not (k in _ADDED and _ADDED[k] == v)}
+    name = policy_name(out, "node")
+    out.update(omp_env(out, "node"))
+    out[ENV_VAR] = name
+    return out

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.omp import describe, omp_env
+from testbed.omp import describe
+from testbed.omp import node_env as omp_node_env
 from testbed.runtime.placement import Stage, parse_placement
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
@@ -35,8 +36,7 @@ class InferenceError(RuntimeError):
 
 
 def node_env(threads: int = 2) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(omp_env(env))  # the caller's OpenMP wait policy (testbed/omp.py)
+    env = omp_node_env(os.environ)  # the nodes' OpenMP wait policy (testbed/omp.py)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -194,8 +194,8 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
-    result.update(shaper=shaper_used, tcp_cc=tcp_cc, omp=describe(node_env()), quant=quant, codec=codec,
-                  kv_cache=kv_cache,
+    result.update(shaper=shaper_used, tcp_cc=tcp_cc, omp=describe(node_env(), role="node"), quant=quant,
+                  codec=codec, kv_cache=kv_cache,
                   placement=",".join(f"{s.node}={s.layers}" for s in stages))
     return result
 
