@@ -8,7 +8,7 @@ SUITE ?= experiments/quick.yaml
 SHAPER ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-quick demo up clean bench images experiment lint
+.PHONY: deps test test-quick demo up clean bench bench-deps images experiment lint
 
 deps:
 	@bash vagrant/provision.sh "$(CURDIR)"
@@ -30,6 +30,9 @@ clean:
 
 bench: deps
 	$(PY) bench/run_all.py
+
+bench-deps:  ## also build llama-cpp-python (~10 min) for bench/llama_anchor.py
+	@TESTBED_WITH_LLAMA_CPP=1 bash vagrant/provision.sh "$(CURDIR)"
 
 images: deps
 	$(TB) images

