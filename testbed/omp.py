@@ -78,7 +78,7 @@ def apply() -> str:
 
 def in_effect() -> str:
     """The policy this process runs with (as :func:`apply` found it)."""
-    return _APPLIED if _APPLIED is not None else apply()
+    return apply()
 
 
 def node_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -69,14 +69,14 @@ class _WeightOnlyLinear(nn.Module):
     out_features: int
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """The kernel on bf16 rows [m, k]; bf16 (or fp32) out."""
+        """The kernel on rows [m, k] of any float type (run in bf16); bf16 (or fp32) out."""
         raise NotImplementedError
 
     def project(self, x2: torch.Tensor) -> torch.Tensor:
         """Rows [m, k] of any float type -> [m, n]: the kernel for few rows, else the dense path."""
         if x2.shape[0] >= DENSE_ROWS:
             return _dense(self, x2)
-        return self._mm(x2.to(torch.bfloat16))
+        return self._mm(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(_rows(x))
@@ -114,6 +114,7 @@ class Int8Linear(_WeightOnlyLinear):
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         c, n = self.chunks, self.out_features
+        x2 = x2.to(torch.bfloat16)
         if c == 1:
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
         m = x2.shape[0]
@@ -175,16 +176,9 @@ class _Int4PackLinear(_WeightOnlyLinear):
         return codes.split(self.in_features, dim=1)
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.n_planes > 1:
-            x2 = x2.repeat(1, self.n_planes)
-        return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
-
-    def project(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] >= DENSE_ROWS or self.n_planes == 1 or x2.dtype == torch.bfloat16:
-            return super().project(x2)
-        # one op casts the rows to bf16 and repeats them for every plane
+        # one copy casts the rows to bf16 and repeats them for every plane
         m, k = x2.shape
-        xb = x2.unsqueeze(1).expand(m, self.n_planes, k).to(torch.bfloat16).view(m, self.n_planes * k)
+        xb = x2.unsqueeze(1).expand(m, self.n_planes, k).to(torch.bfloat16).reshape(m, self.n_planes * k)
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
 
 
@@ -250,10 +244,7 @@ class Int8GroupLinear(_Int4PackLinear):
     def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP) -> None:
         super().__init__()
         n, k = weight.shape
-        if k % group:
-            raise ValueError(f"int8 groups need the input size ({k}) to be a multiple of {group}")
-        w = weight.float().view(n, k // group, group)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        w, lo, hi = _groups(weight, group, "int8 groups")
         scale = ((hi - lo) / 255.0).clamp(min=1e-30)
         # a bf16 scale (the kernel's type), rounded up where needed so that 255 steps still span the group
         rounded = scale.to(torch.bfloat16).float()
@@ -285,13 +276,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _groups(weight: torch.Tensor, group: int, what: str) -> tuple[torch.Tensor, ...]:
+    """``weight`` [n, k] as [n, k / group, group], with each group's minimum and maximum."""
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"{what} needs the input size ({k}) to be a multiple of {group}")
+    w = weight.float().view(n, k // group, group)
+    return w, w.amin(dim=-1), w.amax(dim=-1)
+
+
 def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, ...]:
     """Codes (uint8 0..15), scales and mins per group of ``group`` inputs from a float weight."""
     n, k = weight.shape
-    if k % group:
-        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of {group}")
-    w = weight.float().view(n, k // group, group)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    w, lo, hi = _groups(weight, group, "int4")
     d = ((hi - lo) / 15.0).clamp(min=1e-12)
     q = torch.round((w - lo[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
     return q.view(n, k), d, lo
@@ -308,7 +305,7 @@ class CandidateHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x).float()
-        scores = self.scorer._mm(x2.to(torch.bfloat16)).float()
+        scores = self.scorer._mm(x2).float()
         idx = scores.topk(self.k, dim=-1).indices  # [rows, k]
         exact = torch.einsum("rh,rkh->rk", x2, self.table[idx])
         scores.scatter_(-1, idx, exact)
