@@ -49,9 +49,9 @@ def child(case: str, quant: str, start_file: str | None) -> dict:
             tpot.append(generate_split(shards, ids, 16).tpot_ms)
         out["tok_s"] = 1e3 / statistics.median(tpot)
     else:
-        from testbed.runtime.local_chain import loopback_chain
-        from testbed.runtime.placement import Stage
-        from testbed.runtime.split_client import SplitClient
+        from testbed.apps.inference.local_chain import loopback_chain
+        from testbed.apps.inference.placement import Stage
+        from testbed.apps.inference.split_client import SplitClient
 
         shards = load_shards(model, list(CUTS), quant, 2)
         stages = [Stage("a", 0, CUTS[0]), Stage("b", CUTS[0], CUTS[1]), Stage("c", CUTS[1], shards[-1].end)]

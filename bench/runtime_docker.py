@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from testbed.hosts import images  # noqa: E402
 from testbed.net.network import EmulatedNetwork  # noqa: E402
-from testbed.runtime import images  # noqa: E402
 from testbed.spec.topology import load_topology  # noqa: E402
 
 PAIR = """name: bench-pair
@@ -81,9 +81,9 @@ def bench_bringup(tmp: Path, n: int) -> list[str]:
 
 
 def bench_inference(tmp: Path, rounds: int, tokens: int) -> list[str]:
+    from testbed.apps.inference.placement import parse_placement
+    from testbed.apps.inference.run import model_layers, run_on_network
     from testbed.model.loading import prepare_model_dir
-    from testbed.runtime.inference import model_layers, run_on_network
-    from testbed.runtime.placement import parse_placement
 
     f = tmp / "pair.yaml"
     f.write_text(PAIR)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from testbed.apps.inference.local_chain import loopback_chain
+from testbed.apps.inference.placement import Stage
+from testbed.apps.inference.split_client import SplitClient
 from testbed.model.generate import generate_split, load_shards
 from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer
 from testbed.model.shard import load_config
-from testbed.runtime.local_chain import loopback_chain
-from testbed.runtime.placement import Stage
-from testbed.runtime.split_client import SplitClient
 
 PROMPT = "Explain in two sentences why the sky is blue."
 CUTS = (8, 20)
@@ -81,7 +81,7 @@ def loopback(model: Path, tokens: int, rounds: int) -> None:
 
 
 def network(model: Path, tokens: int, shaper: str) -> None:
-    from testbed.runtime.inference import run_split_inference
+    from testbed.apps.inference.run import run_split_inference
     from testbed.spec.topology import load_topology
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from testbed.apps.inference.split_client import SplitClient, SplitError
     from testbed.model.loading import eos_ids, format_prompt, load_tokenizer
     from testbed.model.shard import Shard
-    from testbed.runtime.split_client import SplitClient, SplitError
 
     threads = max(1, min(2, args.threads))
     torch.set_num_threads(threads)

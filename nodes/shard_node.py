@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from testbed.apps.inference.shard_server import ShardServer
     from testbed.model.shard import Shard
-    from testbed.runtime.shard_server import ShardServer
 
     torch.set_num_threads(threads)
     start, end = args.layers

@@ -18,10 +18,10 @@ HANDLERS = {
     "demo": "testbed.demo:demo",
     "generate": "testbed.model.commands:generate",
     "quant-eval": "testbed.model.commands:quant_eval",
-    "infer": "testbed.runtime.inference:infer",
+    "infer": "testbed.apps.inference.run:infer",
     "run": "testbed.experiments.commands:run",
     "report": "testbed.report.commands:report",
-    "images": "testbed.runtime.images:images",
+    "images": "testbed.hosts.images:images",
 }
 
 SHAPERS = ("auto", "kernel", "userspace")
@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", action="store_true", help="saturating UDP flow, per-second received Mbit/s")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("clean", help="remove leftovers of crashed runs")
+    p = sub.add_parser("clean", help="remove leftovers of crashed runs (runs whose owner has died)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--dead-only", action="store_true", help="only runs whose owner process has died")
+    p.add_argument("--all", action="store_true", help="also stop and remove live runs (any owner)")
+    p.add_argument("--dead-only", action="store_true", help="the default; kept for old scripts")
 
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--topo", default="topologies/device-edge-cloud.yaml")

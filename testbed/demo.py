@@ -80,8 +80,8 @@ def hop_table(result: dict) -> Table:
 
 def split_inference(topo: Topology, shaper: str, console: Console) -> None:
     """Part 2: SmolLM2 split across the topology's device, edge and cloud."""
+    from testbed.apps.inference.run import run_split_inference
     from testbed.model.loading import prepare_model_dir
-    from testbed.runtime.inference import run_split_inference
 
     console.print(f"\n[bold]split inference[/] {DEMO_PLACEMENT}: {DEMO_PROMPT!r}")
     model_dir = prepare_model_dir(None)  # converts the shipped GGUF once (~20 s), then cached

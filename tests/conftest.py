@@ -14,3 +14,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A Docker SDK client; the docker tests skip (with the reason) where no engine runs."""
+    from testbed.hosts import docker_engine as de
+
+    try:
+        return de.engine()
+    except de.DockerUnavailable as e:
+        pytest.skip(str(e))

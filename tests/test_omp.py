@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from testbed import omp
-from testbed.runtime.inference import node_env
+from testbed.apps.inference.run import node_env
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ CHILD = """
 import json, os
 import testbed, torch
 from testbed import omp
-from testbed.runtime.inference import node_env
+from testbed.apps.inference.run import node_env
 env = node_env()
 print(json.dumps([omp.in_effect(), os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"),
                   env.get("OMP_WAIT_POLICY"), env.get("GOMP_SPINCOUNT"), omp.describe(env, "node")]))

@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from testbed.apps.inference.sessions import Request, run_sessions
 from testbed.experiments import analytic, energy, environment, metrics
 from testbed.experiments.points import Point, build_topology, device_nodes, expand
 from testbed.experiments.results import append_record, done_keys, read_records, repair, write_atomic
-from testbed.experiments.sessions import Request, run_sessions
 from testbed.spec.errors import SpecError
 from testbed.spec.suite import Suite
 
@@ -55,7 +55,7 @@ def model_info(model_dir: Path) -> dict[str, Any]:
 
 def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]:
     """One stage list per parallel device: the point's placement with the device renamed."""
-    from testbed.runtime.placement import parse_placement
+    from testbed.apps.inference.placement import parse_placement
 
     devs = device_nodes(suite, point.params.get("devices", 1))
     me = suite.roles["device"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.net import kernel_shaping
+from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
 

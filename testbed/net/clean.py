@@ -2,8 +2,8 @@
 
 A process belongs to a run when its environment has ``TESTBED_RUN``; devices in the root
 namespace carry the ``tb`` prefix (and are listed in state files).  ``clean(all_runs=False)``
-only touches runs whose owner process is dead; ``clean(all_runs=True)`` (``testbed clean``)
-removes everything except the caller and its ancestors.
+(``testbed clean``) only touches runs whose owner process is dead; ``clean(all_runs=True)``
+(``testbed clean --all``) removes everything except the caller and its ancestors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from testbed.hosts.process_host import remove_run_cgroups
 from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, load_states
 from testbed.net.network import kill_and_wait
-from testbed.runtime.process_host import remove_run_cgroups
 
 NETNS_DIR = Path("/run/netns")
 CONTAINER_LABEL = "edgellm-testbed"
@@ -160,10 +160,10 @@ def _remove_containers(doomed) -> list[str]:
     except Exception:
         return []
     out = []
-    from testbed.runtime.docker_engine import RUN_LABEL, remove_container
+    from testbed.hosts.docker_engine import RUN_LABEL, remove_container
 
     for c in client.containers.list(all=True, filters={"label": CONTAINER_LABEL}):
-        # docker runtime (engineer F): edgellm-testbed=1, the run id is in edgellm-testbed.run;
+        # docker runtime: edgellm-testbed=1, the run id is in edgellm-testbed.run;
         # remove_container also kills processes attached to the container from outside.
         if doomed(c.labels.get(RUN_LABEL) or c.labels.get(CONTAINER_LABEL, "")):
             with contextlib.suppress(Exception):

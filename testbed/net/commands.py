@@ -116,10 +116,10 @@ def _print_table(args: argparse.Namespace, out: dict) -> None:
 
 
 def clean(args: argparse.Namespace) -> int:
-    """Remove leftovers of every run (``--dead-only``: only runs whose owner process died)."""
+    """Remove leftovers of runs whose owner process died (``--all``: every run, live ones too)."""
     from testbed.net.clean import clean as do_clean
 
-    removed = do_clean(all_runs=not getattr(args, "dead_only", False))
+    removed = do_clean(all_runs=bool(getattr(args, "all", False)))
     if args.json:
         print(json.dumps(removed))
     else:

@@ -1,6 +1,6 @@
 """``EmulatedNetwork``: a topology brought up with Mininet, shaped, addressed and routed.
 
-Hosts are Mininet hosts (``testbed.runtime.hosts.host_class``), cells are ``LinuxBridge``
+Hosts are Mininet hosts (``testbed.hosts.factory.host_class``), cells are ``LinuxBridge``
 switches named ``tb<run><c#>``; veth pairs are made through netlink (pyroute2) and
 registered with Mininet as interfaces, so the Mininet CLI works as usual.
 
@@ -33,10 +33,11 @@ from mininet.nodelib import LinuxBridge
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.net import addressing, capabilities, kernel_shaping
+from testbed.hosts.factory import host_class
+from testbed.hosts.process_host import remove_run_cgroups
+from testbed.net import addressing, capabilities
 from testbed.net.naming import ENV_MARKER, RunState, device_name, new_run_id
-from testbed.runtime.hosts import host_class
-from testbed.runtime.process_host import remove_run_cgroups
+from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.topology import Shaping, Topology
 
 BRIDGE_NF = ("iptables", "ip6tables", "arptables")

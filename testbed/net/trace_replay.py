@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from pyroute2 import IPRoute
 
-from testbed.net import kernel_shaping
+from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.topology import Shaping
 from testbed.spec.traces import Trace
 

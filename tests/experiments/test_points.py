@@ -122,7 +122,7 @@ def test_multi_device_renames_devices(tmp_path):
 
 
 def test_baseline_placements_are_valid_placements():
-    from testbed.runtime.placement import parse_placement
+    from testbed.apps.inference.placement import parse_placement
     from testbed.spec.errors import SpecError
 
     suite = load_suite(REPO / "experiments/quick.yaml")

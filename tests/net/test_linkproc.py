@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.net import probe
-from testbed.net.linkproc import ETH_HLEN, Direction
+from testbed.net.shaping.linkproc import ETH_HLEN, Direction
 from testbed.net.shaping.userspace import netns_link, start_link_process
 from testbed.spec.topology import Shaping
 from testbed.spec.traces import load_trace
@@ -244,7 +244,7 @@ def test_bad_shaping_json_is_one_line() -> None:
 
 
 def _linkproc(*args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "testbed.net.linkproc", *args]
+    argv = [sys.executable, "-m", "testbed.net.shaping.linkproc", *args]
     return subprocess.run(argv, capture_output=True, text=True)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.net import kernel_shaping
 from testbed.net.network import EmulatedNetwork
+from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 from testbed.spec.traces import load_trace
 

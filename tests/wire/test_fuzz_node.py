@@ -10,9 +10,9 @@ import pytest
 import torch
 import zmq
 
+from testbed.apps.inference.local_chain import loopback_chain
+from testbed.apps.inference.placement import Stage
 from testbed.model.tiny import make_tiny_model_dir
-from testbed.runtime.local_chain import loopback_chain
-from testbed.runtime.placement import Stage
 from testbed.wire import message as m
 from testbed.wire.message import HEADER, Kind, parse
 

@@ -1,4 +1,4 @@
-"""Starting and stopping the userspace link process (``testbed.net.linkproc``) of one link."""
+"""Starting and stopping the userspace link process (``testbed.net.shaping.linkproc``) of one link."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ READY_TIMEOUT_S = 10.0
 def link_process_argv(iface_a: str, iface_b: str, up: Shaping, down: Shaping,
                       stats_path: Path | None = None) -> list[str]:
     """The command line of a link process joining ``iface_a`` (up: a -> b) and ``iface_b``."""
-    argv = [sys.executable, "-m", "testbed.net.linkproc", "--iface-a", iface_a, "--iface-b", iface_b,
+    argv = [sys.executable, "-m", "testbed.net.shaping.linkproc", "--iface-a", iface_a, "--iface-b", iface_b,
             "--up", json.dumps(up.to_dict()), "--down", json.dumps(down.to_dict())]
     if stats_path is not None:
         argv += ["--stats", str(stats_path)]

@@ -1,6 +1,6 @@
 """Run one experiment point on a live network: shared shard nodes, one driver per device.
 
-Built from the split runtime's pieces (``testbed.runtime.inference``): the shard
+Built from the split runtime's pieces (``testbed.apps.inference.run``): the shard
 nodes of the downstream stages start once and serve every device's session;
 each device runs its own driver (its own first shard) at the same time.  Besides
 the drivers' results this measures the CPU time of every shard node while the
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.runtime.inference import (
+from testbed.apps.inference.placement import Stage
+from testbed.apps.inference.run import (
     BASE_PORT,
     InferenceError,
     driver_argv,
@@ -33,7 +34,6 @@ from testbed.runtime.inference import (
     stop_all,
     wait_ready,
 )
-from testbed.runtime.placement import Stage
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

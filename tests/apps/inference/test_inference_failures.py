@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.apps.inference.local_chain import free_port
+from testbed.apps.inference.placement import Stage
+from testbed.apps.inference.run import InferenceError, run_on_network
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
-from testbed.runtime.inference import InferenceError, run_on_network
-from testbed.runtime.local_chain import free_port
-from testbed.runtime.placement import Stage
 
 STAGES = [Stage("dev", 0, 1), Stage("edge", 1, 2)]
 

@@ -19,13 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from testbed.apps.inference.placement import Stage, parse_placement
 from testbed.omp import describe
 from testbed.omp import node_env as omp_node_env
-from testbed.runtime.placement import Stage, parse_placement
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NODES = REPO / "nodes"
 BASE_PORT = 5600
 READY_TIMEOUT_S = 180.0

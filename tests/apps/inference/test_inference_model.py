@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.apps.inference.run import run_split_inference
 from testbed.model.generate import generate_split, load_shards
 from testbed.model.loading import default_model_dir, eos_ids, format_prompt, load_tokenizer
-from testbed.runtime.inference import run_split_inference
 from testbed.spec.topology import load_topology
 
-TOPO = Path(__file__).resolve().parents[2] / "topologies" / "device-edge-cloud.yaml"
+TOPO = Path(__file__).resolve().parents[3] / "topologies" / "device-edge-cloud.yaml"
 
 
 @pytest.mark.root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime import docker_engine as de
+from testbed.hosts import docker_engine as de
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime import docker_engine as de
+from testbed.hosts import docker_engine as de
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TOPO = REPO / "topologies" / "device-edge-cloud.yaml"
 PROMPT = [5, 17, 33, 2, 9, 41]
 
@@ -27,7 +27,7 @@ def _containers(client) -> set[str]:
 
 
 def test_infer_tokens_identical_on_docker_and_process(client, tiny: Path) -> None:
-    from testbed.runtime.inference import run_split_inference
+    from testbed.apps.inference.run import run_split_inference
     from testbed.spec.topology import load_topology
 
     topo = load_topology(TOPO)

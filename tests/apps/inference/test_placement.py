@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime.placement import Stage, parse_placement
+from testbed.apps.inference.placement import Stage, parse_placement
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import load_topology
 
-TOPO = Path(__file__).resolve().parents[2] / "topologies" / "device-edge-cloud.yaml"
+TOPO = Path(__file__).resolve().parents[3] / "topologies" / "device-edge-cloud.yaml"
 
 
 def test_valid_placement() -> None:

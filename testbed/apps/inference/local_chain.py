@@ -8,8 +8,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from testbed.runtime.inference import node_env, shard_argv, stop_all, wait_ready
-from testbed.runtime.placement import Stage
+from testbed.apps.inference.placement import Stage
+from testbed.apps.inference.run import node_env, shard_argv, stop_all, wait_ready
 
 
 def free_port() -> int:

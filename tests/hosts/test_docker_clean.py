@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime import docker_engine as de
-from testbed.runtime.images import ensure_image
+from testbed.hosts import docker_engine as de
+from testbed.hosts.images import ensure_image
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 

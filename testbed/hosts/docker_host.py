@@ -1,7 +1,7 @@
 """The ``docker`` runtime: a Mininet host whose shell and processes live in a Docker container.
 
 Containernet-style: each node is a container started with ``--network none`` from the
-offline node image (:mod:`testbed.runtime.images`), kept alive by ``sleep``.  The node's
+offline node image (:mod:`testbed.hosts.images`), kept alive by ``sleep``.  The node's
 Mininet shell is started with ``nsenter -t <container pid> -n -m -u -i -r -w``, i.e. in the
 container's network, mount, UTS and IPC namespaces, and joins the container's cgroups.
 Mininet therefore moves interfaces into the container and configures addresses and routes
@@ -36,10 +36,10 @@ from typing import Any
 
 from mininet.node import Host
 
-from testbed.runtime import docker_engine as de
-from testbed.runtime.images import ensure_image, inputs_hash
-from testbed.runtime.limits import Limits
-from testbed.runtime.process_host import SHARES_WEIGHT
+from testbed.hosts import docker_engine as de
+from testbed.hosts.images import ensure_image, inputs_hash
+from testbed.hosts.limits import Limits
+from testbed.hosts.process_host import SHARES_WEIGHT
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_ENV = "TESTBED_RESULTS_DIR"
@@ -114,7 +114,7 @@ def start_container(client: Any, image: str, name: str, node: str, run_id: str, 
         kw["nano_cpus"] = limits.nano_cpus()
     if limits.memory_mb is not None:
         kw["mem_limit"] = kw["memswap_limit"] = limits.memory_bytes()
-    # Same cgroup placement and weight as process hosts (testbed.runtime.process_host): under
+    # Same cgroup placement and weight as process hosts (testbed.hosts.process_host): under
     # /testbed/<run>, weighing SHARES_WEIGHT, so both runtimes compete equally on a loaded machine.
     hc = client.api.create_host_config(network_mode="none", pid_mode="host", binds=binds,
                                        cgroup_parent=f"/testbed/{run_id}", cpu_shares=SHARES_WEIGHT, **kw)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime import docker_engine as de
+from testbed.hosts import docker_engine as de
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime import docker_engine as de
+from testbed.hosts import docker_engine as de
 from testbed.spec.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[2]

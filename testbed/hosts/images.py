@@ -8,7 +8,7 @@ with ``nodes/image/Dockerfile`` (``pull=False``, ``network_mode=none``).
 Python, the project, its dependencies and the model cache are *not* copied into the image:
 the host's venv (made from Debian's ``/usr/bin/python3`` 3.11, the same interpreter the
 bookworm rootfs has), the repository and the model cache are bind-mounted read-only at the
-same paths (see :mod:`testbed.runtime.docker_host`).  That keeps the image ~300 MB, needs no
+same paths (see :mod:`testbed.hosts.docker_host`).  That keeps the image ~300 MB, needs no
 network at build time and makes containers run exactly the code and weights of the host.
 
 Caching: the rootfs tarball lives in ``/var/cache/edgellm-testbed/`` keyed by the package
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.runtime.docker_engine import HASH_LABEL, LABEL, engine
+from testbed.hosts.docker_engine import HASH_LABEL, LABEL, engine
 from testbed.spec.errors import SpecError
 
 IMAGE_REPO = "edgellm-testbed/node"

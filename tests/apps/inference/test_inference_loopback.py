@@ -12,13 +12,13 @@ import pytest
 import torch
 import zmq
 
+from testbed.apps.inference.local_chain import loopback_chain
+from testbed.apps.inference.placement import Stage
+from testbed.apps.inference.run import driver_argv, node_env
+from testbed.apps.inference.split_client import SplitClient, SplitError
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
-from testbed.runtime.inference import driver_argv, node_env
-from testbed.runtime.local_chain import loopback_chain
-from testbed.runtime.placement import Stage
-from testbed.runtime.split_client import SplitClient, SplitError
 from testbed.wire import message as m
 from testbed.wire.message import Kind, parse
 
@@ -155,8 +155,8 @@ def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards) -> No
 
 @pytest.mark.slow
 def test_node_exits_cleanly_on_sigterm_and_refuses_wildcard_bind(tiny) -> None:
-    from testbed.runtime.inference import shard_argv, wait_ready
-    from testbed.runtime.local_chain import free_port
+    from testbed.apps.inference.local_chain import free_port
+    from testbed.apps.inference.run import shard_argv, wait_ready
 
     argv = shard_argv("tcp://0.0.0.0:5999", tiny, STAGES[2], None, "none", 1)
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=node_env(1))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime.limits import ROLE_DEFAULTS, Limits, resolve_limits
+from testbed.hosts.limits import ROLE_DEFAULTS, Limits, resolve_limits
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import NodeSpec
 
@@ -49,7 +49,7 @@ def test_bad_limits_are_one_line_spec_errors(node: NodeSpec, field: str) -> None
 
 def _docker_ok() -> bool:
     try:
-        from testbed.runtime.docker_engine import engine
+        from testbed.hosts.docker_engine import engine
 
         engine()
         return True

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from testbed.apps.inference.run import run_split_inference
 from testbed.model.codecs import get_codec
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
-from testbed.runtime.inference import run_split_inference
 from testbed.spec.topology import load_topology
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TOPO = REPO / "topologies" / "device-edge-cloud.yaml"
 PROMPT = [5, 17, 33, 2, 9, 41]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from testbed.runtime.limits import resolve_limits
-from testbed.runtime.process_host import ProcessHost
+from testbed.hosts.limits import resolve_limits
+from testbed.hosts.process_host import ProcessHost
 from testbed.spec.topology import NodeSpec
 
 
@@ -17,7 +17,7 @@ def host_class(node: NodeSpec, runtime_override: str | None = None) -> tuple[typ
     if runtime == "process":
         return ProcessHost, {"cpu": lim.cpu, "memory_mb": lim.memory_mb}
     if runtime == "docker":
-        from testbed.runtime.docker_host import DockerHost
+        from testbed.hosts.docker_host import DockerHost
 
         return DockerHost, {"cpu": lim.cpu, "memory_mb": lim.memory_mb}
     raise NotImplementedError(f"runtime {runtime!r} is not available yet (node {node.name})")

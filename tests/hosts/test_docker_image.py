@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from testbed.runtime import docker_engine as de
-from testbed.runtime import images
+from testbed.hosts import docker_engine as de
+from testbed.hosts import images
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """The userspace link process: bridges L2 frames between two interfaces and shapes them.
 
-``python -m testbed.net.linkproc --iface-a A --iface-b B --up JSON --down JSON [--stats FILE]``
+``python -m testbed.net.shaping.linkproc --iface-a A --iface-b B --up JSON --down JSON [--stats FILE]``
 
 Frames read on A leave on B shaped by ``--up``; frames read on B leave on A shaped by
 ``--down`` (each a ``Shaping`` as JSON).  Per packet: random loss -> drop-tail rate queue ->

@@ -1,0 +1,1 @@
+"""Split inference: shard servers, the split client (driver), placement and suite sessions."""

@@ -1,1 +1,0 @@
-"""Node runtimes: Mininet process hosts and Docker containers."""
