@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 ENV_VAR = "TESTBED_OMP"
 POLICIES: dict[str, dict[str, str]] = {
@@ -87,4 +88,42 @@ def node_env(env: Mapping[str, str]) -> dict[str, str]:
     name = policy_name(out, "node")
     out.update(omp_env(out, "node"))
     out[ENV_VAR] = name
+    return out
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How many intra-op threads one compute process gets, and how its idle threads wait."""
+
+    threads: int
+    wait: str  # a key of POLICIES
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def plan_threads(cpu_limit: float | None, sharers: int = 1) -> ThreadPlan:
+    """The thread plan of one compute process.
+
+    ``cpu_limit``: the cores its host may use (a cgroup quota in cores; None: unlimited).
+    ``sharers``: compute processes, this one included, that run at the same time on this machine.
+    A process never gets more threads than its share of the cores, so threads of processes that
+    compute at once do not queue behind each other; only a process that computes alone spins.
+    """
+    cores = machine_cores()
+    avail = cores if cpu_limit is None else min(float(cores), cpu_limit)
+    threads = max(1, int(avail // max(1, sharers)))
+    return ThreadPlan(threads=threads, wait="spin" if sharers <= 1 else "passive")
+
+
+def process_env(base: Mapping[str, str], plan: ThreadPlan) -> dict[str, str]:
+    """``base`` for a child compute process that follows ``plan`` (``TESTBED_OMP`` set by the user wins)."""
+    out = {k: v for k, v in base.items() if not (k in _ADDED and _ADDED[k] == v)}
+    user = base.get(ENV_VAR, "")
+    out[ENV_VAR] = user if user in POLICIES else plan.wait
+    out.update(omp_env(out, "node"))
+    n = str(plan.threads)
+    out.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TESTBED_THREADS=n)
     return out
