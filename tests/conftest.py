@@ -8,12 +8,20 @@ import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root (network namespaces, tc)")
+        for item in items:
+            if "root" in item.keywords or "netem" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="needs root (network namespaces, tc)")
-    for item in items:
-        if "root" in item.keywords:
-            item.add_marker(skip)
+    if any("netem" in item.keywords for item in items):
+        from testbed.net.capabilities import probe
+
+        if not probe().netem:
+            skip = pytest.mark.skip(reason="no sch_netem in this kernel (runs in the VM guest: make test-guest)")
+            for item in items:
+                if "netem" in item.keywords:
+                    item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
