@@ -93,11 +93,12 @@ def test_bad_suite_one_line_error(tmp_path, changes, field, message):
 
 
 def test_bad_topology_value_is_reported_at_load(tmp_path):
-    path = write_suite(tmp_path, **{"params__links.phone-mec.up.bw_mbit": -3})
+    # each value is checked at load (tests/spec); a rule between fields (jitter <= delay) when built
+    path = write_suite(tmp_path, **{"params__links.phone-mec.up.jitter_ms": 99})
     suite = load_suite(path)
     with pytest.raises(SpecError) as exc:
         build_topology(suite, expand(suite, 30)[1])
-    assert "device-edge-cloud.yaml: links[0].up.bw_mbit" in str(exc.value)
+    assert "device-edge-cloud.yaml: links[0].up.jitter_ms" in str(exc.value)
 
 
 def test_yaml_syntax_error_names_line(tmp_path):
