@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import re
+import select
 import sys
 from typing import NoReturn
 
@@ -197,14 +198,13 @@ def _say(text: str, code: int) -> int:
 
 
 def _stdout_closed() -> bool:
-    """True if writing to stdout fails because its reader went away (``testbed ... | head``)."""
+    """True if stdout is a pipe whose reader went away (``testbed ... | head``), not some other pipe."""
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        return True
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return False
-    return False
 
 
 def _silence_stdout() -> None:

@@ -32,15 +32,15 @@ def check_model_path(path: str | Path, source: str | Path | None = None, field: 
     The error names ``source`` (the file or flag that named the model; default: the path itself).
     """
     p = Path(path).expanduser()
-    where = p if source is None else source
+    where, what = (p, "") if source is None else (source, f"{p}: ")
     if p.is_dir():
         missing = missing_files(p)
         if missing:
-            raise ModelFileError(where, field, f"{p} is not a checkpoint folder: no {', '.join(missing)} "
+            raise ModelFileError(where, field, f"{what}not a checkpoint folder: no {', '.join(missing)} "
                                                f"(a checkpoint holds {', '.join(CHECKPOINT_FILES)})")
         return p
     if p.suffix == ".gguf" and p.is_file():
         return p
     if not p.exists():
-        raise ModelFileError(where, field, f"no such checkpoint folder or .gguf file: {p}")
-    raise ModelFileError(where, field, f"{p} is neither a checkpoint folder nor a .gguf file")
+        raise ModelFileError(where, field, f"{what}no such checkpoint folder or .gguf file")
+    raise ModelFileError(where, field, f"{what}neither a checkpoint folder nor a .gguf file")
