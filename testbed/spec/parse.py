@@ -25,7 +25,6 @@ LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format")
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}")
 RESERVED_PREFIX = "tb"
-MIN_MEMORY_MB = check.MIN_MEMORY_MB
 
 __all__ = ["got", "load_topology", "parse_topology", "check_direction_field", "check_node_field"]
 

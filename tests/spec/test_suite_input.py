@@ -110,16 +110,15 @@ def test_duplicate_key_in_the_prompt_set(tmp_path: Path) -> None:
     ("energy: {compute_w: .nan}", "energy.compute_w", "must be a finite number (got nan)"),
     ("analytic: {band: [0.5, .inf]}", "analytic.band[1]", "must be a finite number (got inf)"),
     ("sweep: {mode: diagonal}", "sweep.mode", "must be one of cartesian, zip (got 'diagonal')"),
-    ("roles: {device: cell}", "roles", "must be a mapping of device/edge/cloud to node names (got 'cell')"),
+    ("roles: cell", "roles", "must be a mapping of device/edge/cloud to node names (got 'cell')"),
     ("roles: {fog: mec}", "roles.fog", "unknown key 'fog' (expected one of device, edge, cloud)"),
+    ("roles: {edge: ghost}", "roles.edge", f"no node 'ghost' in {TOPO}"),
 ])
 def test_bad_suite_values(tmp_path: Path, extra: str, field: str, message: str) -> None:
     # the template has a params mapping; an extra one replaces it (a duplicate key otherwise)
     path = write(tmp_path, extra)
     if extra.startswith("params:"):
         path.write_text(path.read_text().replace("params: {cut: 4}\n", ""))
-    if extra.startswith("roles: {device: cell}"):
-        path.write_text(path.read_text().replace("roles: {device: cell}", "roles: cell"))
     assert error(path) == f"{path}: {field}: {message}"
 
 
