@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.spec.errors import SpecError, got
+from testbed.spec.topology import MIN_MEMORY_MB
 
 
 def machine_cores() -> int:
@@ -84,7 +85,6 @@ DELAY_MS = Range(ge=0, le=10_000, note="10 s")
 JITTER_MS = Range(ge=0, le=10_000, note="10 s")  # and never above the link's delay_ms
 LOSS_PCT = Range(ge=0, le=100)
 QUEUE_PKTS = Range(ge=1, le=100_000, integer=True, note="150 MB of 1500-byte packets")
-MIN_MEMORY_MB = 16  # below this not even a shell starts
 CPU = Range(gt=0, le=machine_cores(), note=f"the {machine_cores()} cores of this machine")
 MEMORY_MB = Range(ge=MIN_MEMORY_MB, le=machine_memory_mb(), integer=True,
                   note=f"the {machine_memory_mb()} MiB of this machine")
@@ -107,6 +107,25 @@ BOUNDS: dict[str, Range] = {
     "queue_pkts": QUEUE_PKTS, "cpu": CPU, "memory_mb": MEMORY_MB, "repeats": REPEATS,
     "max_new_tokens": MAX_NEW_TOKENS, "devices": DEVICES, "cut": CUT,
 }
+
+
+def read_input(path: str | Path, source: str | Path | None = None, field: str = "file",
+               what: str = "file") -> bytes:
+    """The bytes of an input file, or one SpecError ``SOURCE: FIELD: PATH: WHAT not found``.
+
+    ``source`` is the file or flag that named this one (default: the file itself, then the message
+    does not repeat its path).
+    """
+    where, at = (path, "") if source is None else (source, f"{path}: ")
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        why = f"{what} not found"
+    except IsADirectoryError:
+        why = "not a regular file"
+    except OSError as e:
+        why = f"cannot read ({e.strerror or e})"
+    raise SpecError(where, field, at + why)
 
 
 class Checker:

@@ -12,8 +12,10 @@ from typing import Any
 
 from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS
 
-__all__ = ["ROLES", "RUNTIMES", "TCP_CCS", "LinkSpec", "NodeSpec", "Shaping", "Topology", "load_topology",
-           "parse_topology"]
+MIN_MEMORY_MB = 16  # a node's smallest memory limit: below this not even a shell starts
+
+__all__ = ["MIN_MEMORY_MB", "ROLES", "RUNTIMES", "TCP_CCS", "LinkSpec", "NodeSpec", "Shaping", "Topology",
+           "load_topology", "parse_topology"]
 
 
 @dataclass(frozen=True)

@@ -147,14 +147,7 @@ def load_trace(path: Path, fmt: str | None = None, *, source: Path | None = None
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise SpecError(where, field, f"unknown trace format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise SpecError(where, field, f"{path}: not a regular file") from None
-    except FileNotFoundError:
-        raise SpecError(where, field, f"{path}: trace file not found") from None
-    except OSError as e:
-        raise SpecError(where, field, f"{path}: cannot read ({e.strerror})") from None
+    data = check.read_input(path, source, field, "trace file")
     try:
         cached = _parse_cached(fmt, data)
     except _TraceLineError as e:

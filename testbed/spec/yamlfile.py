@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from testbed.spec.check import read_input
 from testbed.spec.errors import SpecError
 
 
@@ -64,20 +65,13 @@ def parse_yaml(text: str, source: str | Path, field: str = "yaml") -> Any:
 def load_yaml(path: str | Path, source: str | Path | None = None, field: str = "file") -> Any:
     """Read and parse a YAML file.
 
-    A missing or unreadable file is reported as ``SOURCE: FIELD: ...`` (``source`` is the file that
-    names this one, e.g. a suite naming its prompt set; default: the file itself); syntax errors and
-    duplicate keys always name the file they are in: ``FILE: yaml: syntax error at line N, column M: ...``.
+    A missing or unreadable file is reported as ``SOURCE: FIELD: PATH: file not found`` (``source`` is the
+    file that names this one, e.g. a suite naming its prompt set; default: the file itself); syntax
+    errors and duplicate keys name the file they are in: ``FILE: yaml: syntax error at line N, ...``.
     """
-    where = path if source is None else source
-    what = "cannot read" if source is None else f"cannot read {path}"
+    data = read_input(path, source, field)
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise SpecError(where, field, f"{what}: no such file") from None
-    except IsADirectoryError:
-        raise SpecError(where, field, f"{what}: a directory, not a file") from None
+        text = data.decode()
     except UnicodeDecodeError as e:
-        raise SpecError(where, field, f"{what}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise SpecError(where, field, f"{what}: {e.strerror or e}") from None
+        raise SpecError(path, "file", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     return parse_yaml(text, path)

@@ -67,7 +67,7 @@ BAD = [
     ({"baselines": ["on-device", "fog"]}, "baselines[1]", "must be one of"),
     ({"repeats": 0}, "repeats", "integer >= 1 (got 0)"),
     ({"workload__max_new_tokens": "many"}, "workload.max_new_tokens", "integer >= 1"),
-    ({"workload__prompts": "missing.yaml"}, "workload.prompts", "cannot read"),
+    ({"workload__prompts": "missing.yaml"}, "workload.prompts", "missing.yaml: file not found"),
     ({"sweep__trace": ["no-such-trace"]}, "sweep.trace[0]", "no such trace file"),
     (
         {"sweep__links.phone-cloud.up.bw_mbit": [5]},

@@ -108,7 +108,10 @@ def test_duplicate_key_names_both_lines(tmp_path: Path) -> None:
 def test_missing_file_named_by_another(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as e:
         load_yaml(tmp_path / "p.yaml", "s.yaml", "workload.prompts")
-    assert str(e.value) == f"s.yaml: workload.prompts: cannot read {tmp_path / 'p.yaml'}: no such file"
+    assert str(e.value) == f"s.yaml: workload.prompts: {tmp_path / 'p.yaml'}: file not found"
+    with pytest.raises(SpecError) as e:
+        load_yaml(tmp_path)
+    assert str(e.value) == f"{tmp_path}: file: not a regular file"
 
 
 # -- absurd topology values --------------------------------------------------------------------

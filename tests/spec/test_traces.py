@@ -149,7 +149,7 @@ def test_bad_csv_names_file_and_line(tmp_path: Path, text: str, message: str) ->
 
 
 def test_missing_trace_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="nope.up: trace file not found"):
+    with pytest.raises(SpecError, match=r"nope.up: trace: trace file not found$"):
         load_trace(tmp_path / "nope.up")
 
 
