@@ -21,8 +21,8 @@ EXIT_PIPE_CLOSED = 141  # the reader of stdout went away (``| head``), as a proc
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
-    EXIT_FAILED: "the command failed (probe, inference, run with failed points, image, report, docker)",
-    EXIT_BAD_INPUT: "bad input: a file, flag or --set override (one line FILE: field: problem (got value))",
+    EXIT_FAILED: "the command ran and failed (probe, node program, run with failed points, system call)",
+    EXIT_BAD_INPUT: "bad input: a file, flag, --set override or model folder; a missing prerequisite",
     EXIT_INTERNAL: "unexpected error (a bug): one line; TESTBED_DEBUG=1 shows the traceback",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
     EXIT_PIPE_CLOSED: "stdout closed by its reader (e.g. | head); output stops there",
