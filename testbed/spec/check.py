@@ -59,9 +59,11 @@ class Range:
         """What is wrong with ``value`` (without the ``(got ...)`` part), or None if it is allowed."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             return self.kind()
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return "must be a finite number"
-        if self.integer and not float(value).is_integer():
+        if isinstance(value, int) and abs(value) > 1e308:  # an integer literal beyond any float
+            return "must be a finite number"
+        if self.integer and isinstance(value, float) and not value.is_integer():
             return self.kind()
         what = "an integer " if self.integer else ""
         if self.gt is not None and not value > self.gt:

@@ -26,6 +26,8 @@ MEMORY = check.machine_memory_mb()
     (check.BW_MBIT, "fast", "must be a finite number"),
     (check.BW_MBIT, math.nan, "must be a finite number"),
     (check.BW_MBIT, True, "must be a finite number"),
+    (check.ANY_NUMBER, 10**400, "must be a finite number"),
+    (check.REPEATS, 10**400, "must be a finite number"),
     (check.DELAY_MS, -1, "must be >= 0"),
     (check.DELAY_MS, 1e12, "must be <= 10000 (10 s)"),
     (check.LOSS_PCT, 100.5, "must be <= 100"),
