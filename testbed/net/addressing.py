@@ -143,3 +143,40 @@ def plan(topo: Topology) -> AddressPlan:
             hop, via = first[min(reachable, key=rank.__getitem__)]
             routes[src].append((str(s.subnet), addresses[(hop, via)]))
     return AddressPlan(segments, link_segment, addresses, routes, next_hop)
+
+
+def path_links(topo: Topology, addresses: AddressPlan, src: str, dst: str) -> list[tuple[int, str]]:
+    """The links a packet from host ``src`` to host ``dst`` crosses, in order: (link index, ``up`` or
+    ``down``, the direction it crosses, ``up`` being a -> b).
+
+    Host to host it follows the plan's routes (``next_hop``); within a cell segment it crosses the
+    sender's link into the bridge, any links joining bridges, and the link out to the next host.
+    """
+    out: list[tuple[int, str]] = []
+    cur = src
+    while cur != dst:
+        hop = addresses.next_hop.get(cur, {}).get(dst)
+        if hop is None:
+            raise KeyError(f"{dst} is not reachable from {src}")
+        nxt, seg = hop
+        # the segment's links form the L2 path between two of its members: walk them from cur
+        via: dict[str, tuple[str, int, str] | None] = {cur: None}
+        todo = [cur]
+        while todo and nxt not in via:
+            node = todo.pop(0)
+            for i in addresses.segments[seg].links:
+                link = topo.links[i]
+                if node not in (link.a, link.b):
+                    continue
+                other, d = (link.b, "up") if link.a == node else (link.a, "down")
+                if other not in via and (other == nxt or topo.nodes[other].role == "cell"):
+                    via[other] = (node, i, d)
+                    todo.append(other)
+        step: list[tuple[int, str]] = []
+        node = nxt
+        while (back := via[node]) is not None:
+            node, i, d = back
+            step.append((i, d))
+        out += step[::-1]
+        cur = nxt
+    return out
