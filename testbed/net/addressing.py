@@ -145,12 +145,13 @@ def plan(topo: Topology) -> AddressPlan:
     return AddressPlan(segments, link_segment, addresses, routes, next_hop)
 
 
-def path_links(topo: Topology, addresses: AddressPlan, src: str, dst: str) -> list[tuple[int, str]]:
-    """The links a packet from host ``src`` to host ``dst`` crosses, in order: (link index, ``up`` or
-    ``down``, the direction it crosses, ``up`` being a -> b).
 
-    Host to host it follows the plan's routes (``next_hop``); within a cell segment it crosses the
-    sender's link into the bridge, any links joining bridges, and the link out to the next host.
+def path_links(topo: Topology, addresses: AddressPlan, src: str, dst: str) -> list[tuple[int, str]]:
+    """The links a packet from host ``src`` to host ``dst`` crosses, in order, as (link index,
+    direction): ``up`` where it crosses from the link's ``a`` end to its ``b`` end, else ``down``.
+
+    It follows the plan's routes (``next_hop``); a hop across a cell enters the bridge on the
+    sender's link and leaves it on the receiver's (cells are never linked to each other).
     """
     out: list[tuple[int, str]] = []
     cur = src
@@ -159,24 +160,11 @@ def path_links(topo: Topology, addresses: AddressPlan, src: str, dst: str) -> li
         if hop is None:
             raise KeyError(f"{dst} is not reachable from {src}")
         nxt, seg = hop
-        # the segment's links form the L2 path between two of its members: walk them from cur
-        via: dict[str, tuple[str, int, str] | None] = {cur: None}
-        todo = [cur]
-        while todo and nxt not in via:
-            node = todo.pop(0)
-            for i in addresses.segments[seg].links:
-                link = topo.links[i]
-                if node not in (link.a, link.b):
-                    continue
-                other, d = (link.b, "up") if link.a == node else (link.a, "down")
-                if other not in via and (other == nxt or topo.nodes[other].role == "cell"):
-                    via[other] = (node, i, d)
-                    todo.append(other)
-        step: list[tuple[int, str]] = []
-        node = nxt
-        while (back := via[node]) is not None:
-            node, i, d = back
-            step.append((i, d))
-        out += step[::-1]
+        links = addresses.segments[seg].links
+        into = next(i for i in links if cur in (topo.links[i].a, topo.links[i].b))
+        out.append((into, "up" if topo.links[into].a == cur else "down"))
+        if addresses.segments[seg].cell is not None:
+            out_of = next(i for i in links if nxt in (topo.links[i].a, topo.links[i].b))
+            out.append((out_of, "down" if topo.links[out_of].a == nxt else "up"))
         cur = nxt
     return out
