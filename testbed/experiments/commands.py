@@ -66,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
             progress.advance(task)
 
         def on_warning(line: str) -> None:
-            progress.console.print(f"[yellow]warning[/] {escape(line)}", highlight=False)
+            # one line each, never wrapped: FILE:LINE stays whole for a reader or a grep
+            progress.console.print(f"[yellow]warning[/] {escape(line)}", highlight=False, soft_wrap=True)
 
         results = run_suite(suite, out, resume=args.resume, only=args.only, on_start=on_start,
                             on_task=on_task, on_warning=on_warning)
-    console.print(f"results: {results}" + (f"  ({len(failed)} failed)" if failed else ""))
-    console.print(f"report:  testbed report {out}")
+    console.print(f"results: {results}" + (f"  ({len(failed)} failed)" if failed else ""), soft_wrap=True)
+    console.print(f"report:  testbed report {out}", soft_wrap=True)
     return 1 if failed else 0
