@@ -59,10 +59,10 @@ def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]
 
     devs = device_nodes(suite, point.params.get("devices", 1))
     me = suite.roles["device"]
+    stages = parse_placement(point.placement)
     chains = []
-    for dev in devs:
-        parts = [part.split("=", 1) for part in point.placement.split(",")]
-        text = ",".join(f"{dev if node == me else node}={rng}" for node, rng in parts)
+    for dev in devs:  # each renamed chain checked against the topology again (reachability)
+        text = ",".join(f"{dev if st.node == me else st.node}={st.layers}" for st in stages)
         chains.append(parse_placement(text, topo, layers))
     return chains
 
