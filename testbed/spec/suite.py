@@ -369,7 +369,7 @@ def parse_suite(data: dict[str, Any], src: Path) -> Suite:
     if not baselines and not placements:
         raise _err(src, "placements", "nothing to run: no baselines and no placements")
 
-    repeats = _positive_int(src, "repeats", data.get("repeats", 1))
+    repeats = _positive_int(src, "repeats", data.get("repeats", 3))
     shaper = data.get("shaper", "auto")
     if shaper not in SHAPERS:
         raise _err(src, "shaper", f"must be one of {', '.join(SHAPERS)} (got {shaper!r})")
