@@ -19,7 +19,7 @@ file's directory.  Example::
     sweep:
       mode: cartesian              # or zip (all lists of equal length)
       uplink_mbit: [2, 10, 50]
-    repeats: 1
+    repeats: 3                     # default 3
     shaper: auto
     energy: {compute_w: 2.5, tx_nj_per_bit: 100}
 
@@ -338,7 +338,7 @@ def parse_suite(data: Any, src: Path) -> Suite:
     if not baselines and not placements:
         raise c.fail("placements", "nothing to run: no baselines and no placements")
 
-    repeats = c.number(data.get("repeats", 1), "repeats", check.REPEATS)
+    repeats = c.number(data.get("repeats", 3), "repeats", check.REPEATS)
     shaper = c.choice(data.get("shaper", "auto"), "shaper", SHAPERS)
 
     en = c.mapping(data.get("energy") or {}, "energy", ENERGY_KEYS)
