@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.hosts.process_host import remove_run_cgroups
 from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, load_states
-from testbed.net.network import kill_and_wait
+from testbed.net.teardown import kill_and_wait
 
 NETNS_DIR = Path("/run/netns")
 CONTAINER_LABEL = "edgellm-testbed"
