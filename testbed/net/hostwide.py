@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 BRIDGE_NF = tuple(f"net.bridge.bridge-nf-call-{f}" for f in ("iptables", "ip6tables", "arptables"))
 TCP_ALLOWED = "net.ipv4.tcp_allowed_congestion_control"
+SYSCTL_ROOT = Path("/proc/sys")  # tests point this at a folder of their own
 
 
-def _path(key: str) -> str:
-    return "/proc/sys/" + key.replace(".", "/")
+def _path(key: str) -> Path:
+    return SYSCTL_ROOT / key.replace(".", "/")
 
 
 def read(key: str) -> str | None:

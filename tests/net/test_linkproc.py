@@ -259,4 +259,4 @@ def test_missing_trace_is_one_line(tmp_path: Path) -> None:
     up = json.dumps(Shaping(trace=gone, format="mahimahi").to_dict())
     res = _linkproc("--iface-a", "tbx", "--iface-b", "tby", "--up", up)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"linkproc: {gone}: trace: {gone}: trace file not found"
+    assert res.stderr.strip() == f"linkproc: --up: trace: {gone}: trace file not found"
