@@ -76,7 +76,10 @@ def restore(changed: dict[str, str], others_need: list[dict],
             keep = [n["tcp_cc"] for n in others_need if n.get("tcp_cc")]
             found = old.split()
             current = (read(key) or "").split()
-            value = " ".join(found + [c for c in current if c in keep and c not in found])
+            still = [c for c in current if c in keep and c not in found]
+            if still and hand_over is not None:
+                hand_over(key, old)  # the last run that needs them takes them away
+            value = " ".join(found + still)
         else:
             continue
         with contextlib.suppress(OSError):
