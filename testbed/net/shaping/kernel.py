@@ -25,10 +25,10 @@ import struct
 import threading
 
 from pyroute2 import IPRoute, netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWQDISC
-from pyroute2.netlink.rtnl.tcmsg import tcmsg
+from pyroute2.netlink.rtnl.tcmsg import sched_netem, tcmsg
 
 from testbed.spec.topology import Shaping
 
@@ -40,7 +40,9 @@ ETH_HLEN = 14
 FULL_PACKET_BYTES = 1500  # IP bytes of a full-size packet: what the delay allowance counts
 UNSHAPED_MBIT = 10_000  # no rate: the delay allowance is sized as if the link carried 10 Gbit/s
 ORDER_RATE = "32gbit"  # netem rate that only keeps packets in order (0.4 us per 1500 bytes)
-ROOT_HANDLE = 0x10000
+ROOT_HANDLE = 0x10000  # 1:
+NETEM_HANDLE = 0x100000  # 10:
+CLASS_1_1 = 0x10001  # 1:1
 TC_H_ROOT = 0xFFFFFFFF
 TCA_STAB_BASE = 1
 
@@ -114,6 +116,22 @@ def _netem_args(s: Shaping, rate_mbit: float | None, delay_ms: float, loss_pct: 
     return args
 
 
+def _netem(ipr: IPRoute, command: str, idx: int, parent: int, args: dict) -> None:
+    """Add or change the netem qdisc ``10:``.
+
+    Sent as a message of our own: ``ipr.tc(..., rate=...)`` also turns ``rate`` into the qdisc's
+    ``TCA_RATE`` (an estimator), which the kernel refuses."""
+    msg = tcmsg()
+    msg["index"] = idx
+    msg["handle"] = NETEM_HANDLE
+    msg["parent"] = parent
+    msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", sched_netem.get_parameters(args))]
+    msg["header"]["type"] = RTM_NEWQDISC
+    flags = NLM_F_CREATE | NLM_F_EXCL if command == "add" else NLM_F_REPLACE
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+    ipr.nlm_request_batch([msg])
+
+
 def set_ip_bytes(ipr: IPRoute, idx: int) -> None:
     """A size table on the root HTB that counts each packet 14 bytes short: its IP bytes.
 
@@ -138,16 +156,15 @@ def apply(ipr: IPRoute, ifname: str, s: Shaping, netem: bool, start_mbit: float 
     """
     idx = ipr.link_lookup(ifname=ifname)[0]
     rate = start_mbit if s.trace is not None else s.bw_mbit
-    parent = "root"
+    parent = TC_H_ROOT  # pyroute2 takes no "root" name for a parent
     if rate is not None:
         ipr.tc("add", "htb", index=idx, handle="1:", default=1)
         set_ip_bytes(ipr, idx)
         ipr.tc("add-class", "htb", index=idx, handle="1:1", parent="1:0",
                rate=_bit(rate), ceil=_bit(rate), quantum=QUANTUM)
-        parent = "1:1"
+        parent = CLASS_1_1
     if netem and wants_netem(s):
-        ipr.tc("add", "netem", index=idx, parent=parent, handle="10:",
-               **_netem_args(s, rate, s.delay_ms, s.loss_pct))
+        _netem(ipr, "add", idx, parent, _netem_args(s, rate, s.delay_ms, s.loss_pct))
     elif s.queue_pkts:  # otherwise HTB's default leaf: a pfifo as long as the txqueuelen (1000)
         ipr.tc("add", "pfifo", index=idx, parent=parent, handle="10:", limit=s.queue_pkts)
     return idx
@@ -162,13 +179,12 @@ def set_rate(ipr: IPRoute, idx: int, mbit: float) -> None:
 def set_netem(ipr: IPRoute, idx: int, s: Shaping, delay_ms: float, loss_pct: float,
               rate_mbit: float | None = None) -> None:
     """Change the netem child: delay and loss (CSV trace steps), and its limit for ``rate_mbit``."""
-    parent = "1:1" if rate_mbit is not None else "root"
-    ipr.tc("change", "netem", index=idx, parent=parent, handle="10:",
-           **_netem_args(s, rate_mbit, delay_ms, loss_pct))
+    parent = CLASS_1_1 if rate_mbit is not None else TC_H_ROOT
+    _netem(ipr, "change", idx, parent, _netem_args(s, rate_mbit, delay_ms, loss_pct))
 
 
 def remove(ipr: IPRoute, ifname: str) -> None:
     """Take every qdisc off ``ifname`` (the interface keeps its default); gone already is fine."""
     with contextlib.suppress(NetlinkError, IndexError):
         idx = ipr.link_lookup(ifname=ifname)[0]
-        ipr.tc("del", index=idx, handle="0:", parent="root")
+        ipr.tc("del", index=idx, parent=TC_H_ROOT)
