@@ -79,14 +79,24 @@ class KernelShaper:
             if key not in self._shaped:
                 raise NetworkError(f"link {link.name}: {side} is not shaped, nothing to update")
             end, idx, old = self._shaped[key]
-            if s.trace is not None or old.trace is not None or (s.bw_mbit is None) != (old.bw_mbit is None):
-                raise NetworkError(f"link {link.name}: {side}: an update keeps the rate/trace layout")
+            if not self._same_qdiscs(old, s):
+                raise NetworkError(f"link {link.name}: {side}: an update must keep the qdiscs (rate or none, "
+                                   "netem or none, no trace); remove and apply the link instead")
             ipr = self.sockets.get(end.pid)
             if s.bw_mbit is not None:
                 qdiscs.set_rate(ipr, idx, s.bw_mbit)
             if self.netem and qdiscs.wants_netem(old):
                 qdiscs.set_netem(ipr, idx, s, s.delay_ms, s.loss_pct, rate_mbit=s.bw_mbit)
             self._shaped[key] = (end, idx, s)
+
+    def _same_qdiscs(self, old: Shaping, new: Shaping) -> bool:
+        """Can ``new`` be set by changing the qdiscs ``old`` made (no qdisc added or removed)?"""
+        if new.trace is not None or old.trace is not None or (new.bw_mbit is None) != (old.bw_mbit is None):
+            return False
+        netem = self.netem and qdiscs.wants_netem(old)
+        if self.netem and qdiscs.wants_netem(new) != netem:
+            return False
+        return netem or new.queue_pkts == old.queue_pkts  # a pfifo's length is not changed here
 
     def remove(self, link: Link) -> None:
         if self._replayer is not None:
