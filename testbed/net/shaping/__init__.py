@@ -30,7 +30,7 @@ setting                meaning on both backends
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from testbed.net.shaping.link import Link, LinkEnd
 from testbed.spec.topology import Shaping
@@ -38,6 +38,7 @@ from testbed.spec.topology import Shaping
 __all__ = ["Link", "LinkEnd", "Shaper", "make_shaper"]
 
 
+@runtime_checkable
 class Shaper(Protocol):
     """What the network asks of a shaping backend."""
 
