@@ -149,8 +149,11 @@ def test_kernel_1000mbit_25ms_carries_its_rate():
     485 Mbit/s; its queue now holds the 2084 packets in flight besides."""
     s = Shaping(bw_mbit=1000, delay_ms=25)
     with EmulatedNetwork(two_hosts(s, s), shaper="kernel") as net:
-        got = probe.measure_throughput(net.runner("a"), net.runner("b"), net.ip("b", "a"), 8)
-    assert got >= 750, got
+        for node in ("a", "b"):  # a 50 ms RTT at 1 Gbit/s needs 6.25 MB windows (namespace sysctls)
+            net.cmd(node, ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 33554432",
+                           "net.ipv4.tcp_wmem=4096 16384 33554432"])
+        got = probe.measure_throughput(net.runner("a"), net.runner("b"), net.ip("b", "a"), 10)
+    assert got >= 750, got  # TCP goodput can reach 1000 x 1448/1500 = 965
 
 
 @pytest.mark.parametrize("backend", ["userspace", "kernel"])  # HTB alone: no netem needed
