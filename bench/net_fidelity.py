@@ -154,7 +154,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("net_fidelity: needs root (network namespaces)", file=sys.stderr)
         return 2
-    header = ["point (userspace backend)", "expected", "measured", "error", "link CPU"]
+    header = ["point", "expected", "measured", "error", "link CPU"]
     rows = []
     for name in args.only.split(","):
         rows += GRIDS[name.strip()](args.seconds)
