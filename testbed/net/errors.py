@@ -3,6 +3,8 @@ replay stops): it names the link, so the user knows which part of the topology b
 
 from __future__ import annotations
 
+from testbed.spec.errors import TestbedError
 
-class NetworkError(RuntimeError):
+
+class NetworkError(TestbedError, RuntimeError):
     """A part of a running emulated network failed; the run cannot go on."""
