@@ -104,8 +104,8 @@ from testbed.spec.topology import load_topology
 from testbed.net.network import EmulatedNetwork
 net = EmulatedNetwork(load_topology(sys.argv[1]), shaper="userspace")
 net.start()
-print("ready", net.run_id, flush=True)
-try:
+try:  # "ready" inside the try: a Ctrl-C right after it must still reach the teardown
+    print("ready", net.run_id, flush=True)
     time.sleep(600)
 finally:
     print("stopping", flush=True)
