@@ -223,6 +223,7 @@ class EmulatedNetwork:
         return self.mn.nameToNode[node]
 
     def _build(self) -> None:
+        capabilities.warn_over_ceiling(self.topo, self.shaper)  # before anything runs: it may measure
         t0 = time.monotonic()
         for change in ensure_bridge_nf_off():
             self._say(f"*** set {change} (bridged frames would be dropped by Docker's FORWARD policy)")
