@@ -8,9 +8,10 @@ import signal
 import sys
 import time
 
+from testbed.net.addressing import AddressPlan, path_links
 from testbed.net.capabilities import peak_rate_mbit
 from testbed.net.network import EmulatedNetwork
-from testbed.spec.topology import Shaping
+from testbed.spec.topology import Shaping, Topology
 
 
 def _load(path: str):
@@ -59,11 +60,12 @@ def probe(args: argparse.Namespace) -> int:
     log = sys.stderr if not args.json else None
     try:
         with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
+            clock_t0 = replay_t0(net)  # first: for the userspace backend "now" is the estimate
             res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
                             net.ip(args.dst, args.src), args.seconds, timeline=args.timeline,
-                            up_hint_mbit=path_rate_mbit(net, args.src, args.dst),
-                            down_hint_mbit=path_rate_mbit(net, args.dst, args.src),
-                            clock_t0=replay_t0(net))
+                            up_hint_mbit=path_rate_mbit(topo, net.plan, args.src, args.dst),
+                            down_hint_mbit=path_rate_mbit(topo, net.plan, args.dst, args.src),
+                            clock_t0=clock_t0)
             shaper = net.shaper
     except ProbeError as e:
         print(f"testbed probe: {args.topo}: {args.src} <-> {args.dst}: {e}", file=sys.stderr)
@@ -75,7 +77,8 @@ def probe(args: argparse.Namespace) -> int:
             t0 = res[f"{name}_timeline_trace_t0_s"]
             out[f"{name}_timeline"] = res[f"{name}_timeline"]
             out[f"{name}_timeline_trace_t0_s"] = t0
-            out[f"{name}_capacity_timeline"] = capacity_timeline(net, a, b, t0, len(res[f"{name}_timeline"]))
+            out[f"{name}_capacity_timeline"] = capacity_timeline(topo, net.plan, a, b, t0,
+                                                                 len(res[f"{name}_timeline"]))
     if args.json:
         print(json.dumps(out))
     else:
@@ -93,20 +96,18 @@ def replay_t0(net: EmulatedNetwork) -> float:
     return net.trace_t0 if net.trace_t0 is not None else time.monotonic()
 
 
-def _path(net: EmulatedNetwork, src: str, dst: str) -> list[Shaping]:
+def _path(topo: Topology, plan: AddressPlan, src: str, dst: str) -> list[Shaping]:
     """The shaped directions a packet from ``src`` to ``dst`` crosses, in order."""
-    from testbed.net.addressing import path_links
-
-    return [getattr(net.topo.links[i], d) for i, d in path_links(net.topo, net.plan, src, dst)]
+    return [getattr(topo.links[i], d) for i, d in path_links(topo, plan, src, dst)]
 
 
-def path_rate_mbit(net: EmulatedNetwork, src: str, dst: str) -> float | None:
+def path_rate_mbit(topo: Topology, plan: AddressPlan, src: str, dst: str) -> float | None:
     """The lowest configured (peak) rate along the routed path src -> dst (None: unlimited)."""
-    known = [r for r in map(peak_rate_mbit, _path(net, src, dst)) if r is not None]
+    known = [r for r in map(peak_rate_mbit, _path(topo, plan, src, dst)) if r is not None]
     return min(known) if known else None
 
 
-def capacity_timeline(net: EmulatedNetwork, src: str, dst: str, t0: float | None,
+def capacity_timeline(topo: Topology, plan: AddressPlan, src: str, dst: str, t0: float | None,
                       seconds: int) -> list[float] | None:
     """The capacity (Mbit/s) the path src -> dst offered in each second from trace time ``t0``:
     per second the lowest link on it (a trace's replayed capacity, or a fixed rate).
@@ -116,7 +117,7 @@ def capacity_timeline(net: EmulatedNetwork, src: str, dst: str, t0: float | None
     if t0 is None:
         return None
     rows = []
-    for s in _path(net, src, dst):
+    for s in _path(topo, plan, src, dst):
         if s.trace is not None:
             trace = load_trace(s.trace, s.format or "mahimahi")
             rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0))
