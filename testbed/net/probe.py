@@ -231,8 +231,9 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
 
     Up is src -> dst, down is dst -> src; ``rtt_ms`` is the mean RTT (``rtt`` has all the
     ping figures).  The tests run one after another, so a timeline starts well after the
-    network came up: ``up_timeline_trace_t0_s`` / ``down_timeline_trace_t0_s`` say when, in seconds after
-    ``clock_t0`` (a ``time.monotonic()`` value, e.g. when trace replay began; None: not reported)."""
+    network came up: ``up_timeline_trace_t0_s`` / ``down_timeline_trace_t0_s`` say when, in
+    seconds after ``clock_t0`` (a ``time.monotonic()`` value, e.g. when trace replay began;
+    None: not reported)."""
     res: dict[str, Any] = {}
     res["up_mbit"] = measure_throughput(src_run, dst_run, dst_ip, seconds)
     res["down_mbit"] = measure_throughput(dst_run, src_run, src_ip, seconds)
@@ -243,10 +244,10 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
     res["loss_down_pct"] = measure_loss(dst_run, src_run, src_ip,
                                         _loss_rate(res["down_mbit"], down_hint_mbit), seconds)
     if timeline:
-        for name, a, b, ip, hint, measured in (("up", src_run, dst_run, dst_ip, up_hint_mbit, res["up_mbit"]),
-                                               ("down", dst_run, src_run, src_ip, down_hint_mbit,
-                                                res["down_mbit"])):
-            tl = measure_timeline_started(a, b, ip, 1.5 * (hint or measured), seconds)
+        ways = (("up", src_run, dst_run, dst_ip, up_hint_mbit or res["up_mbit"]),
+                ("down", dst_run, src_run, src_ip, down_hint_mbit or res["down_mbit"]))
+        for name, sender, receiver, ip, rate in ways:
+            tl = measure_timeline_started(sender, receiver, ip, 1.5 * rate, seconds)  # saturating
             res[f"{name}_timeline"] = tl.mbit
             res[f"{name}_timeline_trace_t0_s"] = None if clock_t0 is None else tl.started - clock_t0
     return res
