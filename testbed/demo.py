@@ -35,6 +35,11 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:.1f}{unit}"
 
 
+def _set(x: float | None) -> str:
+    """A configured figure, as written in the topology."""
+    return "-" if x is None else f"{x:g}"
+
+
 def probe_links(net: EmulatedNetwork, topo: Topology, seconds: float = PROBE_SECONDS) -> list[dict]:
     """One short probe per host-host link: configured and measured figures per direction."""
     from testbed.net.capabilities import peak_rate_mbit
@@ -62,11 +67,11 @@ def _rate_cell(s: Shaping, got: float | None, shaper: str) -> tuple[str, bool]:
     from testbed.net.capabilities import RATE_BYTES, TCP_PAYLOAD
 
     if s.trace is not None or s.bw_mbit is None or got is None:
-        return f"{'trace' if s.trace is not None else _fmt(s.bw_mbit)} / - / {_fmt(got)}", False
+        return f"{'trace' if s.trace is not None else _set(s.bw_mbit)} / - / {_fmt(got)}", False
     want = s.bw_mbit * TCP_PAYLOAD / RATE_BYTES[shaper]
     if s.loss_pct:
-        return f"{_fmt(s.bw_mbit)} / <={want:.1f} / {_fmt(got)}", got > want * 1.05
-    return f"{_fmt(s.bw_mbit)} / {want:.1f} / {_fmt(got)}", abs(got - want) > 0.10 * want
+        return f"{_set(s.bw_mbit)} / <={want:.1f} / {_fmt(got)}", got > want * 1.05
+    return f"{_set(s.bw_mbit)} / {want:.1f} / {_fmt(got)}", abs(got - want) > 0.10 * want
 
 
 def render(rows: list[dict], shaper: str, tcp_cc: str) -> Table:
@@ -85,12 +90,12 @@ def render(rows: list[dict], shaper: str, tcp_cc: str) -> Table:
         up, down, m = r["up"], r["down"], r["measured"]
         rtt_set, rtt_got = _rtt(up, down), m.get("rtt_ms")
         cells = [_rate_cell(up, m.get("up_mbit"), shaper), _rate_cell(down, m.get("down_mbit"), shaper),
-                 (f"{_fmt(rtt_set)} / {_fmt(rtt_got)}",
+                 (f"{_set(rtt_set)} / {_fmt(rtt_got)}",
                   rtt_got is not None and abs(rtt_got - rtt_set) > 2 + 0.1 * rtt_set)]
         for s, key in ((up, "loss_up_pct"), (down, "loss_down_pct")):
             got = m.get(key)
             off = got is not None and abs(got - s.loss_pct) > 1.0
-            cells.append((f"{_fmt(s.loss_pct)} / {_fmt(got)}", off))
+            cells.append((f"{_set(s.loss_pct)} / {_fmt(got)}", off))
         t.add_row(r["link"], *(mark(text, off) for text, off in cells))
     return t
 

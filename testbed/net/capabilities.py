@@ -8,11 +8,15 @@ Backend choice (``choose_shaper``):
   Otherwise it is a ``SpecError`` naming the first field that needs netem.
 * ``userspace``: the link process (works everywhere).
 
-Ceiling (``ceiling``): the highest rate the chosen backend carries on this machine, measured
-once (TCP goodput through an unlimited link between two scratch namespaces: the link process for
-``userspace``, HTB at a rate far above any veth for ``kernel``) and cached per backend, kernel
-release and core count.  ``warn_over_ceiling`` names every link direction whose configured rate
-(a trace: its peak 100 ms rate) is above it: such a link cannot be emulated faithfully.
+Ceiling (``ceiling``): the highest rate the chosen backend shapes faithfully on this machine,
+measured once with real traffic between two scratch namespaces (the link process for
+``userspace``, HTB on a veth pair for ``kernel``) and cached per backend, kernel release and core
+count under ``/var/cache/testbed`` (``TESTBED_CACHE_DIR``).  First the TCP goodput of an unlimited
+link, then links shaped at falling shares of that rate until one carries ``FAITHFUL`` of its rate
+(``measure``).  On a 2-core machine the link process forwards 1-2 Gbit/s unlimited but shapes
+only a few hundred Mbit/s faithfully once a window of delayed frames is in flight.
+``warn_over_ceiling`` names every link direction whose configured rate (a trace: its peak
+100 ms rate) is above it; every command that builds a network calls it.
 """
 
 from __future__ import annotations

@@ -162,3 +162,40 @@ def test_path_through_a_cell_and_both_directions_of_links(tmp_path: Path):
     assert capacity_timeline(topo, p, "mec", "cloud", 1.5, 4) == pytest.approx([26.5, 3.0, 26.5, 50.0])
     assert capacity_timeline(topo, p, "phone", "cloud", 1.5, 4) == pytest.approx([8.0, 3.0, 8.0, 8.0])
     assert capacity_timeline(topo, p, "phone", "cloud", None, 3) is None
+
+
+def demo_table(topo_file: Path, seconds: float) -> str:
+    """The demo's configured-vs-measured table of a topology, as text."""
+    from rich.console import Console
+
+    from testbed.demo import probe_links, render
+    from testbed.net.network import EmulatedNetwork
+
+    topo = load_topology(topo_file)
+    with EmulatedNetwork(topo, shaper="userspace") as net:
+        rows = probe_links(net, topo, seconds)
+    console = Console(record=True, width=200)
+    console.print(render(rows, "userspace", topo.tcp_cc))
+    return console.export_text()
+
+
+def test_demo_topology_is_emulated_faithfully():
+    text = demo_table(REPO / "topologies/device-edge-cloud.yaml", 3)
+    assert "mec <-> cloud" in text and "200 / 193.1 / " in text, text
+    rows = [line for line in text.splitlines() if "<->" in line]
+    assert len(rows) == 2 and not [r for r in rows if "!" in r], text  # every figure within its tolerance
+
+
+def test_demo_table_marks_a_link_beyond_the_ceiling(tmp_path: Path):
+    fast = tmp_path / "fast.yaml"
+    fast.write_text("""
+name: fast
+nodes: {a: {role: cloud}, b: {role: cloud}}
+links:
+  - between: [a, b]
+    up:   {bw_mbit: 50000, delay_ms: 25}
+    down: {bw_mbit: 50000, delay_ms: 25}
+""")
+    text = demo_table(fast, 2)
+    row = next(line for line in text.splitlines() if "a <-> b" in line)
+    assert row.count("! 50000 / ") == 2, text  # up and down: far below what the rate allows
