@@ -60,13 +60,13 @@ def probe(args: argparse.Namespace) -> int:
     log = sys.stderr if not args.json else None
     try:
         with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
-            clock_t0 = replay_t0(net)  # first: for the userspace backend "now" is the estimate
+            up_at = time.monotonic()  # first: the userspace backend's replay began just before
             res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
                             net.ip(args.dst, args.src), args.seconds, timeline=args.timeline,
                             up_hint_mbit=path_rate_mbit(topo, net.plan, args.src, args.dst),
-                            down_hint_mbit=path_rate_mbit(topo, net.plan, args.dst, args.src),
-                            clock_t0=clock_t0)
+                            down_hint_mbit=path_rate_mbit(topo, net.plan, args.dst, args.src))
             shaper = net.shaper
+            clock_t0 = replay_t0(net, up_at)
     except ProbeError as e:
         print(f"testbed probe: {args.topo}: {args.src} <-> {args.dst}: {e}", file=sys.stderr)
         return 1
@@ -74,7 +74,7 @@ def probe(args: argparse.Namespace) -> int:
     out = {"shaper": shaper, **{k: res.get(k) for k in keys}}
     if args.timeline:
         for name, a, b in (("up", args.src, args.dst), ("down", args.dst, args.src)):
-            t0 = res[f"{name}_timeline_trace_t0_s"]
+            t0 = res[f"{name}_timeline_started"] - clock_t0
             out[f"{name}_timeline"] = res[f"{name}_timeline"]
             out[f"{name}_timeline_trace_t0_s"] = t0
             out[f"{name}_capacity_timeline"] = capacity_timeline(topo, net.plan, a, b, t0,
@@ -86,14 +86,15 @@ def probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_t0(net: EmulatedNetwork) -> float:
+def replay_t0(net: EmulatedNetwork, up_at: float) -> float:
     """``time.monotonic()`` at trace time 0 of ``net``'s links.
 
-    Kernel backend: when the replay thread began (``trace_t0``).  Userspace backend: each link
-    process starts its trace when it is ready, just before the network is up: now, called right
-    after bring-up, is that time to within the link processes' start-up spread (milliseconds
-    for a few links)."""
-    return net.trace_t0 if net.trace_t0 is not None else time.monotonic()
+    Kernel backend: when the replay thread began (``trace_t0``; read after the measurements:
+    the thread sets it once it runs, which may be just after bring-up returns).  Userspace
+    backend: each link process starts its trace when it is ready, just before the network is
+    up: ``up_at``, taken right after bring-up, is that time to within the link processes'
+    start-up spread (milliseconds for a few links)."""
+    return net.trace_t0 or up_at
 
 
 def _path(topo: Topology, plan: AddressPlan, src: str, dst: str) -> list[Shaping]:

@@ -226,14 +226,13 @@ def _loss_rate(measured_mbit: float, hint: float | None) -> float:
 
 def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: float,
           timeline: bool = False, up_hint_mbit: float | None = None,
-          down_hint_mbit: float | None = None, clock_t0: float | None = None) -> dict[str, Any]:
+          down_hint_mbit: float | None = None) -> dict[str, Any]:
     """Throughput both ways, RTT, UDP loss both ways (and optional per-second timelines).
 
     Up is src -> dst, down is dst -> src; ``rtt_ms`` is the mean RTT (``rtt`` has all the
     ping figures).  The tests run one after another, so a timeline starts well after the
-    network came up: ``up_timeline_trace_t0_s`` / ``down_timeline_trace_t0_s`` say when, in
-    seconds after ``clock_t0`` (a ``time.monotonic()`` value, e.g. when trace replay began;
-    None: not reported)."""
+    network came up: ``up_timeline_started`` / ``down_timeline_started`` say when
+    (``time.monotonic()``)."""
     res: dict[str, Any] = {}
     res["up_mbit"] = measure_throughput(src_run, dst_run, dst_ip, seconds)
     res["down_mbit"] = measure_throughput(dst_run, src_run, src_ip, seconds)
@@ -249,5 +248,5 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
         for name, sender, receiver, ip, rate in ways:
             tl = measure_timeline_started(sender, receiver, ip, 1.5 * rate, seconds)  # saturating
             res[f"{name}_timeline"] = tl.mbit
-            res[f"{name}_timeline_trace_t0_s"] = None if clock_t0 is None else tl.started - clock_t0
+            res[f"{name}_timeline_started"] = tl.started
     return res
