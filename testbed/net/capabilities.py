@@ -13,8 +13,8 @@ measured once with real traffic between two scratch namespaces (the link process
 ``userspace``, HTB on a veth pair for ``kernel``) and cached per backend, kernel release and core
 count under ``/var/cache/testbed`` (``TESTBED_CACHE_DIR``).  First the TCP goodput of an unlimited
 link, then links shaped at falling shares of that rate until one carries ``FAITHFUL`` of its rate
-(``measure``).  On a 2-core machine the link process forwards 1-2 Gbit/s unlimited but shapes
-only a few hundred Mbit/s faithfully once a window of delayed frames is in flight.
+(``measure``).  On a loaded 2-core machine the link process forwards 1-2 Gbit/s unlimited but
+shapes only 0.6-0.9 Gbit/s faithfully once a window of delayed frames is in flight.
 ``warn_over_ceiling`` names every link direction whose configured rate (a trace: its peak
 100 ms rate) is above it; every command that builds a network calls it.
 """
