@@ -68,7 +68,7 @@ def _rate_cell(s: Shaping, got: float | None, shaper: str) -> tuple[str, bool]:
 
     if s.trace is not None or s.bw_mbit is None or got is None:
         return f"{'trace' if s.trace is not None else _set(s.bw_mbit)} / - / {_fmt(got)}", False
-    want = s.bw_mbit * TCP_PAYLOAD / RATE_BYTES[shaper]
+    want = s.bw_mbit * TCP_PAYLOAD / RATE_BYTES
     if s.loss_pct:
         return f"{_set(s.bw_mbit)} / <={want:.1f} / {_fmt(got)}", got > want * 1.05
     return f"{_set(s.bw_mbit)} / {want:.1f} / {_fmt(got)}", abs(got - want) > 0.10 * want

@@ -8,9 +8,9 @@ For a request of ``n`` steps through hops ``h_0 .. h_k`` (``h_0`` is the device)
 
 ``bw`` is the bottleneck of the shaped links on the path (a trace counts with its
 mean capacity; an unshaped link is free), ``delay`` the sum of their one-way
-delays, and ``F = 1514 / 1448`` the framing overhead of TCP/IPv4 with timestamps
-over Ethernet (payload 1448 bytes per 1514-byte frame).  Compute, codec time and
-bytes are the measured ones, so measured/predicted isolates what the model
+delays, and ``F = 1500 / 1448`` the framing overhead of TCP/IPv4 with timestamps
+(payload 1448 bytes per 1500-byte IP packet: link rates count IP bytes on both
+backends).  Compute, codec time and bytes are the measured ones, so measured/predicted isolates what the model
 leaves out: slow start after idle, queueing behind other flows, scheduling.
 """
 
@@ -25,7 +25,7 @@ from testbed.net.addressing import AddressPlan, path_links, plan
 from testbed.spec.topology import Shaping, Topology
 from testbed.spec.traces import load_trace
 
-FRAMING = 1514 / 1448
+FRAMING = 1500 / 1448
 
 
 @dataclass(frozen=True)
@@ -91,5 +91,5 @@ def predict(topo: Topology, placement: str | Sequence[Stage], result: dict[str, 
         "e2e_ms": round(total, 3),
         "per_token_ms": round(total / steps, 3) if steps else None,
         "per_hop": hops,
-        "model": "measured compute + bytes x 1514/1448 / bottleneck bandwidth + steps x RTT",
+        "model": "measured compute + bytes x 1500/1448 / bottleneck bandwidth + steps x RTT",
     }

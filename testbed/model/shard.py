@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-QUANTS = ("none", "bf16", "int8", "int4")
+from testbed.spec.options import QUANTS
+
 DEFAULT_THREADS = 2
 
 

@@ -40,9 +40,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.errors import SpecError
+from testbed.spec.options import SHAPERS
 from testbed.spec.topology import Shaping, Topology
-
-SHAPERS = ("auto", "kernel", "userspace")
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ def check_tcp_cc(topo: Topology, caps: Capabilities | None = None) -> None:
 
 # --- the backend's ceiling ------------------------------------------------------------------
 
-CEILING_VERSION = 1  # bump when the measurement changes: older cache entries are measured again
+CEILING_VERSION = 2  # bump when the measurement changes: older cache entries are measured again
 CEILING_SECONDS = 2  # per measurement (after iperf3's 1 s omitted warm-up)
 # userspace rungs: a WAN-like one-way delay (the link process then holds a whole window of frames)
 # and a queue that never limits TCP, so that the rung measures the link process, not cubic
@@ -172,9 +171,9 @@ FAITHFUL = 0.95  # a rate is carried when TCP goodput reaches this share of what
 LADDER = (1.0, 0.75, 0.55, 0.4, 0.3, 0.2, 0.12)
 CACHE_DIR_ENV = "TESTBED_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("/var/cache/testbed")
-# TCP payload (1448 bytes with timestamps) per packet as each backend's rate counts it: the link
-# process counts IP packets (1500 bytes), HTB Ethernet frames (1514)
-RATE_BYTES = {"userspace": 1500, "kernel": 1514}
+# TCP payload (1448 bytes with timestamps) per packet as a rate counts it: both backends count IP
+# bytes, a full packet is 1500 of them
+RATE_BYTES = 1500
 TCP_PAYLOAD = 1448
 UNLIMITED_HTB_MBIT = 30_000  # the kernel backend's unlimited rung: above what a veth carries here
 _warned: set[str] = set()
@@ -305,7 +304,7 @@ def measure(backend: str) -> dict:
     """Measure ``backend`` here: the TCP goodput of an unlimited link (its best second: what it
     forwards at most), then links shaped at falling shares of that rate until one carries
     ``FAITHFUL`` of its rate as TCP goodput.  That rate is the ceiling."""
-    share = TCP_PAYLOAD / RATE_BYTES[backend]
+    share = TCP_PAYLOAD / RATE_BYTES
     raw = max(_goodput(backend, None))
     ladder: list[tuple[float, float]] = []
     for f in LADDER:

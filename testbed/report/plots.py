@@ -138,9 +138,15 @@ def _lines(rows: list[Row], x_key: str, y: tuple[str, ...] = ("token_latency_ms"
     return {k: (r, sorted(p, key=lambda xv: xv[0])) for k, (r, p) in groups.items()}
 
 
+
+def _swept(rows: list[Row], key: str) -> bool:
+    """Whether the suite swept ``key`` (a figure over it is drawn only then)."""
+    return any(key in r.records[0].get("swept", []) for r in rows)
+
+
 def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency and TTFT vs uplink bandwidth, one line per placement (the headline plot)."""
-    if not any("uplink_mbit" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "uplink_mbit"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, y, title in ((axes[0], ("token_latency_ms", "mean"), "per-token latency (decode, mean)"),
@@ -225,7 +231,7 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
 
 def kv_cache(rows: list[Row], out: Path) -> Path | None:
     """KV cache on vs off: per-token latency, uplink bytes and KV memory vs prompt length."""
-    if not any("kv_cache" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "kv_cache"):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     groups: dict[str, list[tuple[float, Row]]] = defaultdict(list)
@@ -356,11 +362,12 @@ def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float])
 
 def devices(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency and aggregate tokens/s vs the number of parallel devices."""
-    if not any("devices" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "devices"):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, y, ylab in ((axes[0], ("token_latency_ms", "mean"), "per-token latency, all devices (mean, ms)"),
-                        (axes[1], ("tokens_per_s",), "aggregate tokens/s, all devices")):
+    panels = ((("token_latency_ms", "mean"), "per-token latency, all devices (mean, ms)"),
+              (("tokens_per_s",), "aggregate tokens/s, all devices"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.5))
+    for ax, (y, ylab) in zip(axes, panels, strict=True):
         counts: set[float] = set()
         for i, (lab, (row, p)) in enumerate(_lines(rows, "devices", y).items()):
             _errorbar(ax, p, label=lab, **_style(row, i))

@@ -23,11 +23,10 @@ MAHIMAHI = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# TCP goodput of a rate-limited Ethernet link: 1448 payload bytes per 1514-byte frame
-GOODPUT = 1448 / 1514
-# UDP payload (iperf3 datagrams of 1448 bytes) per packet as each backend's rate counts it: IP
-# packets of 1476 bytes on the userspace link, Ethernet frames of 1514 bytes under HTB
-UDP_SHARE = {"userspace": 1448 / 1476, "kernel": 1448 / 1514}
+# TCP goodput of a rate-limited link: 1448 payload bytes per 1500-byte IP packet (rates count IP bytes)
+GOODPUT = 1448 / 1500
+# UDP payload per 1500-byte IP packet (iperf3 datagrams of 1448 bytes + 28 bytes of headers)
+UDP_SHARE = 1448 / 1476
 
 
 def near_rate(measured: float, configured: float, tol: float = 0.05) -> bool:
@@ -91,7 +90,7 @@ links:
     res = probe_json(topo, "--seconds", "6", "--timeline", shaper=shaper)
     assert res["shaper"] == shaper
     up, t0 = res["up_timeline"], res["up_timeline_trace_t0_s"]
-    down = np.array(res["down_timeline"]) / (20 * UDP_SHARE[shaper])  # a fixed 20 Mbit/s, saturated
+    down = np.array(res["down_timeline"]) / (20 * UDP_SHARE)  # a fixed 20 Mbit/s, saturated
     assert len(up) == 6 and abs(down.mean() - 1) <= 0.05 and np.abs(down - 1).max() <= 0.2, res
     assert res["down_capacity_timeline"] == [20.0] * 6
     # the timelines come after four 6 s tests: well into the trace, the down one after the up one
@@ -100,7 +99,7 @@ links:
     want = load_trace(trace_file, "mahimahi").capacity_mbit_per_s(6, start_s=t0)
     assert res["up_capacity_timeline"] == pytest.approx(want, rel=1e-9), res
     # ... and the measurement lies over it: the UDP payload of what the trace let through
-    err = np.abs(np.array(up) - np.array(want) * UDP_SHARE[shaper]) / np.maximum(np.array(want), 0.5)
+    err = np.abs(np.array(up) - np.array(want) * UDP_SHARE) / np.maximum(np.array(want), 0.5)
     assert err.mean() <= 0.10 and err.max() <= 0.30, (t0, up, want, err)
 
 
