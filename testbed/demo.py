@@ -16,7 +16,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from testbed.net.capabilities import ceiling
 from testbed.net.network import EmulatedNetwork
+from testbed.net.probe import ProbeError
 from testbed.spec.topology import Shaping, Topology
 
 PROBE_SECONDS = 3.0
@@ -33,8 +35,14 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:.1f}{unit}"
 
 
+def _set(x: float | None) -> str:
+    """A configured figure, as written in the topology."""
+    return "-" if x is None else f"{x:g}"
+
+
 def probe_links(net: EmulatedNetwork, topo: Topology, seconds: float = PROBE_SECONDS) -> list[dict]:
     """One short probe per host-host link: configured and measured figures per direction."""
+    from testbed.net.capabilities import peak_rate_mbit
     from testbed.net.probe import probe
 
     rows = []
@@ -42,7 +50,7 @@ def probe_links(net: EmulatedNetwork, topo: Topology, seconds: float = PROBE_SEC
         if topo.nodes[link.a].role == "cell" or topo.nodes[link.b].role == "cell":
             continue  # a cell is not a host: its links are measured host to host elsewhere
         res = probe(net.runner(link.a), net.runner(link.b), net.ip(link.a, link.b), net.ip(link.b, link.a),
-                    seconds)
+                    seconds, up_hint_mbit=peak_rate_mbit(link.up), down_hint_mbit=peak_rate_mbit(link.down))
         rows.append({"link": f"{link.a} <-> {link.b}", "up": link.up, "down": link.down, "measured": res})
     return rows
 
@@ -51,20 +59,44 @@ def _rtt(up: Shaping, down: Shaping) -> float:
     return up.delay_ms + down.delay_ms
 
 
+def _rate_cell(s: Shaping, got: float | None, shaper: str) -> tuple[str, bool]:
+    """``set / expected TCP goodput / measured`` and whether the measurement is off.
+
+    TCP goodput counts payload only (1448 bytes of every packet the rate counts); with random
+    loss configured, cubic stays below the rate, so the expectation is an upper bound."""
+    from testbed.net.capabilities import RATE_BYTES, TCP_PAYLOAD
+
+    if s.trace is not None or s.bw_mbit is None or got is None:
+        return f"{'trace' if s.trace is not None else _set(s.bw_mbit)} / - / {_fmt(got)}", False
+    want = s.bw_mbit * TCP_PAYLOAD / RATE_BYTES
+    if s.loss_pct:
+        return f"{_set(s.bw_mbit)} / <={want:.1f} / {_fmt(got)}", got > want * 1.05
+    return f"{_set(s.bw_mbit)} / {want:.1f} / {_fmt(got)}", abs(got - want) > 0.10 * want
+
+
 def render(rows: list[dict], shaper: str, tcp_cc: str) -> Table:
-    t = Table(title=f"configured vs measured ({shaper} shaper, {tcp_cc})")
+    """Configured vs measured per link; a cell marked ``!`` is outside the tolerance: the backend
+    did not emulate that figure faithfully on this run (rate 10 %, RTT 2 ms + 10 %, loss 1 pp)."""
+    t = Table(title=f"configured vs measured ({shaper} shaper, {tcp_cc})",
+              caption="Mbit/s: set / TCP goodput the rate allows / measured; RTT, loss: set / measured; "
+                      "! = off by more than the tolerance (rate 10 %, RTT 2 ms + 10 %, loss 1 pp)")
     for col in ("link", "up Mbit/s", "down Mbit/s", "RTT ms", "loss up %", "loss down %"):
         t.add_column(col, justify="left" if col == "link" else "right")
+
+    def mark(text: str, off: bool) -> str:
+        return f"[bold red]! {text}[/]" if off else text
+
     for r in rows:
         up, down, m = r["up"], r["down"], r["measured"]
-        t.add_row(
-            r["link"],
-            f"{_fmt(up.bw_mbit)} / {_fmt(m.get('up_mbit'))}",
-            f"{_fmt(down.bw_mbit)} / {_fmt(m.get('down_mbit'))}",
-            f"{_fmt(_rtt(up, down))} / {_fmt(m.get('rtt_ms'))}",
-            f"{_fmt(up.loss_pct)} / {_fmt(m.get('loss_up_pct'))}",
-            f"{_fmt(down.loss_pct)} / {_fmt(m.get('loss_down_pct'))}",
-        )
+        rtt_set, rtt_got = _rtt(up, down), m.get("rtt_ms")
+        cells = [_rate_cell(up, m.get("up_mbit"), shaper), _rate_cell(down, m.get("down_mbit"), shaper),
+                 (f"{_set(rtt_set)} / {_fmt(rtt_got)}",
+                  rtt_got is not None and abs(rtt_got - rtt_set) > 2 + 0.1 * rtt_set)]
+        for s, key in ((up, "loss_up_pct"), (down, "loss_down_pct")):
+            got = m.get(key)
+            off = got is not None and abs(got - s.loss_pct) > 1.0
+            cells.append((f"{_set(s.loss_pct)} / {_fmt(got)}", off))
+        t.add_row(r["link"], *(mark(text, off) for text, off in cells))
     return t
 
 
@@ -114,7 +146,14 @@ def demo(args: argparse.Namespace) -> int:
     with EmulatedNetwork(topo, shaper=args.shaper, cli_log=sys.stdout) as net:
         console.print(f"[bold]{topo.name}[/]: shaper {net.shaper}, tcp_cc {net.tcp_cc}; "
                       f"probing each link for {PROBE_SECONDS:.0f} s per direction")
-        rows = probe_links(net, topo)
+        try:
+            rows = probe_links(net, topo)
+        except ProbeError as e:
+            print(f"testbed demo: {args.topo}: probe: {e}", file=sys.stderr)
+            return 1
         console.print(render(rows, net.shaper, net.tcp_cc))
+        ceil = ceiling(net.shaper)
+        console.print(f"the {net.shaper} backend shapes up to ~{ceil.mbit:.0f} Mbit/s faithfully on this "
+                      f"machine (measured once, {ceil.path}); links set above it are capped")
     split_inference(topo, args.shaper, console)
     return quick_suite(console)

@@ -6,9 +6,12 @@ import argparse
 import json
 import signal
 import sys
+import time
 
+from testbed.net.addressing import AddressPlan, path_links
+from testbed.net.capabilities import peak_rate_mbit
 from testbed.net.network import EmulatedNetwork
-from testbed.spec.topology import Shaping
+from testbed.spec.topology import Shaping, Topology
 
 
 def _load(path: str):
@@ -41,7 +44,11 @@ def up(args: argparse.Namespace) -> int:
 
 
 def probe(args: argparse.Namespace) -> int:
-    """Bring up, measure src <-> dst with ``testbed.net.probe``, tear down, print."""
+    """Bring up, measure src <-> dst with ``testbed.net.probe``, tear down, print.
+
+    Exit codes: 0 measured; 1 a measurement failed (one line on stderr, e.g. a test that got no
+    result over a trace's long outage); 2 bad input (``SpecError``)."""
+    from testbed.net.probe import ProbeError
     from testbed.net.probe import probe as run_probe
 
     topo = _load(args.topo)
@@ -51,16 +58,27 @@ def probe(args: argparse.Namespace) -> int:
 
             raise SpecError(args.topo, flag.lstrip("-"), f"no host named {name!r}")
     log = sys.stderr if not args.json else None
-    with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
-        res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
-                        net.ip(args.dst, args.src), args.seconds, timeline=args.timeline,
-                        up_hint_mbit=path_rate_mbit(net, args.src, args.dst),
-                        down_hint_mbit=path_rate_mbit(net, args.dst, args.src))
-        shaper = net.shaper
+    try:
+        with EmulatedNetwork(topo, shaper=args.shaper, runtime=args.runtime, cli_log=log) as net:
+            up_at = time.monotonic()  # first: the userspace backend's replay began just before
+            res = run_probe(net.runner(args.src), net.runner(args.dst), net.ip(args.src, args.dst),
+                            net.ip(args.dst, args.src), args.seconds, timeline=args.timeline,
+                            up_hint_mbit=path_rate_mbit(topo, net.plan, args.src, args.dst),
+                            down_hint_mbit=path_rate_mbit(topo, net.plan, args.dst, args.src))
+            shaper = net.shaper
+            clock_t0 = replay_t0(net, up_at)
+    except ProbeError as e:
+        print(f"testbed probe: {args.topo}: {args.src} <-> {args.dst}: {e}", file=sys.stderr)
+        return 1
     keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct"]
-    if args.timeline:
-        keys += ["up_timeline", "down_timeline"]
     out = {"shaper": shaper, **{k: res.get(k) for k in keys}}
+    if args.timeline:
+        for name, a, b in (("up", args.src, args.dst), ("down", args.dst, args.src)):
+            t0 = res[f"{name}_timeline_started"] - clock_t0
+            out[f"{name}_timeline"] = res[f"{name}_timeline"]
+            out[f"{name}_timeline_trace_t0_s"] = t0
+            out[f"{name}_capacity_timeline"] = capacity_timeline(topo, net.plan, a, b, t0,
+                                                                 len(res[f"{name}_timeline"]))
     if args.json:
         print(json.dumps(out))
     else:
@@ -68,33 +86,45 @@ def probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rate(s: Shaping) -> float | None:
-    """Configured peak rate of one direction (a trace's highest 100 ms bin)."""
-    if s.trace is not None:
-        from testbed.spec.traces import load_trace
+def replay_t0(net: EmulatedNetwork, up_at: float) -> float:
+    """``time.monotonic()`` at trace time 0 of ``net``'s links.
 
-        return float(load_trace(s.trace, s.format or "mahimahi").rate_bins_mbit(100).max())
-    return s.bw_mbit
+    Kernel backend: when the replay thread began (``trace_t0``; read after the measurements:
+    the thread sets it once it runs, which may be just after bring-up returns).  Userspace
+    backend: each link process starts its trace when it is ready, just before the network is
+    up: ``up_at``, taken right after bring-up, is that time to within the link processes'
+    start-up spread (milliseconds for a few links)."""
+    return net.trace_t0 or up_at
 
 
-def path_rate_mbit(net: EmulatedNetwork, src: str, dst: str) -> float | None:
-    """The lowest configured rate along the routed path src -> dst (None: unlimited)."""
-    topo, plan = net.topo, net.plan
-    rates: list[float | None] = []
-    cur = src
-    while cur != dst:
-        nxt, seg = plan.next_hop[cur][dst]
-        for i in plan.segments[seg].links:
-            link = topo.links[i]
-            if {link.a, link.b} == {cur, nxt}:
-                rates.append(_rate(link.up if link.a == cur else link.down))
-            elif cur in (link.a, link.b) and plan.segments[seg].cell is not None:
-                rates.append(_rate(link.up if link.a == cur else link.down))  # cur -> cell
-            elif nxt in (link.a, link.b) and plan.segments[seg].cell is not None:
-                rates.append(_rate(link.up if link.b == nxt else link.down))  # cell -> nxt
-        cur = nxt
-    known = [r for r in rates if r is not None]
+def _path(topo: Topology, plan: AddressPlan, src: str, dst: str) -> list[Shaping]:
+    """The shaped directions a packet from ``src`` to ``dst`` crosses, in order."""
+    return [getattr(topo.links[i], d) for i, d in path_links(topo, plan, src, dst)]
+
+
+def path_rate_mbit(topo: Topology, plan: AddressPlan, src: str, dst: str) -> float | None:
+    """The lowest configured (peak) rate along the routed path src -> dst (None: unlimited)."""
+    known = [r for r in map(peak_rate_mbit, _path(topo, plan, src, dst)) if r is not None]
     return min(known) if known else None
+
+
+def capacity_timeline(topo: Topology, plan: AddressPlan, src: str, dst: str, t0: float | None,
+                      seconds: int) -> list[float] | None:
+    """The capacity (Mbit/s) the path src -> dst offered in each second from trace time ``t0``:
+    per second the lowest link on it (a trace's replayed capacity, or a fixed rate).
+    None when no link on the path limits the rate."""
+    from testbed.spec.traces import load_trace
+
+    if t0 is None:
+        return None
+    rows = []
+    for s in _path(topo, plan, src, dst):
+        if s.trace is not None:
+            trace = load_trace(s.trace, s.format or "mahimahi")
+            rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0))
+        elif s.bw_mbit is not None:
+            rows.append([float(s.bw_mbit)] * seconds)
+    return [min(col) for col in zip(*rows, strict=True)] if rows else None
 
 
 def _print_table(args: argparse.Namespace, out: dict) -> None:

@@ -214,6 +214,7 @@ class EmulatedNetwork:
         self.state.set_host_settings(changed, {"tcp_cc": self.tcp_cc})
 
     def _build(self) -> None:
+        capabilities.warn_over_ceiling(self.topo, self.shaper)  # before anything runs: it may measure
         t0 = time.monotonic()
         self.state.mark_environment()
         self.state.write()  # first: what follows changes the host, the record must exist

@@ -7,6 +7,9 @@ Popen keyword arguments (``stdout=PIPE`` ...).  Mininet's ``host.popen`` fits, a
 Throughput is TCP goodput (cubic, first second omitted) as the receiver counts it; loss and
 timelines use UDP and the server's (receiver's) counters.  Every iperf3 server started here
 serves one test (``-1``) on its own port and is killed if it is still there afterwards.
+
+Every failure (a tool that exits with an error, or gives no result in time: e.g. a trace with
+a long outage stalls a test) is a ``ProbeError`` whose text is one line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from testbed.spec.errors import TestbedError
@@ -29,6 +33,10 @@ Runner = Callable[..., subprocess.Popen]
 UDP_PAYLOAD = 1448  # bytes: one datagram per 1500-byte IP packet, never fragmented
 CONNECT_TRIES = 40
 UDP_START_TRIES = 4
+GRACE_S = 30  # how long a test may take beyond its own duration before it counts as stalled
+# UDP receive buffer asked for: the default (~200 KB, ~15 ms at 100 Mbit/s) overflows whenever the
+# receiving iperf3 waits that long for a core on a busy machine, which reads as link loss
+UDP_RCVBUF = 4 << 20
 _ports = itertools.count((os.getpid() * 37) % 20000)
 _PING_TIME = re.compile(rb"time=([0-9.]+) ms")
 
@@ -41,13 +49,15 @@ def _next_port() -> int:
     return 6000 + next(_ports) % 20000
 
 
-def _wait_out(p: subprocess.Popen, timeout: float) -> bytes:
+def _wait_out(p: subprocess.Popen, timeout: float) -> tuple[bytes, bool]:
+    """The process's output, and whether it finished by itself within ``timeout``."""
     try:
         out, _ = p.communicate(timeout=timeout)
+        return out or b"", True
     except subprocess.TimeoutExpired:
         p.kill()
         out, _ = p.communicate()
-    return out or b""
+        return out or b"", False
 
 
 @contextlib.contextmanager
@@ -64,25 +74,57 @@ def _iperf_server(run: Runner) -> Iterator[int]:
         srv.wait()
 
 
-def _iperf_client(run: Runner, argv: list[str], seconds: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class IperfRun:
+    """One iperf3 client run: its JSON and when (``time.monotonic()``) it was started and ended."""
+
+    data: dict[str, Any]
+    launched: float
+    finished: float
+
+
+def _iperf_client(run: Runner, argv: list[str], seconds: float) -> IperfRun:
     """Run an iperf3 client (-J), retrying while the server is not listening yet."""
     last = ""
     for _ in range(CONNECT_TRIES):
+        launched = time.monotonic()
         p = run(["iperf3", "-J", "--get-server-output", *argv], stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT)
-        out = _wait_out(p, seconds + 30)
+        out, in_time = _wait_out(p, seconds + GRACE_S)
+        finished = time.monotonic()
+        if not in_time:
+            last = (f"no result within {seconds + GRACE_S:.0f} s, stopped (the path carried (almost) "
+                    "nothing for that long: an outage in a trace?)")
+            break
         try:
             data = json.loads(out)
         except ValueError:
             data = {"error": out.decode(errors="replace").strip()[-200:]}
         err = data.get("error")
         if not err and p.returncode == 0:
-            return data
+            return IperfRun(data, launched, finished)
         last = str(err or f"exit code {p.returncode}")
         if "refused" not in last:  # only a server not listening yet is worth a retry
             break
         time.sleep(0.1)
-    raise ProbeError(f"iperf3 {' '.join(argv)}: {last}")
+    raise ProbeError(f"iperf3 {' '.join(argv)}: {' '.join(last.split())}")
+
+
+def throughput_intervals(src_run: Runner, dst_run: Runner, dst_ip: str, seconds: float) -> list[float]:
+    """TCP (cubic) goodput src -> dst in Mbit/s, per whole second the receiver counted, after
+    a 1 s omitted warm-up."""
+    secs = max(1, math.ceil(seconds))
+    with _iperf_server(dst_run) as port:
+        data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-t", str(secs), "-O", "1",
+                                       "-C", "cubic"], secs + 1).data
+    try:
+        full = [iv["sum"] for iv in (data.get("server_output_json") or {}).get("intervals", [])
+                if not iv["sum"].get("omitted") and iv["sum"]["seconds"] > 0.5]
+        if not full:
+            return [float(data["end"]["sum_received"]["bits_per_second"]) / 1e6]
+        return [iv["bytes"] * 8 / iv["seconds"] / 1e6 for iv in full]
+    except (KeyError, TypeError) as e:
+        raise ProbeError(f"iperf3 -c {dst_ip}: results without {e}") from None
 
 
 def measure_throughput(src_run: Runner, dst_run: Runner, dst_ip: str, seconds: float) -> float:
@@ -91,49 +133,74 @@ def measure_throughput(src_run: Runner, dst_run: Runner, dst_ip: str, seconds: f
     It counts the receiver's whole one-second intervals only: the tail interval after the
     sender stops would otherwise charge the data still queued in the link (bufferbloat) as
     missing throughput."""
-    secs = max(1, math.ceil(seconds))
-    with _iperf_server(dst_run) as port:
-        data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-t", str(secs), "-O", "1",
-                                       "-C", "cubic"], secs + 1)
-    full = [iv["sum"] for iv in (data.get("server_output_json") or {}).get("intervals", [])
-            if not iv["sum"].get("omitted") and iv["sum"]["seconds"] > 0.5]
-    if not full:
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
-    return sum(iv["bytes"] for iv in full) * 8 / sum(iv["seconds"] for iv in full) / 1e6
+    per_s = throughput_intervals(src_run, dst_run, dst_ip, seconds)
+    return sum(per_s) / len(per_s)
 
 
-def _udp(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float, seconds: float) -> dict:
+def _udp_window() -> int:
+    """``UDP_RCVBUF``, or what ``net.core.rmem_max`` allows (iperf3 fails when it gets less)."""
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return min(UDP_RCVBUF, int(f.read()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _udp(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float, seconds: float) -> IperfRun:
+    """A UDP test; its ``data`` is the server's (receiver's) JSON."""
     secs = max(1, math.ceil(seconds))
+    window = _udp_window()
+    extra = ["-w", str(window)] if window else []
     for attempt in range(UDP_START_TRIES):
         try:
             with _iperf_server(dst_run) as port:
-                data = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-u", "-b", f"{rate_mbit}M",
-                                               "-l", str(UDP_PAYLOAD), "-t", str(secs)], secs)
+                got = _iperf_client(src_run, ["-c", dst_ip, "-p", str(port), "-u", "-b", f"{rate_mbit}M",
+                                              "-l", str(UDP_PAYLOAD), "-t", str(secs), *extra], secs)
             break
         except ProbeError as e:
             # iperf3 starts a UDP test with one datagram each way; a lossy link may drop one,
             # and the client then fails reading its "stream socket": start again, fresh server
             if "stream socket" not in str(e) or attempt == UDP_START_TRIES - 1:
                 raise
-    server = data.get("server_output_json")
-    if not server:
-        raise ProbeError("iperf3 returned no server-side results")
-    return server
+    server = got.data.get("server_output_json")
+    if not server or "end" not in server or "intervals" not in server:
+        raise ProbeError(f"iperf3 -c {dst_ip} -u: no server-side results")
+    return IperfRun(server, got.launched, got.finished)
 
 
 def measure_loss(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float, seconds: float) -> float:
     """Per cent of UDP datagrams (sent at ``rate_mbit``, below capacity) the receiver missed."""
-    server = _udp(src_run, dst_run, dst_ip, rate_mbit, seconds)
+    server = _udp(src_run, dst_run, dst_ip, rate_mbit, seconds).data
     return float(server["end"]["sum"]["lost_percent"])
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Mbit/s received in each second, and when (``time.monotonic()``) the first second began."""
+
+    mbit: list[float]
+    started: float
+
+
+def measure_timeline_started(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float,
+                             seconds: float) -> Timeline:
+    """A UDP flow at ``rate_mbit`` (saturating): Mbit/s received in each second at the server.
+
+    The start is estimated from the client's run: its set-up (connect, parameters, stream
+    start: a few round trips) and its wind-down (results both ways) take about as long, so the
+    flow runs in the middle of the client's lifetime."""
+    secs = max(1, math.ceil(seconds))
+    got = _udp(src_run, dst_run, dst_ip, rate_mbit, seconds)
+    per_s = [float(iv["sum"]["bits_per_second"]) / 1e6 for iv in got.data["intervals"]
+             if iv["sum"]["seconds"] > 0.5]
+    overhead = max(0.0, got.finished - got.launched - secs)
+    return Timeline(per_s[:secs], got.launched + overhead / 2)  # later seconds only drain the queue
 
 
 def measure_timeline(src_run: Runner, dst_run: Runner, dst_ip: str, rate_mbit: float,
                      seconds: float) -> list[float]:
-    """A UDP flow at ``rate_mbit`` (saturating): Mbit/s received in each second at the server."""
-    server = _udp(src_run, dst_run, dst_ip, rate_mbit, seconds)
-    per_s = [float(iv["sum"]["bits_per_second"]) / 1e6 for iv in server["intervals"]
-             if iv["sum"]["seconds"] > 0.5]
-    return per_s[:max(1, math.ceil(seconds))]  # later seconds only drain the link's queue
+    """``measure_timeline_started(...).mbit``: per-second received Mbit/s of a saturating UDP flow."""
+    return measure_timeline_started(src_run, dst_run, dst_ip, rate_mbit, seconds).mbit
 
 
 def measure_rtt(src_run: Runner, dst_ip: str, count: int = 20, interval: float = 0.05) -> dict[str, float]:
@@ -142,7 +209,7 @@ def measure_rtt(src_run: Runner, dst_ip: str, count: int = 20, interval: float =
     One extra ping goes first and is not counted: it may include address resolution."""
     p = src_run(["ping", "-n", "-c", str(count + 1), "-i", str(interval), "-W", "2", dst_ip],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = _wait_out(p, (count + 1) * interval + 30)
+    out, _ = _wait_out(p, (count + 1) * interval + GRACE_S)
     times = [float(m) for m in _PING_TIME.findall(out)]
     if out.count(b"icmp_seq=1 ") and times:
         times = times[1:]
@@ -165,7 +232,9 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
     """Throughput both ways, RTT, UDP loss both ways (and optional per-second timelines).
 
     Up is src -> dst, down is dst -> src; ``rtt_ms`` is the mean RTT (``rtt`` has all the
-    ping figures).  The tests run one after another."""
+    ping figures).  The tests run one after another, so a timeline starts well after the
+    network came up: ``up_timeline_started`` / ``down_timeline_started`` say when
+    (``time.monotonic()``)."""
     res: dict[str, Any] = {}
     res["up_mbit"] = measure_throughput(src_run, dst_run, dst_ip, seconds)
     res["down_mbit"] = measure_throughput(dst_run, src_run, src_ip, seconds)
@@ -176,8 +245,10 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
     res["loss_down_pct"] = measure_loss(dst_run, src_run, src_ip,
                                         _loss_rate(res["down_mbit"], down_hint_mbit), seconds)
     if timeline:
-        up_sat = 1.5 * (up_hint_mbit or res["up_mbit"])
-        down_sat = 1.5 * (down_hint_mbit or res["down_mbit"])
-        res["up_timeline"] = measure_timeline(src_run, dst_run, dst_ip, up_sat, seconds)
-        res["down_timeline"] = measure_timeline(dst_run, src_run, src_ip, down_sat, seconds)
+        ways = (("up", src_run, dst_run, dst_ip, up_hint_mbit or res["up_mbit"]),
+                ("down", dst_run, src_run, src_ip, down_hint_mbit or res["down_mbit"]))
+        for name, sender, receiver, ip, rate in ways:
+            tl = measure_timeline_started(sender, receiver, ip, 1.5 * rate, seconds)  # saturating
+            res[f"{name}_timeline"] = tl.mbit
+            res[f"{name}_timeline_started"] = tl.started
     return res

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from testbed.net import probe
 from testbed.net.shaping.userspace import netns_link
 from testbed.spec.topology import Shaping
+from testbed.spec.traces import load_trace
+
+MAHIMAHI = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
 
 TCP_SHARE = 1448 / 1500
 UDP_SHARE = probe.UDP_PAYLOAD / (probe.UDP_PAYLOAD + 28)
@@ -24,8 +31,10 @@ def test_probe_asymmetric_link_both_ways() -> None:
     up = Shaping(bw_mbit=12, delay_ms=10)
     down = Shaping(bw_mbit=3, delay_ms=5, loss_pct=1)
     with netns_link(up, down) as link:
+        t_up = time.monotonic()
         res = probe.probe(link.run1, link.run2, link.ip1, link.ip2, seconds=3, timeline=True,
                           up_hint_mbit=12, down_hint_mbit=3)
+        took = time.monotonic() - t_up
         left = _pids_of(link.ns1) + _pids_of(link.ns2)
     assert left == []  # every iperf3 server and client is gone
     assert abs(res["up_mbit"] - 12 * TCP_SHARE) <= 0.05 * 12  # lost ACKs barely matter
@@ -42,6 +51,16 @@ def test_probe_asymmetric_link_both_ways() -> None:
         assert len(got) >= 2
         for g in got[1:]:
             assert abs(g - rate * UDP_SHARE) <= 0.10 * rate, got  # per-second, as for traces
+    # the timelines run last: after four 3 s tests (plus set-up), the down one after the up one
+    up_t0, down_t0 = res["up_timeline_started"] - t_up, res["down_timeline_started"] - t_up
+    assert 12 <= up_t0 < down_t0 - 3 and down_t0 + 3 <= took, res
+
+
+def test_no_timeline_unless_asked() -> None:
+    with netns_link(Shaping(bw_mbit=20), Shaping(bw_mbit=20)) as link:
+        plain = probe.probe(link.run1, link.run2, link.ip1, link.ip2, seconds=1)
+    assert not [k for k in plain if "timeline" in k], plain
+    assert abs(plain["up_mbit"] - 20 * TCP_SHARE) <= 1 and abs(plain["down_mbit"] - 20 * TCP_SHARE) <= 1
 
 
 def test_timeline_follows_the_rate() -> None:
@@ -62,3 +81,22 @@ def test_unreachable_destination_raises() -> None:
             probe.measure_rtt(link.run1, "10.254.254.254", count=2, interval=0.2)
         with pytest.raises(probe.ProbeError):
             probe.measure_throughput(link.run1, link.run2, "10.254.254.254", 1)
+
+
+@pytest.mark.skipif(not MAHIMAHI.is_dir(), reason="shared Mahimahi traces not present")
+def test_timeline_start_lines_up_with_the_replayed_trace(tmp_path: Path) -> None:
+    """The start estimate, against the link process's own record of when its replay began."""
+    trace_file = MAHIMAHI / "TMobile-LTE-short.up"
+    trace = load_trace(trace_file, "mahimahi")
+    stats = tmp_path / "stats.json"
+    with netns_link(Shaping(trace=trace_file, format="mahimahi", queue_pkts=100), Shaping(),
+                    stats_path=stats) as link:
+        replay_unix = json.loads(stats.read_text())["started_unix"]  # written just before trace time 0
+        clock_t0 = time.monotonic() - (time.time() - replay_unix)  # the same instant on our clock
+        time.sleep(3)
+        tl = probe.measure_timeline_started(link.run1, link.run2, link.ip2, rate_mbit=40, seconds=6)
+    t0 = tl.started - clock_t0
+    assert 3 <= t0 <= 6, t0
+    want = np.array(trace.capacity_mbit_per_s(len(tl.mbit), start_s=t0)) * UDP_SHARE
+    err = np.abs(np.array(tl.mbit) - want) / np.maximum(want, 0.5)
+    assert len(tl.mbit) == 6 and err.mean() <= 0.10 and err.max() <= 0.25, (t0, tl.mbit, want)
