@@ -43,6 +43,8 @@ def test_kernel_replay_tracks_trace(tmp_path: Path):
                     {"a": NodeSpec("a", "device"), "b": NodeSpec("b", "edge")}, [LinkSpec("a", "b", up)])
     seconds = len(RATES_MBIT)
     with EmulatedNetwork(topo, shaper="kernel") as net:
+        # bin 0 has begun by the time bring-up returns: the clock is set, and it is in the past
+        assert 0 < net.trace_t0 <= time.monotonic()
         b_if = net.mn.nameToNode["b"].intfList()[-1].name
         server = net.popen("b", ["iperf3", "-s", "-1"])
         time.sleep(0.3)

@@ -45,7 +45,8 @@ class TraceReplayer(threading.Thread):
         self.items: list[Replayed] = []
         self.sockets = sockets or kernel_shaping.NetlinkSockets()
         self._stop_event = threading.Event()
-        self._started = threading.Event()
+        # not ``_started``: threading.Thread keeps its own start event under that name
+        self._clock_started = threading.Event()
         self._lock = threading.Lock()
         self.t0 = 0.0
         self.error: tuple[str, BaseException] | None = None  # (link, what went wrong)
@@ -53,7 +54,7 @@ class TraceReplayer(threading.Thread):
     def start(self) -> None:
         """Start replaying; returns once bin 0 has begun (``t0`` is set)."""
         super().start()
-        self._started.wait(timeout=5)
+        self._clock_started.wait(timeout=5)
 
     def add(self, link: str, pid: int | None, idx: int, shaping: Shaping, trace: Trace, netem: bool) -> None:
         with self._lock:
@@ -78,12 +79,12 @@ class TraceReplayer(threading.Thread):
             link = getattr(e, "link", current)
             self.error = (link, e)
         finally:
-            self._started.set()
+            self._clock_started.set()
             self.sockets.close_mine()
 
     def _replay(self) -> None:
         self.t0 = time.monotonic()
-        self._started.set()
+        self._clock_started.set()
         k = 0
         while not self._stop_event.is_set():
             with self._lock:
