@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", required=True, help="node=start:end,... e.g. phone=0:8,mec=8:30")
     p.add_argument("--shaper", choices=SHAPERS, default="auto")
     p.add_argument("--runtime", choices=("process", "docker"), default=None)
+    p.add_argument("--logs", default=None, metavar="DIR",
+                   help="folder for the node programs' logs (default: results/logs/infer-DATE-TIME-PID)")
     _model_args(p)
 
     p = sub.add_parser("run", help="run an experiment suite")

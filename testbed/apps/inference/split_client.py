@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
+from testbed.apps.inference.activations import hidden_message
 from testbed.wire.message import (
     HEADER,
     Hop,
     Kind,
     WireError,
     control,
-    forward_hidden,
     forward_tokens,
     parse,
     wire_size,
@@ -101,7 +101,7 @@ class SplitClient:
             if self.sock is None:
                 self.totals[0].add((t1 - t0) * 1e3, 0.0, 0.0, 0, 0)
                 return int(out[0, -1].argmax())
-            frames = forward_hidden(self.session, step, pos, out, self.codec, self.kv_cache).frames()
+            frames = hidden_message(self.session, step, pos, out, self.codec, self.kv_cache).frames()
         compute_ms = (t1 - t0) * 1e3
         t2 = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)
