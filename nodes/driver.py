@@ -9,18 +9,16 @@ measurements as one JSON line.  Started by ``testbed.apps.launch``.
 
 from __future__ import annotations
 
-import sys
+from testbed.apps.inference.settings import DriverSettings
+from testbed.apps.launch import exit_now, read_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from testbed.apps.inference.settings import DriverSettings
-    from testbed.apps.launch import read_settings
-
     settings = read_settings(DriverSettings, argv, prog="driver")
-    from testbed.apps.inference.programs import driver
+    from testbed.apps.inference.programs import driver  # torch loads only for good settings
 
     return driver(settings)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

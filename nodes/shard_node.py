@@ -9,18 +9,16 @@ bound; exits cleanly on SIGTERM/SIGINT.  Started by ``testbed.apps.launch``.
 
 from __future__ import annotations
 
-import sys
+from testbed.apps.inference.settings import ShardSettings
+from testbed.apps.launch import exit_now, read_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from testbed.apps.inference.settings import ShardSettings
-    from testbed.apps.launch import read_settings
-
     settings = read_settings(ShardSettings, argv, prog="shard_node")
-    from testbed.apps.inference.programs import shard_node
+    from testbed.apps.inference.programs import shard_node  # torch loads only for good settings
 
     return shard_node(settings)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

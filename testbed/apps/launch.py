@@ -166,6 +166,16 @@ def read_settings(cls: type[T], argv: Sequence[str] | None = None, prog: str | N
         raise SystemExit(2) from None
 
 
+def exit_now(code: int) -> typing.NoReturn:
+    """End a node program that is done: flush its output and leave without finalizing the interpreter
+    (tearing down torch and transformers takes seconds on a loaded machine, which would eat the
+    launcher's stop grace period; nothing is left to write)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def announce_ready(detail: str = "") -> None:
     """A program's ready line: the launcher starts its CPU clock here."""
     print(f"{READY} {detail}".rstrip(), flush=True)

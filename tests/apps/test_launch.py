@@ -97,10 +97,12 @@ def test_inference_settings_ranges(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("script", "args", "why"), [
-    ("nodes/shard_node.py", ["--settings", '{"bind": "tcp://0.0.0.0:5999", "model": "/", "start": 0, "end": 1}'],
+    ("nodes/shard_node.py", ["--settings", '{"bind": "tcp://0.0.0.0:5999", "model": "/", "start": 0, '
+                             '"end": 1}'],
      "shard_node settings: bind: must name one address of this host, not a wildcard"),
     ("nodes/shard_node.py", ["--settings", '{"bind": "tcp://127.0.0.1:5999", "model": "/", "start": 0, '
-                             '"end": 1, "threads": "2"}'], "shard_node settings: threads: must be an integer"),
+                             '"end": 1, "threads": "2"}'],
+     "shard_node settings: threads: must be an integer"),
     ("nodes/driver.py", ["--settings", '{"model": "/nowhere", "start": 0, "end": 1, "max_new_tokens": 0}'],
      "driver settings: max_new_tokens: must be in 1..100000 (got 0)"),
     ("nodes/driver.py", ["--settings", '{"model": "/", "start": 0, "end": 1, "temperature": 0.5}'],
@@ -161,7 +163,8 @@ def test_ready_timeout_names_the_program_and_stops_it(tmp_path: Path) -> None:
     with Launcher(tmp_path) as run:
         (r,) = run.start([fake("sleepy", "hang", log_lines=2)])
         t0 = time.monotonic()
-        with pytest.raises(ProgramFailed, match=r"sleepy not ready after 3 s; its whole log: .*sleepy.log") as e:
+        why = r"sleepy not ready after 3 s; its whole log: .*sleepy.log"
+        with pytest.raises(ProgramFailed, match=why) as e:
             run.wait_ready([r], timeout_s=3)
         assert 3 <= time.monotonic() - t0 < 20
         assert "log line 1" in str(e.value)
