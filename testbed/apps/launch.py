@@ -335,7 +335,7 @@ def sigint_deferred() -> Iterator[list[int]]:
     try:
         yield held
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, signal.default_int_handler if old is None else old)
 
 
 class Launcher:
@@ -378,11 +378,14 @@ class Launcher:
         sharers = self.sharers or computing + sum(1 for p in programs if p.compute)
         self.logs.mkdir(parents=True, exist_ok=True)
         started = []
-        for prog in programs:
-            started.append(self._start_one(prog, max(1, sharers) if prog.compute else 1))
+        with sigint_deferred() as held:  # a program started is a program registered for the stop
+            for prog in programs:
+                started.append(self._start_one(prog, max(1, sharers) if prog.compute else 1))
         if self._monitor is None:
             self._monitor = threading.Thread(target=self._watch, name="launcher-monitor", daemon=True)
             self._monitor.start()
+        if held:
+            raise KeyboardInterrupt
         return started
 
     def _start_one(self, prog: Program, sharers: int) -> Running:
