@@ -61,14 +61,16 @@ def driver(s: DriverSettings) -> int:
     client = SplitClient(shard, s.next, codec=s.codec, kv_cache=s.kv_cache, timeout_s=s.timeout_s,
                          layers=list(s.hops))
     try:
-        client.connect()
-        announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
-        out = client.generate(ids, s.max_new_tokens, stop)
-    except SplitError as e:
-        print(json.dumps({"error": str(e)}), flush=True)
-        return 1
+        try:
+            client.connect()
+            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            out = client.generate(ids, s.max_new_tokens, stop)
+        except SplitError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 1
+        out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
+        # before the CLOSE round trip: the time this line is read marks the end of generation
+        print(json.dumps(out), flush=True)
+        return 0
     finally:
         client.close()
-    out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
-    print(json.dumps(out), flush=True)
-    return 0

@@ -38,21 +38,24 @@ class Request:
 
 
 def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
-                 net_started: float, logs: Path | None = None) -> dict[str, Any]:
+                 net_started: float, logs: Path | None = None,
+                 ports: list[int] | None = None) -> dict[str, Any]:
     """Run one request per chain at the same time; chains share every stage after the first.
 
     ``net_started``: ``time.monotonic()`` when the network came up; ``logs``: the programs' log
-    folder (default: a new one under results/logs).  Returns ``{"sessions": [driver result +
-    gen_start_s, ...], "cpu_ms": {node: ms}, "wall_s": s, "logs": folder}``.
+    folder (default: a new one under results/logs); ``ports``: the downstream stages' ports
+    (default BASE_PORT + 1, + 2, ...).  Returns ``{"sessions": [driver result + gen_start_s, ...],
+    "cpu_ms": {node: ms}, "wall_s": s, "logs": folder}``.
     """
     downstream = chains[0][1:]
     for c in chains[1:]:
         if c[1:] != downstream:
             raise ValueError("parallel devices must share the downstream stages")
     # The first downstream stage listens on the address facing the first device.
+    ports = ports or [BASE_PORT + i for i in range(1, len(downstream) + 1)]
     addrs: list[str | None] = [None]
     for i, s in enumerate(downstream, start=1):
-        addrs.append(f"tcp://{net.ip(s.node, chains[0][i - 1].node)}:{BASE_PORT + i}")
+        addrs.append(f"tcp://{net.ip(s.node, chains[0][i - 1].node)}:{ports[i - 1]}")
     if downstream and len({net.ip(downstream[0].node, c[0].node) for c in chains}) > 1:
         raise InferenceError(f"the devices reach {downstream[0].node} on different addresses: "
                              "parallel devices must share one segment (a cell)")
