@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from testbed.omp import ThreadPlan, plan_threads, process_env
+from testbed.omp import ThreadPlan, describe, plan_threads, process_env
 from testbed.spec.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -397,14 +397,16 @@ class Launcher:
             settings = dataclasses.replace(settings, threads=plan.threads)
         script = Path(prog.script) if Path(prog.script).is_absolute() else NODES / prog.script
         argv = [sys.executable, str(script), "--settings", encode_settings(settings)]
+        env = program_env(plan)
         log = self.logs / f"{prog.name}.log"
         log_file = open(log, "ab")  # noqa: SIM115 - closed by stop(); appends: a rerun keeps the old
         log_file.write(f"=== {prog.name} on {prog.host.name} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
-                       f"{plan.threads} thread(s), {plan.wait} wait\n=== {' '.join(argv)}\n".encode())
+                       f"{plan.threads} thread(s), OpenMP wait {describe(env, role='node')}\n"
+                       f"=== {' '.join(argv)}\n".encode())
         log_file.flush()
         try:
             popen = prog.host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-                                    env=program_env(plan))
+                                    env=env)
         except Exception as e:
             log_file.close()
             raise LaunchError(f"{prog.name}: could not start on {prog.host.name}: {e}") from e
@@ -464,10 +466,18 @@ class Launcher:
             run.exited_at = time.monotonic()
             return True
 
+    @staticmethod
+    def _drained(run: Running, wait_s: float = 0.0) -> bool:
+        """Whether all of ``run``'s stdout has been read (its ready line noted, its log complete)."""
+        if run._reader is not None:
+            run._reader.join(timeout=wait_s)
+        return run._reader is None or not run._reader.is_alive()
+
     def check(self) -> None:
         """ProgramFailed for the first service program that exited although nobody stopped it."""
         for run in self.procs:
             if run.program.service and not run.stopping and self._exited(run):
+                self._drained(run, 2.0)
                 when = "before it was ready" if run.ready_at is None else "during the run"
                 raise ProgramFailed(run.name, run.log, f"on {run.program.host.name} exited with code "
                                     f"{run.returncode} {when}")
@@ -490,8 +500,10 @@ class Launcher:
         def done() -> bool:
             for run in runs:
                 if run.ready_at is None and self._exited(run):
-                    raise ProgramFailed(run.name, run.log, f"on {run.program.host.name} exited with code "
-                                        f"{run.returncode} before it was ready")
+                    self._drained(run, 2.0)  # its ready line may still be in the pipe
+                    if run.ready_at is None:
+                        raise ProgramFailed(run.name, run.log, f"on {run.program.host.name} exited with "
+                                            f"code {run.returncode} before it was ready")
             return all(r.ready_at is not None for r in runs)
 
         if not self._wait(done, time.monotonic() + timeout_s):
@@ -502,7 +514,7 @@ class Launcher:
     def wait_exit(self, runs: Sequence[Running], timeout_s: float) -> None:
         """Until every one of ``runs`` exited (their stdout read to the end); LaunchError on timeout."""
         def done() -> bool:
-            return all(self._exited(r) and not (r._reader and r._reader.is_alive()) for r in runs)
+            return all(self._exited(r) and self._drained(r) for r in runs)
 
         if not self._wait(done, time.monotonic() + timeout_s):
             late = [r.name for r in runs if not self._exited(r)]

@@ -218,6 +218,7 @@ def test_task_exit_and_output(tmp_path: Path) -> None:
         (r,) = run.start([fake("t", "report", service=False)])
         run.wait_exit([r], 120)
         run.check()  # a task that ends is no failure
+        run.wait_ready([r], 1)  # ready, then gone: still was ready
     assert r.returncode == 0 and r.stdout()[0].startswith("READY") and json.loads(r.stdout()[-1])["threads"]
     assert r.stdout()[-1] in r.log.read_text()  # stdout goes to the log as well
     with Launcher(tmp_path / "slow") as run, pytest.raises(LaunchError, match="t did not finish in 2 s"):
