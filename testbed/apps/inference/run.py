@@ -40,7 +40,8 @@ class InferenceError(LaunchError):
 
 
 def node_env(threads: int = 1) -> dict[str, str]:
-    """The environment of a shard node that shares the machine (passive OpenMP wait)."""
+    """The environment of a shard node that shares the machine (passive OpenMP wait); the launcher
+    builds each program's own from its thread plan, this form serves tests/test_omp.py."""
     return program_env(ThreadPlan(threads=threads, wait="passive"))
 
 
