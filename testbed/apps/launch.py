@@ -16,7 +16,8 @@ emulated network, :class:`NetHost`, or this machine, :class:`LocalHost`) and the
   file and shows its tail;
 - notices a program that dies while the run goes on (a monitor thread; every wait raises
   :class:`ProgramFailed` within a fraction of a second, not at the end of the run);
-- measures each program's CPU time from its ready line to its stop (``/proc/PID/stat``);
+- measures each program's CPU time from its ready line (which states the CPU time used so far) to
+  its stop or its own exit (``/proc/PID/stat``, read before the exited process is reaped);
 - stops everything on every way out (SIGTERM, SIGKILL after a grace period), and a second
   Ctrl-C arriving during the stop is held until the stop is complete.
 """
@@ -177,8 +178,20 @@ def exit_now(code: int) -> typing.NoReturn:
 
 
 def announce_ready(detail: str = "") -> None:
-    """A program's ready line: the launcher starts its CPU clock here."""
-    print(f"{READY} {detail}".rstrip(), flush=True)
+    """A program's ready line: the launcher starts its CPU clock here.  The line carries the CPU time
+    used so far (all threads, as /proc/PID/stat counts it), so a launcher that reads it late under
+    load still starts the clock at the right value."""
+    print(f"{READY} cpu_ms={time.process_time() * 1e3:.1f} {detail}".rstrip(), flush=True)
+
+
+def _ready_cpu_ms(line: str) -> float | None:
+    """The ``cpu_ms=`` a ready line carries, if any."""
+    for word in line.split()[1:]:
+        if word.startswith("cpu_ms="):
+            with contextlib.suppress(ValueError):
+                value = float(word.split("=", 1)[1])
+                return value if math.isfinite(value) and value >= 0 else None
+    return None
 
 
 # ---- hosts --------------------------------------------------------------------------------------
@@ -426,7 +439,8 @@ class Launcher:
             now = time.monotonic()
             line = raw.decode(errors="replace").rstrip("\n")
             if run.ready_at is None and line.split(" ", 1)[0] == READY:
-                run.ready_cpu_ms = cpu_ms(run.pid)
+                said = _ready_cpu_ms(line)
+                run.ready_cpu_ms = said if said is not None else cpu_ms(run.pid)
                 run.ready_at = now
             with contextlib.suppress(ValueError, OSError):
                 run._log_file.write(raw)

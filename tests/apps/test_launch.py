@@ -219,6 +219,7 @@ def test_task_exit_and_output(tmp_path: Path) -> None:
         run.wait_exit([r], 120)
         run.check()  # a task that ends is no failure
         run.wait_ready([r], 1)  # ready, then gone: still was ready
+    assert r.cpu_ms is not None and 0 <= r.cpu_ms < 500  # the clock started at its ready line
     assert r.returncode == 0 and r.stdout()[0].startswith("READY") and json.loads(r.stdout()[-1])["threads"]
     assert r.stdout()[-1] in r.log.read_text()  # stdout goes to the log as well
     with Launcher(tmp_path / "slow") as run, pytest.raises(LaunchError, match="t did not finish in 2 s"):
@@ -242,6 +243,12 @@ def test_cpu_time_from_ready_to_stop(tmp_path: Path) -> None:
     assert 550 <= task.cpu_ms < 1200, task.cpu_ms  # ended by itself: read before it was reaped
     assert task.exit_cpu_ms is not None
     assert idle.cpu_ms < 400, idle.cpu_ms
+
+
+def test_the_ready_line_states_the_cpu_time_so_far() -> None:
+    assert launch._ready_cpu_ms("READY cpu_ms=812.5 tcp://10.0.0.1:5601") == 812.5
+    for line in ("READY", "READY tcp://x:1", "READY cpu_ms=nan", "READY cpu_ms=-1", "READY cpu_ms=x"):
+        assert launch._ready_cpu_ms(line) is None  # then the launcher reads /proc itself
 
 
 # ---- stop -----------------------------------------------------------------------------------------
