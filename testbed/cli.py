@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("topo")
     p.add_argument("--placement", required=True, help="node=start:end,... e.g. phone=0:8,mec=8:30")
     _network_args(p)
+    p.add_argument("--logs", default=None, metavar="DIR",
+                   help="folder for the node programs' logs (default: results/logs/infer-DATE-TIME-PID)")
     _model_args(p)
 
     p = sub.add_parser("run", help="run an experiment suite")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -72,8 +73,11 @@ def kv_cache_bytes(info: dict[str, Any], start: int, end: int, positions: int) -
     return 2 * (end - start) * info["kv_heads"] * info["head_dim"] * positions * 4
 
 
-def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Bring the point's topology up, run its workload, tear it down; return the measured part."""
+def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
+            logs: Path | None = None) -> dict[str, Any]:
+    """Bring the point's topology up, run its workload, tear it down; return the measured part.
+
+    ``logs``: where the node programs' logs go (kept whole)."""
     from testbed.net.network import EmulatedNetwork
 
     topo = build_topology(suite, point)
@@ -84,7 +88,7 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
     t0 = time.monotonic()
     with EmulatedNetwork(topo, shaper=suite.shaper, runtime=p.get("runtime")) as net:
         started = time.monotonic()
-        out = run_sessions(net, chains, model_dir, req, started)
+        out = run_sessions(net, chains, model_dir, req, started, logs=logs)
         shaper, tcp_cc = net.shaper, net.tcp_cc
         t_done = time.monotonic()
     phases = {"network_up_s": round(started - t0, 3), "workload_s": round(t_done - started, 3),
@@ -202,7 +206,8 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
         rec["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
         rec["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine: note its load
         try:
-            rec.update(execute(suite, point, model_dir, info))
+            logs = out_dir / "logs" / f"{re.sub(r'[^A-Za-z0-9._=,-]+', '_', point.id)}.r{repeat}"
+            rec.update(execute(suite, point, model_dir, info, logs))
             rec["status"] = "ok"
         except KeyboardInterrupt:
             raise

@@ -1,9 +1,9 @@
-"""Activation codecs: how hidden states ``[.., T, H]`` float32 travel between shards.
+"""Activation codecs: how hidden states ``[.., T, H]`` float32 are quantized into frames and restored.
 
-Each codec turns a tensor into a list of raw frames (zero-copy views where the
-layout allows it) and back.  ``int8`` is per-token symmetric int8 plus the
-``k`` largest-magnitude channels of each token sent exactly in fp16: without
-those outliers, SmolLM2's residual stream loses greedy agreement almost entirely.
+The frames themselves (how many, their element types and sizes) are the wire's layout,
+``testbed.wire.payload``; a codec only computes the values that go in them.  ``int8`` is
+per-token symmetric int8 plus the ``k`` largest-magnitude channels of each token sent exactly
+in fp16: without those outliers, SmolLM2's residual stream loses greedy agreement almost entirely.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-Frame = bytes | bytearray | memoryview
-OUTLIERS = 4
+from testbed.wire.payload import Frame, bytes_per_token, frame_sizes, outliers, tokens_hidden, unpack
 
 
 class Codec(Protocol):
@@ -28,82 +27,54 @@ class Codec(Protocol):
     def frame_sizes(self, shape: Sequence[int]) -> list[int]: ...
 
 
-def _tokens_hidden(shape: Sequence[int]) -> tuple[int, int]:
-    if len(shape) < 1 or any(int(s) < 0 for s in shape):
-        raise ValueError(f"bad activation shape {tuple(shape)}")
-    hidden = int(shape[-1])
-    tokens = int(np.prod([int(s) for s in shape[:-1]], dtype=np.int64)) if len(shape) > 1 else 1
-    return tokens, hidden
+class _Layout:
+    """Sizes come from the wire layout of the codec's name."""
+
+    name: str
+
+    def bytes_per_token(self, hidden: int) -> int:
+        return bytes_per_token(self.name, hidden)
+
+    def frame_sizes(self, shape: Sequence[int]) -> list[int]:
+        return frame_sizes(self.name, shape)
 
 
-def _view(frame: Frame, dtype: np.dtype, count: int) -> np.ndarray:
-    buf = memoryview(frame).cast("B")
-    want = count * np.dtype(dtype).itemsize
-    if buf.nbytes != want:
-        raise ValueError(f"frame has {buf.nbytes} bytes, expected {want}")
-    return np.frombuffer(buf, dtype=dtype, count=count)
-
-
-def _check_frames(frames: Sequence[Frame], n: int) -> None:
-    if len(frames) != n:
-        raise ValueError(f"expected {n} payload frames, got {len(frames)}")
+def _shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)
 
 
 @dataclass(frozen=True)
-class PlainCodec:
+class PlainCodec(_Layout):
     """A straight cast: fp32 (exact), fp16 or bf16 (2 bytes per value)."""
 
     name: str
     dtype: torch.dtype
 
-    def _wire_np(self) -> np.dtype:
-        # numpy has no bfloat16: its bit pattern travels as int16.
-        return np.dtype(np.int16) if self.dtype == torch.bfloat16 else np.dtype(
-            {torch.float32: np.float32, torch.float16: np.float16}[self.dtype])
-
     def encode(self, x: torch.Tensor) -> list[Frame]:
         y = x.detach().to(self.dtype).contiguous()
-        if self.dtype == torch.bfloat16:
+        if self.dtype == torch.bfloat16:  # numpy has no bfloat16: its bit pattern travels as int16
             y = y.view(torch.int16)
         return [memoryview(y.numpy()).cast("B")]
 
     def decode(self, frames: Sequence[Frame], shape: Sequence[int]) -> torch.Tensor:
-        _check_frames(frames, 1)
-        tokens, hidden = _tokens_hidden(shape)
-        arr = _view(frames[0], self._wire_np(), tokens * hidden).copy()
-        t = torch.from_numpy(arr)
+        (values,) = unpack(self.name, frames, shape)
+        t = torch.from_numpy(values.copy())
         if self.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
-        return t.to(torch.float32).reshape(tuple(int(s) for s in shape))
-
-    def bytes_per_token(self, hidden: int) -> int:
-        return hidden * self.dtype.itemsize
-
-    def frame_sizes(self, shape: Sequence[int]) -> list[int]:
-        tokens, hidden = _tokens_hidden(shape)
-        return [tokens * self.bytes_per_token(hidden)]
+        return t.to(torch.float32).reshape(_shape(shape))
 
 
 @dataclass(frozen=True)
-class Int8OutlierCodec:
-    """Per-token int8 with an fp32 scale; the ``k`` largest |x| channels go in fp16.
-
-    Frames: int8 values ``[N, H]``, fp32 scales ``[N]``, uint16 outlier channel
-    indices ``[N, k]``, fp16 outlier values ``[N, k]``.
-    """
+class Int8OutlierCodec(_Layout):
+    """Per-token int8 with an fp32 scale; the ``k`` largest |x| channels of each token go in fp16."""
 
     name: str = "int8"
-    k: int = OUTLIERS
-
-    def _k(self, hidden: int) -> int:
-        return min(self.k, hidden)
 
     def encode(self, x: torch.Tensor) -> list[Frame]:
-        tokens, hidden = _tokens_hidden(x.shape)
-        if hidden > 65535:
-            raise ValueError("int8 codec supports hidden sizes up to 65535")
+        tokens, hidden = tokens_hidden(x.shape)
+        frame_sizes(self.name, x.shape)  # refuses what the layout cannot carry
         flat = x.detach().to(torch.float32).reshape(tokens, hidden)
-        k = self._k(hidden)
+        k = outliers(hidden)
         idx = flat.abs().topk(k, dim=-1).indices if k else torch.empty(tokens, 0, dtype=torch.long)
         vals = flat.gather(-1, idx)
         rest = flat.scatter(-1, idx, 0.0)
@@ -117,28 +88,16 @@ class Int8OutlierCodec:
         ]
 
     def decode(self, frames: Sequence[Frame], shape: Sequence[int]) -> torch.Tensor:
-        _check_frames(frames, 4)
-        tokens, hidden = _tokens_hidden(shape)
-        k = self._k(hidden)
-        q = _view(frames[0], np.int8, tokens * hidden)
-        scale = _view(frames[1], np.float32, tokens)
-        idx = _view(frames[2], np.uint16, tokens * k)
+        q, scale, idx, vals = unpack(self.name, frames, shape)
+        tokens, hidden = tokens_hidden(shape)
+        k = outliers(hidden)
         if k and idx.size and int(idx.max()) >= hidden:
             raise ValueError("outlier channel index out of range")
-        vals = _view(frames[3], np.float16, tokens * k)
         out = q.reshape(tokens, hidden).astype(np.float32) * scale.reshape(tokens, 1)
         if k:
             np.put_along_axis(out, idx.reshape(tokens, k).astype(np.int64),
                               vals.reshape(tokens, k).astype(np.float32), axis=-1)
-        return torch.from_numpy(out).reshape(tuple(int(s) for s in shape))
-
-    def bytes_per_token(self, hidden: int) -> int:
-        return hidden + 4 + 4 * self._k(hidden)
-
-    def frame_sizes(self, shape: Sequence[int]) -> list[int]:
-        tokens, hidden = _tokens_hidden(shape)
-        k = self._k(hidden)
-        return [tokens * hidden, tokens * 4, tokens * k * 2, tokens * k * 2]
+        return torch.from_numpy(out).reshape(_shape(shape))
 
 
 CODECS: dict[str, Codec] = {
@@ -147,7 +106,6 @@ CODECS: dict[str, Codec] = {
     "bf16": PlainCodec("bf16", torch.bfloat16),
     "int8": Int8OutlierCodec(),
 }
-CODEC_IDS: dict[str, int] = {"fp32": 1, "fp16": 2, "bf16": 3, "int8": 4}
 
 
 def get_codec(name: str) -> Codec:

@@ -1,8 +1,10 @@
 """Wire format: one fixed-layout binary header frame, raw payload frames, optional hop records.
 
 Nothing received is ever unpickled or evaluated: the header is unpacked with
-``struct`` and checked field by field, and payload sizes must match the header
-exactly before any tensor is built from them.
+``struct`` and checked field by field, and payload sizes must match the header (and, for
+activations, the frame layout of their encoding, ``testbed.wire.payload``) exactly before
+any array is built from them.  Turning activation frames into tensors and back is the
+model's business (``testbed.model.codecs``); this module moves bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from testbed.model.codecs import CODEC_IDS, Frame, get_codec
+from testbed.wire.payload import CODEC_IDS, Frame, WireError, frame_sizes
 
 MAGIC = b"ELM\x01"
 VERSION = 1
@@ -35,10 +37,6 @@ HOP = struct.Struct("<ffffQQ")
 
 FLAG_KV_CACHE = 1
 KNOWN_FLAGS = FLAG_KV_CACHE
-
-
-class WireError(ValueError):
-    """A message that does not follow the wire format."""
 
 
 class Kind(IntEnum):
@@ -106,13 +104,13 @@ class Message:
         return bool(self.flags & FLAG_KV_CACHE)
 
     def tensor(self) -> torch.Tensor:
-        """The payload as a tensor: int64 for INT64, float32 for HIDDEN."""
+        """An INT64 payload (token ids, counters) as an int64 tensor.
+
+        Activations (HIDDEN) are decoded by their codec: ``testbed.model.codecs``."""
         if self.dtype == DType.INT64:
             arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<i8").copy()
             return torch.from_numpy(arr).reshape(self.shape)
-        if self.dtype == DType.HIDDEN:
-            return get_codec(self.codec or "").decode(self.payload, self.shape)
-        raise WireError(f"{self.dtype.name} payload is not a tensor")
+        raise WireError(f"{self.dtype.name} payload is not an integer tensor")
 
     def text(self) -> str:
         return bytes(memoryview(self.payload[0])).decode("utf-8", "replace") if self.payload else ""
@@ -149,7 +147,7 @@ def _expected_sizes(dtype: DType, codec: str | None, shape: tuple[int, ...]) -> 
         return [n]
     if len(shape) < 2:
         raise WireError("hidden states need at least 2 dimensions")
-    return get_codec(codec or "").frame_sizes(shape)
+    return frame_sizes(codec or "", shape)
 
 
 def parse(frames: Sequence[Frame]) -> Message:
@@ -219,9 +217,15 @@ def forward_tokens(session: int, step: int, pos: int, ids: torch.Tensor, kv_cach
                    tuple(ids.shape), [memoryview(ids.numpy()).cast("B")])
 
 
-def forward_hidden(session: int, step: int, pos: int, x: torch.Tensor, codec: str, kv_cache: bool) -> Message:
+def forward_hidden(session: int, step: int, pos: int, shape: Sequence[int], codec: str,
+                   frames: list[Frame], kv_cache: bool) -> Message:
+    """Activations of ``shape`` already encoded by ``codec`` into ``frames`` (its wire layout)."""
+    shape = tuple(int(s) for s in shape)
+    sizes = [memoryview(f).nbytes for f in frames]
+    if sizes != frame_sizes(codec, shape):
+        raise WireError(f"{codec} frames of {sizes} bytes do not fit shape {shape}")
     return Message(Kind.FORWARD, session, step, pos, DType.HIDDEN, codec, FLAG_KV_CACHE if kv_cache else 0,
-                   tuple(x.shape), get_codec(codec).encode(x))
+                   shape, list(frames))
 
 
 def result(session: int, step: int, token: int, hops: list[Hop]) -> Message:

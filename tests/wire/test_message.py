@@ -7,7 +7,10 @@ import struct
 import pytest
 import torch
 
+from testbed.model.codecs import get_codec
+from testbed.spec.options import CODECS
 from testbed.wire import message as m
+from testbed.wire import payload
 from testbed.wire.message import HEADER, DType, Kind, WireError, parse
 
 
@@ -29,14 +32,57 @@ def _msg(payload: bytes = bytes(24), **over) -> list[bytes]:
     return [HEADER.pack(*_header(**over)), payload]
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
+def _hidden(session: int, step: int, pos: int, x: torch.Tensor, codec: str, kv_cache: bool) -> m.Message:
+    return m.forward_hidden(session, step, pos, x.shape, codec, get_codec(codec).encode(x), kv_cache)
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_hidden_round_trip(codec: str) -> None:
     x = torch.randn(1, 5, 64)
-    msg = parse(_raw(m.forward_hidden(123, 4, 17, x, codec, kv_cache=True).frames()))
+    msg = parse(_raw(_hidden(123, 4, 17, x, codec, kv_cache=True).frames()))
     assert (msg.kind, msg.session, msg.step, msg.position_start) == (Kind.FORWARD, 123, 4, 17)
     assert msg.codec == codec
     assert msg.kv_cache and msg.shape == (1, 5, 64)
-    assert torch.allclose(msg.tensor(), x, atol=0.1 if codec == "int8" else 0.05)
+    y = get_codec(codec).decode(msg.payload, msg.shape)
+    assert torch.allclose(y, x, atol=0.1 if codec == "int8" else 0.05)
+    with pytest.raises(WireError, match="not an integer tensor"):
+        msg.tensor()
+
+
+def test_every_encoding_has_a_wire_id_and_a_layout() -> None:
+    assert tuple(payload.CODEC_IDS) == CODECS
+    assert len(set(payload.CODEC_IDS.values())) == len(CODECS) and 0 not in payload.CODEC_IDS.values()
+    for codec in CODECS:
+        assert payload.bytes_per_token(codec, 576) == get_codec(codec).bytes_per_token(576)
+
+
+@pytest.mark.parametrize(("codec", "sizes"), [
+    ("fp32", [4 * 3 * 10]), ("fp16", [2 * 3 * 10]), ("bf16", [2 * 3 * 10]),
+    ("int8", [3 * 10, 4 * 3, 2 * 3 * 4, 2 * 3 * 4]),
+])
+def test_layout_table(codec: str, sizes: list[int]) -> None:
+    """The documented layout, figure by figure, and what the codec really sends."""
+    shape = (1, 3, 10)
+    assert payload.frame_sizes(codec, shape) == sizes
+    frames = get_codec(codec).encode(torch.randn(*shape))
+    assert [memoryview(f).nbytes for f in frames] == sizes
+    views = payload.unpack(codec, frames, shape)
+    assert [v.nbytes for v in views] == sizes
+
+
+def test_layout_refusals() -> None:
+    with pytest.raises(WireError, match="unknown codec"):
+        payload.layout("fp8", (1, 2, 3))
+    with pytest.raises(WireError, match="hidden sizes up to 65535"):
+        payload.layout("int8", (1, 1, 70000))
+    assert payload.outliers(2) == 2 and payload.frame_sizes("int8", (1, 1, 2)) == [2, 4, 4, 4]
+    with pytest.raises(WireError, match="expected 4 payload frames"):
+        payload.unpack("int8", [b""], (1, 0, 8))
+    with pytest.raises(WireError, match="values frame has 7 bytes, expected 8"):
+        payload.unpack("fp32", [bytes(7)], (1, 1, 2))
+    # a sender cannot put frames that do not fit the shape into a message
+    with pytest.raises(WireError, match="do not fit shape"):
+        m.forward_hidden(1, 0, 0, (1, 2, 8), "fp16", [bytes(31)], True)
 
 
 def test_tokens_result_error_control_round_trip() -> None:

@@ -1,1 +1,2 @@
-"""Split inference: shard servers, the split client (driver), placement and suite sessions."""
+"""Split inference: node programs and their settings, shard server, split client, placement, the
+`testbed infer` driver and suite sessions."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
+from testbed.apps.inference.activations import hidden_message, hidden_states
 from testbed.wire.message import (
     DType,
     Hop,
@@ -23,7 +24,6 @@ from testbed.wire.message import (
     WireError,
     control,
     error,
-    forward_hidden,
     parse,
     pong,
     result,
@@ -126,7 +126,7 @@ class ShardServer:
             raise WireError("hidden states of shape [1, T, H] expected")
         if msg.shape[2] != shard.hidden_size:
             raise WireError(f"hidden size {msg.shape[2]} != {shard.hidden_size}")
-        return msg.tensor()
+        return hidden_states(msg)
 
     def _forward(self, client: bytes, msg: Message, t_recv: float) -> None:
         t0 = time.perf_counter()
@@ -161,7 +161,7 @@ class ShardServer:
             self.served += 1
             self._reply(client, result(msg.session, msg.step, token, [hop]))
             return
-        fwd = forward_hidden(msg.session, msg.step, msg.position_start, out, msg.codec or "fp32",
+        fwd = hidden_message(msg.session, msg.step, msg.position_start, out, msg.codec or "fp32",
                              msg.kv_cache).frames()
         t3 = time.perf_counter()
         self.pending[(msg.session, msg.step)] = Pending(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
+from testbed.apps.inference.activations import hidden_message
 from testbed.spec.errors import TestbedError
 from testbed.wire.message import (
     HEADER,
@@ -21,7 +22,6 @@ from testbed.wire.message import (
     Kind,
     WireError,
     control,
-    forward_hidden,
     forward_tokens,
     parse,
     wire_size,
@@ -102,7 +102,7 @@ class SplitClient:
             if self.sock is None:
                 self.totals[0].add((t1 - t0) * 1e3, 0.0, 0.0, 0, 0)
                 return int(out[0, -1].argmax())
-            frames = forward_hidden(self.session, step, pos, out, self.codec, self.kv_cache).frames()
+            frames = hidden_message(self.session, step, pos, out, self.codec, self.kv_cache).frames()
         compute_ms = (t1 - t0) * 1e3
         t2 = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,16 +13,19 @@ import pytest
 import torch
 import zmq
 
+from testbed.apps.inference.activations import hidden_message
 from testbed.apps.inference.local_chain import loopback_chain
 from testbed.apps.inference.placement import Stage
-from testbed.apps.inference.run import driver_argv, node_env
+from testbed.apps.inference.run import driver_program, driver_result, shard_program
 from testbed.apps.inference.split_client import SplitClient, SplitError
+from testbed.apps.launch import Launcher, LocalHost, encode_settings
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
 from testbed.wire import message as m
 from testbed.wire.message import Kind, parse
 
+REPO = Path(__file__).resolve().parents[3]
 STAGES = [Stage("dev", 0, 1), Stage("edge", 1, 2), Stage("cloud", 2, 3)]
 PROMPTS = [[5, 17, 33, 2, 9], [100, 4, 4, 61], [7], [250, 251, 3, 8, 12, 40, 41]]
 
@@ -55,8 +59,8 @@ def ping(addr: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", [True, False])
-def test_split_matches_in_process_reference(tiny, shards, kv: bool) -> None:
-    with loopback_chain(tiny, STAGES) as addrs:
+def test_split_matches_in_process_reference(tiny, shards, kv: bool, tmp_path: Path) -> None:
+    with loopback_chain(tiny, STAGES, logs=tmp_path) as addrs:
         for ids in PROMPTS[:2]:
             client = SplitClient(shards[0], addrs[1], codec="fp32", kv_cache=kv,
                                  layers=[s.layers for s in STAGES], timeout_s=60)
@@ -78,17 +82,19 @@ def test_split_matches_in_process_reference(tiny, shards, kv: bool) -> None:
 
 
 @pytest.mark.slow
-def test_driver_process_prints_json(tiny, shards) -> None:
-    with loopback_chain(tiny, STAGES) as addrs:
-        argv = driver_argv(tiny, STAGES, addrs[1], "hello world", 6, "none", "fp16", True)
-        out = subprocess.run(argv, capture_output=True, timeout=120, env=node_env(1), check=True)
-    res = json.loads(out.stdout.decode().strip().splitlines()[-1])
+def test_driver_process_prints_json(tiny, shards, tmp_path: Path) -> None:
+    with loopback_chain(tiny, STAGES, logs=tmp_path / "chain") as addrs, Launcher(tmp_path) as run:
+        (d,) = run.start([driver_program(LocalHost("dev"), STAGES, addrs[1], tiny, "hello world", 6, "none",
+                                         "fp16", True)])
+        run.wait_exit([d], 120)
+    res, _ = driver_result(d)
+    assert d.returncode == 0 and d.cpu_ms is not None and d.cpu_ms > 0
     assert 1 <= len(res["tokens"]) <= 6 and isinstance(res["text"], str)
     assert res["per_hop"][1]["payload_up"] == (res["prompt_tokens"] + len(res["tokens"]) - 1) * 2 * 64
 
 
 @pytest.mark.slow
-def test_concurrent_sessions_on_one_chain(tiny, shards) -> None:
+def test_concurrent_sessions_on_one_chain(tiny, shards, tmp_path: Path) -> None:
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -103,7 +109,7 @@ def test_concurrent_sessions_on_one_chain(tiny, shards) -> None:
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    with loopback_chain(tiny, STAGES) as addrs:
+    with loopback_chain(tiny, STAGES, logs=tmp_path) as addrs:
         threads = [threading.Thread(target=run, args=(i, addrs[1])) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
@@ -117,8 +123,8 @@ def test_concurrent_sessions_on_one_chain(tiny, shards) -> None:
 
 
 @pytest.mark.slow
-def test_idle_timeout_frees_sessions(tiny, shards) -> None:
-    with loopback_chain(tiny, STAGES, idle_timeout=1.0) as addrs:
+def test_idle_timeout_frees_sessions(tiny, shards, tmp_path: Path) -> None:
+    with loopback_chain(tiny, STAGES, idle_timeout=1.0, logs=tmp_path) as addrs:
         client = SplitClient(shards[0], addrs[1], layers=[s.layers for s in STAGES], timeout_s=60)
         client.generate(torch.tensor([PROMPTS[0]]), 4, set())  # no CLOSE: the session stays
         n_sessions, cache_bytes, _, _ = ping(addrs[1])
@@ -135,15 +141,15 @@ def test_idle_timeout_frees_sessions(tiny, shards) -> None:
 
 
 @pytest.mark.slow
-def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards) -> None:
-    with loopback_chain(tiny, STAGES) as addrs:
+def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards, tmp_path: Path) -> None:
+    with loopback_chain(tiny, STAGES, logs=tmp_path) as addrs:
         client = SplitClient(shards[0], addrs[1], layers=[s.layers for s in STAGES], timeout_s=60)
         with pytest.raises(SplitError, match="unknown session"):
             client.step(0, torch.tensor([[1, 2]]), 5, shards[0].new_cache())  # no session at pos 5
         bad = SplitClient(shards[0], addrs[1], codec="int8", layers=[s.layers for s in STAGES])
         bad.first = Shard.load(tiny, 0, 1)
         x = torch.randn(1, 2, 32)  # wrong hidden size
-        bad.sock.send_multipart(m.forward_hidden(bad.session, 0, 0, x, "fp16", True).frames())
+        bad.sock.send_multipart(hidden_message(bad.session, 0, 0, x, "fp16", True).frames())
         assert bad.sock.poll(5000)
         reply = parse(bad.sock.recv_multipart())
         assert reply.kind == Kind.ERROR and "hidden size" in reply.text()
@@ -154,33 +160,28 @@ def test_bad_requests_get_errors_and_the_chain_keeps_serving(tiny, shards) -> No
 
 
 @pytest.mark.slow
-def test_node_exits_cleanly_on_sigterm_and_refuses_wildcard_bind(tiny) -> None:
+def test_node_exits_cleanly_on_sigterm_and_refuses_wildcard_bind(tiny, tmp_path: Path) -> None:
     from testbed.apps.inference.local_chain import free_port
-    from testbed.apps.inference.run import shard_argv, wait_ready
 
-    argv = shard_argv("tcp://0.0.0.0:5999", tiny, STAGES[2], None, "none", 1)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=node_env(1))
-    assert r.returncode == 2 and "--bind" in r.stderr
+    wild = shard_program(LocalHost(), STAGES[2], "tcp://0.0.0.0:5999", None, tiny, "none")
+    r = subprocess.run([sys.executable, str(REPO / "nodes" / "shard_node.py"), "--settings",
+                        encode_settings(wild.settings)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "shard_node settings: bind: must name one address of this host, not a wildcard (got 'tcp://0.0.0.0:5999')")
     addr = f"tcp://127.0.0.1:{free_port()}"
-    p = subprocess.Popen(shard_argv(addr, tiny, STAGES[2], None, "none", 1), stdout=subprocess.PIPE,
-                         env=node_env(1))
-    try:
-        wait_ready([("cloud", p)], timeout_s=60)
+    with Launcher(tmp_path) as run:
+        (node,) = run.start([shard_program(LocalHost("cloud"), STAGES[2], addr, None, tiny, "none")])
+        run.wait_ready([node], 60)
         assert ping(addr)[0] == 0
-        p.terminate()
-        assert p.wait(timeout=10) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        p.stdout.close()
+    assert node.returncode == 0  # SIGTERM: a clean exit, within the grace period
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "bf16"])
-def test_quantized_nodes_match_quantized_reference(tiny, quant: str) -> None:
+def test_quantized_nodes_match_quantized_reference(tiny, quant: str, tmp_path: Path) -> None:
     qshards = [Shard.load(tiny, s.start, s.end, quant=quant) for s in STAGES]
-    with loopback_chain(tiny, STAGES, quant=quant) as addrs:
+    with loopback_chain(tiny, STAGES, quant=quant, logs=tmp_path) as addrs:
         client = SplitClient(qshards[0], addrs[1], codec="fp16", layers=[s.layers for s in STAGES])
         try:
             got = client.generate(torch.tensor([PROMPTS[0]]), 8, set())["tokens"]

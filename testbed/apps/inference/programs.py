@@ -1,0 +1,76 @@
+"""The two inference node programs, as functions of their settings (``nodes/*.py`` call them).
+
+- :func:`shard_node`: load layers ``start:end``, serve them over ZeroMQ, relay to the next hop;
+  prints its ready line once the shard is loaded and the socket bound; SIGTERM/SIGINT end it cleanly.
+- :func:`driver`: the device: tokenize, run its own layers, drive greedy generation through the
+  chain; prints its ready line once the next hop answered (its CPU clock starts there), then one
+  JSON line with the measurements (or ``{"error": ...}`` and exit code 1).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from testbed.apps.inference.settings import DriverSettings, ShardSettings
+from testbed.apps.launch import announce_ready
+
+
+def shard_node(s: ShardSettings) -> int:
+    import torch
+
+    from testbed.apps.inference.shard_server import ShardServer
+    from testbed.model.shard import Shard
+
+    torch.set_num_threads(s.threads)
+    shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
+    shard.eval()
+    server = ShardServer(shard, s.bind, s.next, idle_timeout=s.idle_timeout_s)
+
+    def stop(_sig: int, _frame: object) -> None:
+        server.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    announce_ready(f"{s.bind} layers={s.start}:{s.end} threads={s.threads}")
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0
+
+
+def driver(s: DriverSettings) -> int:
+    import torch
+
+    from testbed.apps.inference.split_client import SplitClient, SplitError
+    from testbed.model.loading import eos_ids, format_prompt, load_tokenizer
+    from testbed.model.shard import Shard
+
+    torch.set_num_threads(s.threads)
+    shard = None  # 0:0: no layer on the device, token ids go upstream
+    if s.end > s.start:
+        shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
+        shard.eval()
+    tok = load_tokenizer(s.model)
+    if s.prompt_ids is not None:
+        ids = torch.tensor([s.prompt_ids], dtype=torch.int64)
+    else:
+        ids = torch.as_tensor(format_prompt(tok, s.prompt), dtype=torch.int64).reshape(1, -1)
+    stop = eos_ids(tok, shard.config if shard else None) if s.stop_at_eos else set()
+    client = SplitClient(shard, s.next, codec=s.codec, kv_cache=s.kv_cache, timeout_s=s.timeout_s,
+                         layers=list(s.hops))
+    try:
+        try:
+            client.connect()
+            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            out = client.generate(ids, s.max_new_tokens, stop)
+        except SplitError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 1
+        out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
+        # before the CLOSE round trip: the time this line is read marks the end of generation
+        print(json.dumps(out), flush=True)
+        return 0
+    finally:
+        client.close()

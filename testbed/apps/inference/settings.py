@@ -1,0 +1,107 @@
+"""Typed settings of the inference node programs (``nodes/shard_node.py``, ``nodes/driver.py``).
+
+The launcher sends them as JSON; :func:`testbed.apps.launch.decode_settings` checks the types and
+then ``problems()`` below names values out of range, so a program never starts on a bad one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.spec.options import CODECS, QUANTS
+
+MAX_THREADS = 1024
+MAX_TOKENS = 100_000
+MAX_TIMEOUT_S = 7 * 86400.0
+_ADDR = re.compile(r"^tcp://[0-9A-Za-z.\-\[\]:]+:(\d{1,5})$")
+_LAYERS = re.compile(r"^(\d+):(\d+)$")
+
+
+def _address(value: str | None, name: str, wildcard_ok: bool = True) -> Iterator[tuple[str, str]]:
+    if value is None:
+        return
+    m = _ADDR.match(value)
+    if not m or not 0 < int(m.group(1)) < 65536:
+        yield name, "must be tcp://HOST:PORT with a port in 1..65535"
+    elif not wildcard_ok and ("0.0.0.0" in value or "*" in value):
+        yield name, "must name one address of this host, not a wildcard"
+
+
+def _model(path: str) -> Iterator[tuple[str, str]]:
+    if not (Path(path) / "config.json").is_file():
+        yield "model", "must be a model folder with a config.json"
+
+
+def _common(s: ShardSettings | DriverSettings) -> Iterator[tuple[str, str]]:
+    if s.quant not in QUANTS:
+        yield "quant", f"must be one of {', '.join(QUANTS)}"
+    if not 1 <= s.threads <= MAX_THREADS:
+        yield "threads", f"must be in 1..{MAX_THREADS}"
+    if s.start < 0:
+        yield "start", "must be >= 0"
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """One shard node: layers ``start:end`` served on ``bind``, relayed to ``next`` unless it is last."""
+
+    bind: str
+    model: str
+    start: int
+    end: int
+    next: str | None = None
+    quant: str = "none"
+    threads: int = 1  # set by the launcher from its thread plan
+    idle_timeout_s: float = 60.0
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from _address(self.bind, "bind", wildcard_ok=False)
+        yield from _address(self.next, "next")
+        yield from _common(self)
+        if self.end <= self.start:
+            yield "end", f"must be greater than start ({self.start})"
+        if not 0 < self.idle_timeout_s <= MAX_TIMEOUT_S:
+            yield "idle_timeout_s", f"must be in (0, {MAX_TIMEOUT_S:.0f}]"
+        yield from _model(self.model)
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """The device program: its own layers ``start:end`` (``0:0``: none), the prompt, the session."""
+
+    model: str
+    start: int
+    end: int
+    next: str | None = None
+    hops: list[str] = field(default_factory=list)  # "S:E" of every hop, the device's first (reports)
+    prompt: str = ""
+    prompt_ids: list[int] | None = None  # token ids sent as they are (no chat template)
+    max_new_tokens: int = 32
+    codec: str = "fp32"
+    quant: str = "none"
+    kv_cache: bool = True
+    stop_at_eos: bool = True
+    threads: int = 1  # set by the launcher from its thread plan
+    timeout_s: float = 300.0  # for each reply of the next hop
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from _address(self.next, "next")
+        yield from _common(self)
+        if self.end < self.start:
+            yield "end", f"must be >= start ({self.start})"
+        if self.codec not in CODECS:
+            yield "codec", f"must be one of {', '.join(CODECS)}"
+        if not 1 <= self.max_new_tokens <= MAX_TOKENS:
+            yield "max_new_tokens", f"must be in 1..{MAX_TOKENS}"
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            yield "timeout_s", f"must be in (0, {MAX_TIMEOUT_S:.0f}]"
+        if any(not _LAYERS.match(h) for h in self.hops):
+            yield "hops", "must be a list of START:END"
+        if self.prompt_ids is not None and (not self.prompt_ids or min(self.prompt_ids) < 0):
+            yield "prompt_ids", "must be a non-empty list of token ids >= 0"
+        if self.next is None and self.end == self.start:
+            yield "next", "is required when the device holds no layer"
+        yield from _model(self.model)
