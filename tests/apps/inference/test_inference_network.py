@@ -119,4 +119,4 @@ def test_infer_cli_bad_token_count_is_one_line(tiny: Path, tmp_path: Path) -> No
                         "--prompt", "hi", "--max-new-tokens", "0", "--model", str(tiny),
                         "--logs", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "infer: --max-new-tokens: must be at least 1 (got 0)"
+    assert r.stderr.strip() == "infer: --max-new-tokens: must be an integer >= 1 (got 0)"
