@@ -4,6 +4,7 @@ Every round runs four fresh processes (libgomp reads its wait policy at load), a
 the policies from round to round so that drift on the machine hits both:
   quiet  old   TESTBED_OMP=spin, 2 threads (the one-process default before the thread plan)
   quiet  new   the process's own plan (cores, cgroup quota, busy processes sampled at start)
+  (quiet passive2: TESTBED_OMP=passive, 2 threads, with --policies old,new,passive2)
   busy   old / new   the same with one competing busy process (a pure-Python loop) started first.
 Each process loads an fp32 and a quantized shard of all layers and decodes in pairs (fp32, then the
 quantized one, ``--pairs`` times after a warm-up); its figure is the median of the pairs' ratios.  The
@@ -27,7 +28,8 @@ import time
 
 PROMPT = "Explain in two sentences why the sky is blue."
 BUSY = "while True: pass"
-OLD_THREADS = 2
+# policy -> (TESTBED_OMP, threads); "new" is the process's own plan
+POLICIES = {"old": ("spin", 2), "new": ("", None), "passive2": ("passive", 2)}
 
 
 def child(policy: str, quant: str, pairs: int, tokens: int) -> dict:
@@ -40,7 +42,7 @@ def child(policy: str, quant: str, pairs: int, tokens: int) -> dict:
     load = os.getloadavg()[0]
     model = default_model_dir()
     ids = format_prompt(load_tokenizer(model), PROMPT)
-    threads = OLD_THREADS if policy == "old" else None  # None: the plan (testbed.model.shard.set_threads)
+    threads = POLICIES[policy][1]  # None: the plan (testbed.model.shard.set_threads)
     fp32, quantized = load_shards(model, [], "none", threads), load_shards(model, [], quant, threads)
     generate_split(fp32, ids, 4)
     generate_split(quantized, ids, 4)
@@ -59,8 +61,8 @@ def child(policy: str, quant: str, pairs: int, tokens: int) -> dict:
 def run(policy: str, args: argparse.Namespace) -> dict:
     drop = (omp.ENV_VAR, omp.THREADS_VAR, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    if policy == "old":
-        env[omp.ENV_VAR] = "spin"
+    if POLICIES[policy][0]:
+        env[omp.ENV_VAR] = POLICIES[policy][0]
     argv = [sys.executable, __file__, "--child", policy, "--quant", args.quant, "--pairs", str(args.pairs),
             "--tokens", str(args.tokens)]
     res = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
@@ -77,11 +79,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--policies", default="old,new", help=f"from {', '.join(POLICIES)}")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.quant, args.pairs, args.tokens)))
         return 0
+    policies = [p for p in args.policies.split(",") if p]
     got: dict[tuple[str, str], list[dict]] = {}
     t0 = time.time()
     for r in range(args.rounds):
@@ -90,7 +94,7 @@ def main() -> int:
             try:
                 if busy:
                     time.sleep(1.0)  # running before the process under test samples the machine
-                for policy in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                for policy in (policies if r % 2 == 0 else policies[::-1]):
                     out = run(policy, args)
                     got.setdefault((cond, policy), []).append(out)
                     print(json.dumps({"round": r, "cond": cond, **out}), file=sys.stderr)
@@ -104,7 +108,7 @@ def main() -> int:
     print("| machine | policy | threads, wait | fp32 tok/s | int4 tok/s | int4 / fp32 | load avg (1 min) |")
     print("|---|---|---|---|---|---|---|")
     for cond in ("quiet", "busy"):
-        for policy in ("old", "new"):
+        for policy in policies:
             rows = got[(cond, policy)]
             loads = ", ".join(f"{o['load1']:.1f}" for o in rows)
             plans = sorted({f"{o['plan']['threads']}, {o['plan']['wait']}" for o in rows})
