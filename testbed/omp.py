@@ -10,7 +10,8 @@ A plan (:func:`plan_threads`) comes from the cores a process really has:
 - its CPU limit: the affinity mask, the cgroup CPU quota of its own cgroup (v1 ``cpu.cfs_quota_us`` /
   ``cpu.cfs_period_us``, v2 ``cpu.max``, ancestors included) and a limit its launcher passes (the host's);
 - the processes it shares the machine with: the run's own compute processes (``sharers``) and the others
-  busy on the machine (runnable tasks in ``/proc/stat``, sampled briefly, minus this process's own).
+  busy on the machine (runnable tasks in ``/proc/stat``, sampled briefly, minus those of this process and
+  its descendants, which a launcher counts among its sharers).
 
 It never plans more threads than free cores: two threads of one process on a core that another process
 keeps busy make every parallel op wait for the thread the scheduler parked (int4 decode, a few hundred
@@ -139,25 +140,50 @@ def _procs_running() -> int:
     return 0
 
 
-def _own_running() -> int:
-    """Runnable threads of this process (the reading thread itself among them)."""
+def _family() -> list[int]:
+    """This process and its descendants (a launcher's node programs among them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _own_running(pids: list[int] | None = None) -> int:
+    """Runnable threads of the processes ``pids`` (default: this one, the reading thread among them)."""
     n = 0
-    for task in Path("/proc/self/task").iterdir():
+    for pid in pids or [os.getpid()]:
         try:
-            # the state is the field after the command's closing parenthesis
-            n += (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"
-        except (OSError, IndexError):
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
             continue
+        for task in tasks:
+            try:
+                # the state is the field after the command's closing parenthesis
+                n += (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"
+            except (OSError, IndexError):
+                continue
     return max(n, 1)
 
 
 def busy_others(samples: int = SAMPLES, interval_s: float = SAMPLE_S) -> float:
-    """Mean number of runnable tasks on the machine that are not this process's, over a brief sample."""
+    """Mean number of runnable tasks on the machine that are neither this process's nor its descendants',
+    over a brief sample."""
+    family = _family()  # a launcher's own node programs count among its sharers, not as others
     got = []
     for i in range(samples):
         if i:
             time.sleep(interval_s)
-        got.append(max(0, _procs_running() - _own_running()))
+        got.append(max(0, _procs_running() - _own_running(family)))
     return sum(got) / len(got)
 
 
@@ -238,9 +264,9 @@ def own_plan() -> ThreadPlan:
             threads, why = (fixed[0], f"{fixed[1]}={fixed[0]}") if fixed else (plan.threads, plan.why)
             wait = chosen if chosen in POLICIES else plan.wait
             if chosen in POLICIES:
-                why += f"; {ENV_VAR}={chosen}"
+                why += f"; wait {chosen} set by {ENV_VAR}"
             elif user:
-                why += f"; {','.join(user)} set"
+                why += f"; wait set by {','.join(user)}"
             _PLAN = ThreadPlan(threads, wait, why)
     return _PLAN
 
@@ -296,7 +322,7 @@ def summary(threads_in_use: int | None = None) -> dict:
     plan = own_plan()
     out = {"threads": plan.threads, "wait": in_effect(), "why": plan.why}
     if threads_in_use is not None and threads_in_use != plan.threads:
-        out.update(threads=threads_in_use, why=f"{plan.why}; {threads_in_use} asked for by the caller")
+        out.update(threads=threads_in_use, why=f"{plan.why}; {threads_in_use} threads set by the caller")
     return out
 
 

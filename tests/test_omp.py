@@ -181,9 +181,9 @@ def test_busy_processes_take_cores_from_the_plan() -> None:
     assert child["plan"]["threads"] == 1 and child["omp"] == "passive" and child["torch"] == 1
 
 
-def test_busy_sample_does_not_count_this_process() -> None:
-    """This process's own runnable threads are not 'others': a thread of ours hashing without the GIL is
-    seen among our own runnable threads, which busy_others takes off the machine's count."""
+def test_busy_sample_does_not_count_this_process_or_its_children() -> None:
+    """This process's own runnable threads and its children's are not 'others': a thread of ours hashing
+    without the GIL and a busy child are counted as ours, which busy_others takes off the machine's count."""
     stop = threading.Event()
     data = os.urandom(1 << 20)
 
@@ -200,6 +200,16 @@ def test_busy_sample_does_not_count_this_process() -> None:
         stop.set()
         t.join()
     assert own >= 2
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        family = omp._family()
+        assert os.getpid() in family and loop.pid in family
+        running = min(omp._own_running(family) for _ in range(5))
+    finally:
+        loop.kill()
+        loop.wait()
+    assert running >= 2  # the reading thread and the busy child, in every sample
 
 
 def test_process_env_carries_the_plan_and_lets_the_user_win() -> None:
