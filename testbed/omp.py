@@ -13,17 +13,20 @@ A plan (:func:`plan_threads`) comes from the cores a process really has:
   busy on the machine (runnable tasks in ``/proc/stat``, sampled briefly, minus those of this process and
   its descendants, which a launcher counts among its sharers).
 
-It never plans more threads than free cores: two threads of one process on a core that another process
-keeps busy make every parallel op wait for the thread the scheduler parked (int4 decode, a few hundred
-such ops per token, dropped to 0.8x fp32 with one busy process on 2 cores; ``bench/omp_contention.py``).
-Waiting:
+Busy processes decide how its threads wait, not how many it has.  A spinning thread holds its core
+while the thread it waits for shares the other core with a busy process and is parked by the scheduler:
+int4 decode, a few hundred parallel ops per token, fell to 0.8x fp32 with one busy process on 2 cores.
+Threads that sleep while they wait are woken ahead of a busy loop (the scheduler favours tasks that
+slept), so a passive process keeps the speed of its threads beside others (``bench/omp_contention.py``:
+2 passive threads beat 1 thread there, and the old 2 spinning threads).  Waiting:
 
 - ``spin`` (``GOMP_SPINCOUNT=10000``, idle threads spin briefly, then sleep): a process that computes alone
-  with two or more free cores.  Every op on two threads then starts without waking a sleeping thread: a
-  quantized decode step runs 1.6-1.9x faster (``bench/omp_wait.py``).
+  with two or more threads on a machine where nothing else is busy.  Every op on two threads then starts
+  without waking a sleeping thread: a quantized decode step runs 1.6-1.9x faster (``bench/omp_wait.py``).
 - ``passive`` (``OMP_WAIT_POLICY=PASSIVE``, idle threads sleep at once): processes of a run that compute
   at the same time (spinning threads take the cores from the thread doing work: two decoding processes on
-  2 cores, 3-6x less throughput), and a process with one thread (it has no other thread to wait for).
+  2 cores, 3-6x less throughput), a process beside other busy processes, and a process with one thread
+  (it has no other thread to wait for).
 
 ``TESTBED_OMP=passive|spin`` picks the wait for all; ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` and
 ``OMP_NUM_THREADS`` set by the user win over the plan.
@@ -199,8 +202,8 @@ def plan_threads(
     ``others``: processes busy on the machine besides this one (None: sampled now, before the run's own
     processes start).  ``cores``: cores it may run on (None: this process's affinity).  ``own_quota``:
     also apply this process's own cgroup quota (a child inherits it where it is started from here).
-    Threads = the free cores (the cores less the busy others) divided among the sharers, within the
-    limits, at least 1; only a process that computes alone on two or more free cores spins.
+    Threads = the cores divided among the sharers, within the limits, at least 1; only a process that
+    computes alone, with nothing else busy, on two or more threads spins.
     """
     cores = machine_cores() if cores is None else cores
     sharers = max(1, sharers)
@@ -213,15 +216,17 @@ def plan_threads(
             avail = min(avail, lim)
     if others is None:
         others = busy_others()
-    busy = int(others + 0.5)  # a task runnable half the time takes a core from a thread that must keep up
+    busy = int(others + 0.5)  # a task runnable half the time takes a core from a spinning thread
     why.append(f"{others:.1f} busy other{'s' * (busy != 1)}")
     if sharers > 1:
         why.append(f"{sharers} sharers")
-    threads = max(1, int(min(avail, (cores - busy) / sharers)))
-    if sharers > 1:
-        wait, because = "passive", "processes of the run compute at once"
-    elif threads == 1:
+    threads = max(1, int(min(avail, cores / sharers)))
+    if threads == 1:
         wait, because = "passive", "one thread waits for no other"
+    elif sharers > 1:
+        wait, because = "passive", "processes of the run compute at once"
+    elif busy:
+        wait, because = "passive", "other processes compute beside it"
     else:
         wait, because = "spin", "alone on free cores"
     why.append(f"-> {threads} thread{'s' * (threads != 1)}, {wait}: {because}")

@@ -64,13 +64,15 @@ def test_unknown_policy_is_one_clear_line() -> None:
     ("cores", "limit", "others", "sharers", "threads", "wait"),
     [
         (2, None, 0.0, 1, 2, "spin"),  # alone on a quiet machine: all cores, spinning
-        (2, None, 1.0, 1, 1, "passive"),  # one busy process takes a core: one thread
-        (2, None, 0.4, 1, 2, "spin"),  # a task runnable less than half the time does not
-        (2, None, 0.6, 1, 1, "passive"),
-        (2, None, 5.0, 1, 1, "passive"),  # never fewer than one
+        (2, None, 1.0, 1, 2, "passive"),  # one busy process: the same threads, sleeping while they wait
+        (2, None, 0.4, 1, 2, "spin"),  # a task runnable less than half the time does not count
+        (2, None, 0.6, 1, 2, "passive"),
+        (2, None, 5.0, 1, 2, "passive"),
+        (1, None, 0.0, 1, 1, "passive"),  # one core: one thread, nothing to wait for
         (2, 1.5, 0.0, 1, 1, "passive"),  # a host limit of 1.5 cores holds one thread busy, not two
-        (8, 4.0, 1.0, 1, 4, "spin"),
-        (8, None, 2.0, 3, 2, "passive"),  # six free cores among three sharers that compute at once
+        (2, 0.5, 0.0, 1, 1, "passive"),  # never fewer than one
+        (8, 4.0, 0.0, 1, 4, "spin"),
+        (8, None, 0.0, 3, 2, "passive"),  # eight cores among three sharers that compute at once
         (2, None, 0.0, 3, 1, "passive"),
     ],
 )
@@ -163,8 +165,9 @@ def test_a_process_on_one_core_plans_one_thread() -> None:
     assert got["omp"] == "passive"
 
 
-def test_busy_processes_take_cores_from_the_plan() -> None:
-    """Real busy loops, one per core: every sample sees them runnable, the plan drops to one thread."""
+def test_busy_processes_make_the_plan_wait_passively() -> None:
+    """Real busy loops, one per core: every sample sees them runnable, and a process that would spin on
+    a quiet machine sleeps while it waits (its threads stay: one per core)."""
     n = omp.machine_cores()
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
@@ -177,8 +180,10 @@ def test_busy_processes_take_cores_from_the_plan() -> None:
             p.kill()
             p.wait()
     assert seen >= n
-    assert (plan.threads, plan.wait) == (1, "passive") and f"{n} core" in plan.why
-    assert child["plan"]["threads"] == 1 and child["omp"] == "passive" and child["torch"] == 1
+    assert (plan.threads, plan.wait) == (n, "passive") and f"{n} core" in plan.why
+    assert child["plan"]["threads"] == n and child["omp"] == "passive" and child["torch"] == n
+    quiet = omp.plan_threads(None, 1, others=0.0, own_quota=False)  # the same process, nothing busy
+    assert (quiet.threads, quiet.wait) == (n, "spin" if n > 1 else "passive")
 
 
 def test_busy_sample_does_not_count_this_process_or_its_children() -> None:
