@@ -8,22 +8,24 @@ For a request of ``n`` steps through hops ``h_0 .. h_k`` (``h_0`` is the device)
 
 ``bw`` is the bottleneck of the shaped links on the path (a trace counts with its
 mean capacity; an unshaped link is free), ``delay`` the sum of their one-way
-delays, and ``F = 1514 / 1448`` the framing overhead of TCP/IPv4 with timestamps
-over Ethernet (payload 1448 bytes per 1514-byte frame).  Compute, codec time and
-bytes are the measured ones, so measured/predicted isolates what the model
+delays, and ``F = 1500 / 1448`` the framing overhead of TCP/IPv4 with timestamps
+(payload 1448 bytes per 1500-byte IP packet: link rates count IP bytes on both
+backends).  Compute, codec time and bytes are the measured ones, so measured/predicted isolates what the model
 leaves out: slow start after idle, queueing behind other flows, scheduling.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.apps.inference.placement import Stage, parse_placement
+from testbed.net.addressing import AddressPlan, path_links, plan
 from testbed.spec.topology import Shaping, Topology
 from testbed.spec.traces import load_trace
 
-FRAMING = 1514 / 1448
+FRAMING = 1500 / 1448
 
 
 @dataclass(frozen=True)
@@ -33,47 +35,20 @@ class PathFigures:
     links: int
 
 
-def parse_placement(placement: str) -> list[tuple[str, int, int]]:
-    """``"phone=0:8,mec=8:30"`` -> ``[("phone", 0, 8), ("mec", 8, 30)]``."""
-    out = []
-    for part in placement.split(","):
-        node, _, rng = part.strip().partition("=")
-        start, _, end = rng.partition(":")
-        out.append((node.strip(), int(start), int(end)))
-    return out
-
-
 def _rate(sh: Shaping) -> float | None:
     if sh.trace is not None:
         return load_trace(sh.trace, sh.format).mean_mbit()
     return sh.bw_mbit
 
 
-def route(topo: Topology, a: str, b: str) -> list[Shaping]:
-    """The shaped directions a packet from ``a`` to ``b`` crosses (shortest path)."""
-    prev: dict[str, tuple[str, Shaping] | None] = {a: None}
-    queue = deque([a])
-    while queue:
-        n = queue.popleft()
-        if n == b:
-            break
-        for link in topo.links_of(n):
-            m, sh = (link.b, link.up) if link.a == n else (link.a, link.down)
-            if m not in prev:
-                prev[m] = (n, sh)
-                queue.append(m)
-    if b not in prev:
-        raise ValueError(f"no path from {a} to {b}")
-    out: list[Shaping] = []
-    n = b
-    while prev[n] is not None:
-        n, sh = prev[n]  # type: ignore[misc]
-        out.append(sh)
-    return out[::-1]
+def route(topo: Topology, a: str, b: str, addresses: AddressPlan | None = None) -> list[Shaping]:
+    """The shaped directions a packet from ``a`` to ``b`` crosses, along the network's own routes."""
+    links = path_links(topo, addresses or plan(topo), a, b)
+    return [getattr(topo.links[i], d) for i, d in links]
 
 
-def path_figures(topo: Topology, a: str, b: str) -> PathFigures:
-    shapes = route(topo, a, b)
+def path_figures(topo: Topology, a: str, b: str, addresses: AddressPlan | None = None) -> PathFigures:
+    shapes = route(topo, a, b, addresses)
     rates = [r for r in (_rate(s) for s in shapes) if r is not None]
     return PathFigures(min(rates) if rates else None, sum(s.delay_ms for s in shapes), len(shapes))
 
@@ -82,9 +57,14 @@ def serialization_ms(nbytes: float, bw_mbit: float | None) -> float:
     return 0.0 if not bw_mbit else nbytes * FRAMING * 8 / (bw_mbit * 1e3)
 
 
-def predict(topo: Topology, placement: str, result: dict[str, Any]) -> dict[str, Any]:
-    """Predicted end-to-end and mean per-token latency of one request from its measured parts."""
-    nodes = [n for n, _, _ in parse_placement(placement)]
+def predict(topo: Topology, placement: str | Sequence[Stage], result: dict[str, Any]) -> dict[str, Any]:
+    """Predicted end-to-end and mean per-token latency of one request from its measured parts.
+
+    ``placement``: the request's stages, or their placement string (``phone=0:8,mec=8:30``).
+    """
+    stages = parse_placement(placement, topo) if isinstance(placement, str) else placement
+    nodes = [st.node for st in stages]
+    addresses = plan(topo)
     per_hop = result.get("per_hop") or []
     steps = len(result.get("token_ms") or result.get("tokens") or [])
     hops = []
@@ -95,7 +75,8 @@ def predict(topo: Topology, placement: str, result: dict[str, Any]) -> dict[str,
         entry: dict[str, Any] = {"node": node, "compute_ms": round(compute, 3)}
         transfer = 0.0
         if i > 0 and i < len(nodes):
-            fwd, back = path_figures(topo, nodes[i - 1], nodes[i]), path_figures(topo, nodes[i], nodes[i - 1])
+            fwd = path_figures(topo, nodes[i - 1], nodes[i], addresses)
+            back = path_figures(topo, nodes[i], nodes[i - 1], addresses)
             transfer = (serialization_ms(h.get("bytes_up", 0), fwd.bw_mbit)
                         + serialization_ms(h.get("bytes_down", 0), back.bw_mbit)
                         + steps * (fwd.delay_ms + back.delay_ms))
@@ -110,5 +91,5 @@ def predict(topo: Topology, placement: str, result: dict[str, Any]) -> dict[str,
         "e2e_ms": round(total, 3),
         "per_token_ms": round(total / steps, 3) if steps else None,
         "per_hop": hops,
-        "model": "measured compute + bytes x 1514/1448 / bottleneck bandwidth + steps x RTT",
+        "model": "measured compute + bytes x 1500/1448 / bottleneck bandwidth + steps x RTT",
     }

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,18 +54,23 @@ def run(args: argparse.Namespace) -> int:
                 return
             if rec["status"] != "ok":
                 failed.append(f"{label}: {rec['error']}")
-                progress.console.print(f"[red]failed[/] {label}: {rec['error'].splitlines()[0][:200]}")
+                first = rec["error"].splitlines()[0][:200]
+                progress.console.print(f"[red]failed[/] {escape(label)}: {escape(first)}")
             else:
                 m = rec["metrics"]
                 lat = m["token_latency_ms"]["mean"]
                 progress.console.print(
-                    f"[green]ok[/] {label}: TTFT {m['ttft_ms']:.0f} ms, "
+                    f"[green]ok[/] {escape(label)}: TTFT {m['ttft_ms']:.0f} ms, "
                     f"per token {lat if lat is None else round(lat, 1)} ms, "
                     f"up {m['bytes_up_per_token']} B/token ({rec['duration_s']:.0f} s)")
             progress.advance(task)
 
+        def on_warning(line: str) -> None:
+            # one line each, never wrapped: FILE:LINE stays whole for a reader or a grep
+            progress.console.print(f"[yellow]warning[/] {escape(line)}", highlight=False, soft_wrap=True)
+
         results = run_suite(suite, out, resume=args.resume, only=args.only, on_start=on_start,
-                            on_task=on_task)
-    console.print(f"results: {results}" + (f"  ({len(failed)} failed)" if failed else ""))
-    console.print(f"report:  testbed report {out}")
+                            on_task=on_task, on_warning=on_warning)
+    console.print(f"results: {results}" + (f"  ({len(failed)} failed)" if failed else ""), soft_wrap=True)
+    console.print(f"report:  testbed report {out}", soft_wrap=True)
     return 1 if failed else 0

@@ -1,7 +1,10 @@
-"""Per-record metrics computed from one split-inference result (one device session).
+"""Metrics of split-inference results: one device session, one record, one point.
 
 Per-token latency statistics use the decode steps (every step after the first,
 whose latency is the TTFT); with a single generated token they fall back to it.
+Percentiles are taken over the pooled token latencies (every session of a
+record, every repeat of a point), never over per-session means: a mean of
+means hides the slow tokens that p95/p99 are meant to show.
 """
 
 from __future__ import annotations
@@ -15,12 +18,29 @@ def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-def latency_stats(values: list[float]) -> dict[str, float | None]:
+def decode_ms(token_ms: list[float]) -> list[float]:
+    """The decode-step latencies of one session's ``token_ms`` (the first step is the TTFT)."""
+    values = [float(x) for x in token_ms or []]
+    return values[1:] if len(values) > 1 else values
+
+
+def latency_stats(values: list[float]) -> dict[str, Any]:
+    """Mean, percentiles (linear interpolation) and max of token latencies; ``n``: how many."""
     if not values:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
     a = np.asarray(values, dtype=float)
-    return {"mean": _r(a.mean()), "p50": _r(np.percentile(a, 50)), "p95": _r(np.percentile(a, 95)),
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"n": int(a.size), "mean": _r(a.mean()), "p50": _r(p50), "p95": _r(p95), "p99": _r(p99),
             "max": _r(a.max())}
+
+
+def pooled_token_latency(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token-latency statistics of a point: the decode steps of every session of every record pooled."""
+    pooled: list[float] = []
+    for rec in records:
+        for s in rec.get("sessions") or []:
+            pooled += decode_ms((s.get("raw") or {}).get("token_ms") or [])
+    return latency_stats(pooled)
 
 
 def positions_sent(prompt_tokens: int, tokens: int, kv_cache: bool) -> int:
@@ -36,7 +56,7 @@ def session_metrics(result: dict[str, Any], kv_cache: bool = True) -> dict[str, 
     token_ms = [float(x) for x in result.get("token_ms") or []]
     tokens = len(result.get("tokens") or token_ms)
     sent = positions_sent(int(result.get("prompt_tokens") or 0), tokens, kv_cache)
-    decode = token_ms[1:] if len(token_ms) > 1 else token_ms
+    decode = decode_ms(token_ms)
     e2e = float(result.get("total_ms") or sum(token_ms))
     per_hop = result.get("per_hop") or []
     bytes_up = int(result.get("bytes_up") or 0)
@@ -83,20 +103,27 @@ def session_metrics(result: dict[str, Any], kv_cache: bool = True) -> dict[str, 
     }
 
 
-def combine(sessions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics over several parallel sessions: the first session's fields plus aggregate figures."""
-    if len(sessions) == 1:
-        return sessions[0]
+def combine(sessions: list[dict[str, Any]], token_ms: list[list[float]]) -> dict[str, Any]:
+    """Metrics of one record: parallel sessions' metrics (``session_metrics``) and their ``token_ms``.
+
+    The first session's fields, with aggregate figures: token counts and bytes summed, the
+    end-to-end time of the slowest session, TTFT averaged over sessions, and token-latency
+    statistics over every session's decode steps pooled.  ``session_mean_token_ms`` keeps each
+    session's own mean (per device: who was served worse).
+    """
+    if len(sessions) != len(token_ms):
+        raise ValueError(f"{len(sessions)} sessions but {len(token_ms)} token-latency lists")
     out = dict(sessions[0])
     tokens = sum(s["tokens"] for s in sessions)
     e2e = max(s["e2e_ms"] or 0.0 for s in sessions)
-    lat = [s["token_latency_ms"]["mean"] for s in sessions if s["token_latency_ms"]["mean"] is not None]
+    ttft = [s["ttft_ms"] for s in sessions if s["ttft_ms"] is not None]
     out.update(
         tokens=tokens,
         e2e_ms=_r(e2e),
         tokens_per_s=_r(tokens / (e2e / 1e3)) if e2e else None,
-        ttft_ms=_r(float(np.mean([s["ttft_ms"] for s in sessions]))),
-        token_latency_ms={**latency_stats(lat), "mean": _r(float(np.mean(lat))) if lat else None},
+        ttft_ms=_r(float(np.mean(ttft))) if ttft else None,
+        token_latency_ms=latency_stats([x for t in token_ms for x in decode_ms(t)]),
+        session_mean_token_ms=[s["token_latency_ms"]["mean"] for s in sessions],
         bytes_up=sum(s["bytes_up"] for s in sessions),
         bytes_down=sum(s["bytes_down"] for s in sessions),
     )

@@ -5,12 +5,20 @@ point is run once rather than once per value: the on-device baseline ignores
 the network and the codec, the offload baselines ignore the codec and the cut,
 a split placement without ``{cut}`` ignores the cut.  Reports draw such a
 point as a constant across the swept axis.
+
+A point id names the placement and the swept values (``split/uplink_mbit=10,cut=8``);
+file paths show by file name.  Two values that would show alike (``a/lte.up`` and
+``b/lte.up``) get as many parent folders as tell them apart (a short hash where no
+folder does), so no two points share an id; values that do not collide keep the short
+form, so ids of suites without such values do not change.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ class Point:
     placement: str  # resolved, e.g. "phone=0:8,mec=8:30"
     params: dict[str, Any] = field(hash=False)  # every effective parameter value
     swept: tuple[str, ...] = ()  # the parameter names that vary in this suite
+    labels: dict[str, str] = field(default_factory=dict, hash=False)  # swept value as the id shows it
 
     def matches(self, only: str | None) -> bool:
         """``--only``: comma-separated terms, each ``key=value`` or a substring of the point id."""
@@ -47,7 +56,8 @@ class Point:
                     have = self.kind
                 else:
                     have = self.params.get(key)
-                if have is None or value.lower() not in {_fmt(have), str(have).lower(), label_value(have)}:
+                shown = {_fmt(have), str(have).lower(), label_value(have), self.labels.get(key)}
+                if have is None or value.lower() not in shown:
                     return False
             elif term not in self.id:
                 return False
@@ -92,6 +102,39 @@ def _combos(suite: Suite) -> list[dict[str, Any]]:
     return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*suite.sweep.values())]
 
 
+def _value_key(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def value_labels(values: list[Any]) -> dict[str, str]:
+    """Distinct labels for one parameter's values, keyed by ``_value_key``.
+
+    Each value shows as ``label_value`` unless another value shows alike: then paths
+    show with as many parent folders as tell the colliding ones apart, and anything
+    still alike gets ``~`` and a short hash of the value.
+    """
+    distinct = {_value_key(v): v for v in values}
+    labels = {k: label_value(v) for k, v in distinct.items()}
+    groups: dict[str, list[str]] = {}
+    for k, lab in labels.items():
+        groups.setdefault(lab, []).append(k)
+    for keys in (g for g in groups.values() if len(g) > 1):
+        parts = {k: Path(str(distinct[k])).parts for k in keys}
+        if all(len(p) > 1 and "/" in str(distinct[k]) for k, p in parts.items()):
+            for depth in range(2, max(len(p) for p in parts.values()) + 1):
+                tails = {k: "/".join(p[-depth:]) for k, p in parts.items()}
+                if len(set(tails.values())) == len(tails):
+                    labels.update(tails)
+                    break
+        shown: dict[str, int] = {}
+        for k in keys:
+            shown[labels[k]] = shown.get(labels[k], 0) + 1
+        for k in keys:
+            if shown[labels[k]] > 1:
+                labels[k] += "~" + hashlib.sha1(k.encode()).hexdigest()[:6]
+    return labels
+
+
 def expand(suite: Suite, layers: int) -> list[Point]:
     """All points of a suite, in run order (sweep combination outer, placement inner), deduplicated."""
     combos = _combos(suite)
@@ -100,9 +143,10 @@ def expand(suite: Suite, layers: int) -> list[Point]:
     if "prompt" not in suite.sweep and "prompt" not in suite.params and len(prompts) > 1:
         combos = [{**c, "prompt": p} for c in combos for p in prompts]
         swept.append("prompt")
+    names = {k: value_labels([c[k] for c in combos if k in c]) for k in swept}
     kinds = [(b, b, "") for b in suite.baselines] + [(n, "split", t) for n, t in suite.placements.items()]
     points: list[Point] = []
-    seen: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {}
     for combo in combos:
         for name, kind, template in kinds:
             drop = irrelevant(kind, template)
@@ -121,12 +165,14 @@ def expand(suite: Suite, layers: int) -> list[Point]:
                     placement = placement.replace("{cut}", str(params["cut"]))
             else:
                 placement = baseline_placement(kind, suite.roles, layers)
-            shown = [k for k in swept if k in params]
-            pid = name + ("/" + ",".join(f"{k}={label_value(params[k])}" for k in shown) if shown else "")
-            if pid in seen:
+            labels = {k: names[k][_value_key(params[k])] for k in swept if k in params}
+            pid = name + ("/" + ",".join(f"{k}={v}" for k, v in labels.items()) if labels else "")
+            if pid in seen:  # the same point again (a parameter it ignores varied): run it once
+                if seen[pid] != params:
+                    raise ValueError(f"two different points would share the id {pid!r}")
                 continue
-            seen.add(pid)
-            points.append(Point(pid, name, kind, placement, params, tuple(swept)))
+            seen[pid] = params
+            points.append(Point(pid, name, kind, placement, params, tuple(swept), labels))
     return points
 
 

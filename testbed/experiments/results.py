@@ -1,7 +1,9 @@
 """The results file: one JSON record per line, appended whole and fsync-ed.
 
 A crash can at worst leave a torn last line; ``repair`` cuts it off before a
-resumed run appends, and ``read_records`` ignores it.
+resumed run appends.  Readers skip what is not a record (a torn last line, a
+line a disk or an editor garbled) and say so, one line each, naming FILE:LINE:
+one bad line costs that record (a resumed run runs its point again), never the file.
 """
 
 from __future__ import annotations
@@ -12,17 +14,35 @@ from pathlib import Path
 from typing import Any
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Complete records of a results file (a torn or unparsable last line is ignored)."""
+def read_results(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(records, problems): every well-formed record in file order, and one line per skipped line."""
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    out = []
-    for line in data[:end].splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
+        return [], []
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, line in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            problems.append(f"{path}:{n}: skipped a torn last line (an interrupted write)")
+            break
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+            reason = str(e).split(":")[0] if isinstance(e, ValueError) else "nested too deep"
+            problems.append(f"{path}:{n}: skipped a corrupt line (not JSON: {reason})")
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("point"), str)
+                and isinstance(rec.get("repeat"), int) and not isinstance(rec.get("repeat"), bool)):
+            problems.append(f"{path}:{n}: skipped a line that is not a results record (no point and repeat)")
+            continue
+        records.append(rec)
+    return records, problems
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The well-formed records of a results file (``read_results`` without the problems)."""
+    return read_results(path)[0]
 
 
 def repair(path: Path) -> int:

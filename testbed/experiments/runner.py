@@ -20,7 +20,7 @@ from typing import Any
 from testbed.apps.inference.sessions import Request, run_sessions
 from testbed.experiments import analytic, energy, environment, metrics
 from testbed.experiments.points import Point, build_topology, device_nodes, expand
-from testbed.experiments.results import append_record, done_keys, read_records, repair, write_atomic
+from testbed.experiments.results import append_record, done_keys, read_results, repair, write_atomic
 from testbed.spec.errors import SpecError
 from testbed.spec.suite import Suite
 
@@ -59,10 +59,10 @@ def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]
 
     devs = device_nodes(suite, point.params.get("devices", 1))
     me = suite.roles["device"]
+    stages = parse_placement(point.placement)
     chains = []
-    for dev in devs:
-        parts = [part.split("=", 1) for part in point.placement.split(",")]
-        text = ",".join(f"{dev if node == me else node}={rng}" for node, rng in parts)
+    for dev in devs:  # each renamed chain checked against the topology again (reachability)
+        text = ",".join(f"{dev if st.node == me else st.node}={st.layers}" for st in stages)
         chains.append(parse_placement(text, topo, layers))
     return chains
 
@@ -99,7 +99,7 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
             if st.end > st.start and p["kv_cache"]:
                 hop["kv_cache_bytes"] = kv_cache_bytes(info, st.start, st.end, positions)
         m = metrics.session_metrics(res, p["kv_cache"])
-        pred = analytic.predict(topo, ",".join(f"{s.node}={s.layers}" for s in chain), res)
+        pred = analytic.predict(topo, chain, res)
         dev_hop = res["per_hop"][0]
         busy = dev_hop.get("compute_ms", 0.0) + dev_hop.get("codec_ms", 0.0)
         m["energy"] = energy.estimate(suite.energy, busy, m["e2e_ms"], m["bytes_up"], m["bytes_down"],
@@ -109,7 +109,8 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any]) -
             "e2e": round(m["e2e_ms"] / pred["e2e_ms"], 3) if pred["e2e_ms"] else None,
         }
         sessions.append({"device": chain[0].node, "metrics": m, "raw": res})
-    combined = metrics.combine([s["metrics"] for s in sessions])
+    combined = metrics.combine([s["metrics"] for s in sessions],
+                               [s["raw"].get("token_ms") or [] for s in sessions])
     return {
         "metrics": combined,
         "sessions": sessions,
@@ -134,6 +135,7 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
         "placement": point.placement,
         "params": point.params,
         "swept": list(point.swept),
+        "labels": point.labels,
         "config": {
             "suite_file": str(suite.source),
             "topology_file": str(suite.topology_path),
@@ -162,17 +164,23 @@ Progress = Callable[[str, int, int], None]
 
 def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | None = None,
               on_start: Callable[[int], None] | None = None,
-              on_task: Callable[[Point, int, dict | None], None] | None = None) -> Path:
+              on_task: Callable[[Point, int, dict | None], None] | None = None,
+              on_warning: Callable[[str], None] | None = None) -> Path:
     """Run every (point, repeat) not yet in ``out_dir/results.jsonl``; return that path.
 
     ``on_start(n_tasks)`` and ``on_task(point, repeat, record_or_None)`` feed a progress display
-    (``record`` is None when the task starts).
+    (``record`` is None when the task starts); ``on_warning(line)`` hears of results lines a
+    resumed run skips (a torn or corrupt line: its point runs again).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     if resume:
-        repair(results)
-        done = done_keys(read_records(results))
+        records, problems = read_results(results)
+        for line in problems:
+            if on_warning:
+                on_warning(line)
+        repair(results)  # a torn last line goes; appends start on a line of their own
+        done = done_keys(records)
     else:
         if results.exists():
             results.rename(out_dir / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")

@@ -32,6 +32,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
     try:
         return prepare_model_dir(args.model)
+    except SpecError:  # already names the model and the problem
+        raise
     except FileNotFoundError as e:
         raise SpecError(args.model or "--model", "model", str(e)) from None
 

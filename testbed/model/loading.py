@@ -57,14 +57,11 @@ def prepare_model_dir(src: str | Path | None) -> Path:
     """None -> default model; a GGUF file -> its converted cache dir; a checkpoint dir -> itself."""
     if src is None or str(src) == "":
         return default_model_dir()
-    p = Path(src).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p}: not a checkpoint directory (no config.json)")
-        return p
-    if p.suffix == ".gguf" and p.exists():
-        return convert_gguf(p, cache_root() / p.stem.lower())
-    raise FileNotFoundError(f"{p}: neither a checkpoint directory nor a .gguf file")
+    from testbed.spec.checkpoint import check_model_path
+
+    # weights and tokenizer too, before a network or a node starts (ModelFileError is a FileNotFoundError)
+    p = check_model_path(src)
+    return p if p.is_dir() else convert_gguf(p, cache_root() / p.stem.lower())
 
 
 def is_converted(d: Path) -> bool:

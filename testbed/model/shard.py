@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from testbed import omp
-
-QUANTS = ("none", "bf16", "int8", "int4")
+from testbed.spec.options import QUANTS
 
 
 def set_threads(threads: int | None) -> int:

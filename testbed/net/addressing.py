@@ -143,3 +143,28 @@ def plan(topo: Topology) -> AddressPlan:
             hop, via = first[min(reachable, key=rank.__getitem__)]
             routes[src].append((str(s.subnet), addresses[(hop, via)]))
     return AddressPlan(segments, link_segment, addresses, routes, next_hop)
+
+
+
+def path_links(topo: Topology, addresses: AddressPlan, src: str, dst: str) -> list[tuple[int, str]]:
+    """The links a packet from host ``src`` to host ``dst`` crosses, in order, as (link index,
+    direction): ``up`` where it crosses from the link's ``a`` end to its ``b`` end, else ``down``.
+
+    It follows the plan's routes (``next_hop``); a hop across a cell enters the bridge on the
+    sender's link and leaves it on the receiver's (cells are never linked to each other).
+    """
+    out: list[tuple[int, str]] = []
+    cur = src
+    while cur != dst:
+        hop = addresses.next_hop.get(cur, {}).get(dst)
+        if hop is None:
+            raise KeyError(f"{dst} is not reachable from {src}")
+        nxt, seg = hop
+        links = addresses.segments[seg].links
+        into = next(i for i in links if cur in (topo.links[i].a, topo.links[i].b))
+        out.append((into, "up" if topo.links[into].a == cur else "down"))
+        if addresses.segments[seg].cell is not None:
+            out_of = next(i for i in links if nxt in (topo.links[i].a, topo.links[i].b))
+            out.append((out_of, "down" if topo.links[out_of].a == nxt else "up"))
+        cur = nxt
+    return out

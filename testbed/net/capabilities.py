@@ -21,9 +21,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.errors import SpecError
+from testbed.spec.options import SHAPERS
 from testbed.spec.topology import Topology
-
-SHAPERS = ("auto", "kernel", "userspace")
 
 
 @dataclass(frozen=True)

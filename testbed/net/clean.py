@@ -17,8 +17,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.hosts.process_host import remove_run_cgroups
-from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, load_states
-from testbed.net.network import kill_and_wait
+from testbed.net import hostwide
+from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, alive, hand_over, load_states
+from testbed.net.teardown import kill_and_wait
 
 NETNS_DIR = Path("/run/netns")
 CONTAINER_LABEL = "edgellm-testbed"
@@ -36,10 +37,6 @@ def _ancestors() -> set[int]:
         except (OSError, ValueError):
             break
     return out
-
-
-def _alive(pid: int | None) -> bool:
-    return bool(pid) and os.path.exists(f"/proc/{pid}")
 
 
 def marked_processes() -> dict[int, str]:
@@ -72,23 +69,26 @@ def leftovers(run_id: str) -> dict[str, list]:
     return {"devices": devices, "processes": procs, "cgroups": cgroups, "state": state}
 
 
-def clean(all_runs: bool = True) -> dict[str, list]:
-    """Remove leftovers; returns what was removed, by kind."""
+def clean(all_runs: bool = False) -> dict[str, list]:
+    """Remove leftovers; returns what was removed, by kind.
+
+    Only runs whose owner is dead, unless ``all_runs``.  Host-wide settings a removed run
+    changed are put back (``hostwide.restore``), minding the runs that stay."""
     states = {s["run_id"]: s for s in load_states()}
     live_owners = {rid for rid, s in states.items()
-                   if _alive(s.get("owner_pid")) and s.get("owner_pid") != os.getpid()}
+                   if alive(s.get("owner_pid")) and s.get("owner_pid") != os.getpid()}
     me = _ancestors()
 
     def doomed(run_id: str) -> bool:
         return all_runs or run_id not in live_owners
 
     removed: dict[str, list] = {"processes": [], "devices": [], "namespaces": [], "cgroups": [],
-                                "containers": [], "state_files": []}
+                                "containers": [], "state_files": [], "settings": []}
     procs = {pid: rid for pid, rid in marked_processes().items() if pid not in me and doomed(rid)}
     for s in states.values():
         if doomed(s["run_id"]):
             for pid in [*s.get("link_pids", []), *s.get("host_pids", {}).values()]:
-                if _alive(pid) and pid not in me and _marked_by(pid, s["run_id"]):
+                if alive(pid) and pid not in me and _marked_by(pid, s["run_id"]):
                     procs[pid] = s["run_id"]
     kill_and_wait(sorted(procs))
     removed["processes"] = sorted(procs)
@@ -125,8 +125,16 @@ def clean(all_runs: bool = True) -> dict[str, list]:
 
     removed["containers"] = _remove_containers(doomed)
 
-    for rid in states:
+    staying = [s for rid, s in states.items() if not doomed(rid)]
+    needs = [s.get("host_settings", {}).get("needs", {}) for s in staying]
+    for rid, s in states.items():
         if doomed(rid):
+            changed = s.get("host_settings", {}).get("changed", {})
+
+            def give(key: str, value: str) -> None:
+                hand_over(STATE_DIR / f"{staying[0]['run_id']}.json", key, value)
+
+            removed["settings"] += hostwide.restore(changed, needs, give if staying else None)
             (STATE_DIR / f"{rid}.json").unlink(missing_ok=True)
             removed["state_files"].append(rid)
     return removed

@@ -49,6 +49,8 @@ class RunState:
             "link_pids": [],
             "containers": [],
             "cgroups": [],
+            # host-wide settings: {"changed": {sysctl: value found}, "needs": {...}} (net/hostwide.py)
+            "host_settings": {"changed": {}, "needs": {}},
         }
 
     def mark_environment(self) -> None:
@@ -66,11 +68,35 @@ class RunState:
             self.data["host_pids"][node] = pid
             self._write()
 
+    def set_host_settings(self, changed: dict[str, str], needs: dict[str, object]) -> None:
+        with self._lock:
+            hs = self.data["host_settings"]
+            hs["changed"] = {**changed, **hs["changed"]}
+            hs["needs"].update(needs)
+            self._write()
+
+    def host_settings_changed(self) -> dict[str, str]:
+        """The settings to put back: ours and those handed over by runs that ended before us."""
+        with self._lock:
+            self._merge_handed_over()
+            return dict(self.data["host_settings"]["changed"])
+
     def write(self) -> None:
         with self._lock:
             self._write()
 
+    def _merge_handed_over(self) -> None:
+        """Other runs may add to our file's ``host_settings.changed`` (``hand_over``): keep them."""
+        try:
+            on_disk = json.loads(self.path.read_text())["host_settings"]["changed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        mine = self.data["host_settings"]["changed"]
+        for key, value in on_disk.items():
+            mine.setdefault(key, value)
+
     def _write(self) -> None:
+        self._merge_handed_over()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -80,6 +106,27 @@ class RunState:
         self.path.unlink(missing_ok=True)
         if os.environ.get(ENV_MARKER) == self.run_id:
             del os.environ[ENV_MARKER]
+
+
+def alive(pid: int | None) -> bool:
+    """Does process ``pid`` exist (a run's owner, say)?"""
+    return bool(pid) and os.path.exists(f"/proc/{pid}")
+
+
+def hand_over(path: Path, key: str, value: str) -> None:
+    """Add ``key: value`` to the ``host_settings.changed`` of another run's state file, unless it
+    has its own (its owner puts it back when it ends)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = data.setdefault("host_settings", {}).setdefault("changed", {})
+    if key in changed:
+        return
+    changed[key] = value
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def load_states(state_dir: Path = STATE_DIR) -> list[dict[str, Any]]:

@@ -1,140 +1,88 @@
 """``EmulatedNetwork``: a topology brought up with Mininet, shaped, addressed and routed.
 
 Hosts are Mininet hosts (``testbed.hosts.factory.host_class``), cells are ``LinuxBridge``
-switches named ``tb<run><c#>``; veth pairs are made through netlink (pyroute2) and
-registered with Mininet as interfaces, so the Mininet CLI works as usual.
+switches named ``tb<run><c#>``.  The parts, one module each:
 
-* kernel backend: a host-host link is one veth pair; the a-end egress is shaped with ``up``,
-  the b-end egress with ``down`` (HTB + netem/pfifo, ``kernel_shaping``); a cell's end is its
-  bridge port in the root namespace.
-* userspace backend: each link end gets a veth pair whose root-namespace side
-  (``tb<run>l<i>a`` / ``...b``) is joined to the other by the link process
-  (``testbed.net.shaping.userspace``); offloads are off on the host-side ends.
+* ``ports``: interface names, veth pairs, their registration with Mininet;
+* ``hostconfig``: the shell line that configures each host (sysctls, addresses, routes);
+* ``shaping``: one ``Shaper`` backend object (kernel or userspace) shapes every link;
+* ``watchdog``: checks the backend while the network runs; a failure (a link process dead,
+  trace replay stopped) is kept, told to ``on_failure`` callbacks and raised by ``check()``;
+* ``hostwide``: host-wide settings the run changes, recorded and put back;
+* ``teardown``: processes, devices, shells, cgroups; signals held while it runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shlex
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TextIO
 
-from mininet.link import Intf
 from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.hosts.factory import host_class
 from testbed.hosts.process_host import remove_run_cgroups
-from testbed.net import addressing, capabilities
-from testbed.net.naming import ENV_MARKER, RunState, device_name, new_run_id
-from testbed.net.shaping import kernel as kernel_shaping
+from testbed.net import addressing, capabilities, hostwide
+from testbed.net.errors import NetworkError
+from testbed.net.hostconfig import configure_hosts
+from testbed.net.naming import (
+    ENV_MARKER,
+    STATE_DIR,
+    RunState,
+    alive,
+    device_name,
+    hand_over,
+    load_states,
+    new_run_id,
+)
+from testbed.net.ports import Ports
+from testbed.net.shaping import Link, Shaper, make_shaper
+from testbed.net.teardown import (
+    delete_devices,
+    kill_and_wait,
+    kill_namespace_processes,
+    signals_deferred,
+    terminate_nodes,
+)
+from testbed.net.watchdog import Watchdog
 from testbed.spec.topology import Shaping, Topology
 
-BRIDGE_NF = ("iptables", "ip6tables", "arptables")
-PARALLEL = 8  # link processes started / stopped at once
-
-
-def _no_move(*_args, **_kw) -> None:
-    """Interfaces are created inside their namespace already."""
-
-
-@dataclass
-class LinkEnd:
-    node: str  # topology node name (host or cell)
-    ifname: str  # the interface carrying this end's egress traffic
-    pid: int | None  # namespace holder, None for the root namespace
-    host_if: str | None = None  # userspace backend: the interface inside the host
-
-
-def ensure_bridge_nf_off() -> list[str]:
-    """Docker's FORWARD DROP with bridge netfilter drops bridged frames: switch it off.
-
-    Returns the sysctls that had to be changed."""
-    changed = []
-    for f in BRIDGE_NF:
-        path = f"/proc/sys/net/bridge/bridge-nf-call-{f}"
-        with contextlib.suppress(OSError):
-            with open(path) as fh:
-                if fh.read().strip() == "0":
-                    continue
-            with open(path, "w") as fh:
-                fh.write("0")
-            changed.append(f"net.bridge.bridge-nf-call-{f}=0")
-    return changed
-
-
-def netns_inode(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
-def pids_in_netns(inodes: set[int], exclude: set[int]) -> list[int]:
-    """Processes whose network namespace is one of ``inodes``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in exclude:
-            ino = netns_inode(int(entry))
-            if ino in inodes:
-                out.append(int(entry))
-    return out
-
-
-def kill_and_wait(pids: list[int], grace_s: float = 0.5) -> None:
-    """SIGTERM, then SIGKILL whatever is left after ``grace_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
-            if pids:
-                time.sleep(0.02)
-        if not pids:
-            return
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+__all__ = ["EmulatedNetwork", "NetworkError", "kill_and_wait"]
 
 
 class EmulatedNetwork:
-    """A running emulated topology; use as a context manager or call ``start``/``stop``."""
+    """A running emulated topology; use as a context manager or call ``start``/``stop``.
+
+    ``on_failure`` (optional) is called from the watchdog thread with the ``NetworkError`` when
+    a part of the running network fails; ``check()`` raises it in the caller's thread, and
+    leaving the ``with`` block raises it too when nothing else went wrong."""
 
     def __init__(self, topo: Topology, shaper: str = "auto", runtime: str | None = None, *,
-                 cli_log: TextIO | None = None) -> None:
+                 cli_log: TextIO | None = None,
+                 on_failure: Callable[[NetworkError], None] | None = None) -> None:
         self.topo = topo
         self.runtime = runtime
         self.log = cli_log
-        self.shaper = capabilities.choose_shaper(shaper, topo)
+        self.shaper = capabilities.choose_shaper(shaper, topo)  # the backend's name
         self.tcp_cc = topo.tcp_cc
         self.plan = addressing.plan(topo)
         self.run_id = new_run_id()
         self.state = RunState(self.run_id)
         self.mn: Mininet | None = None
         self.cells: dict[str, str] = {}  # cell name -> bridge name
-        self.ends: list[tuple[LinkEnd, LinkEnd]] = []
-        self.root_devices: list[str] = []
-        self._link_procs: list[subprocess.Popen] = []
+        self.links: list[Link] = []
+        self.backend: Shaper | None = None
+        self._ports: Ports | None = None
         self._popens: list[subprocess.Popen] = []
-        self._iprs: dict[int | None, IPRoute] = {}
-        self._replayer = None
+        self._watchdog: Watchdog | None = None
+        self._on_failure = [on_failure] if on_failure is not None else []
         self._old_sigterm = None
         self._stopped = True
         self._owner_pid = os.getpid()
@@ -145,8 +93,10 @@ class EmulatedNetwork:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is None:
+            self.check()  # the run "succeeded" over a network that broke: say so
 
     def start(self) -> None:
         """Bring everything up; on any failure tear down what exists and re-raise."""
@@ -161,16 +111,49 @@ class EmulatedNetwork:
             raise
 
     def stop(self) -> None:
-        """Tear down: replay thread, link processes, host processes, devices, shells, state."""
+        """Tear down (SIGINT/SIGTERM held until done): watchdog, shaping, processes, devices,
+        shells, cgroups, host-wide settings, state."""
         if self._stopped or os.getpid() != self._owner_pid:
             return
         self._stopped = True
         try:
-            self._teardown()
+            with signals_deferred():
+                self._teardown()
         finally:
             if self._old_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
                 self._old_sigterm = None
+
+    def check(self) -> None:
+        """Raise ``NetworkError`` (naming the link) if a part of the network has failed."""
+        if self._watchdog is not None and self._watchdog.failure is not None:
+            raise self._watchdog.failure
+        if self.backend is not None and not self._stopped:
+            try:
+                self.backend.check()
+            except NetworkError as e:
+                if self._watchdog is not None:
+                    self._watchdog.fail(e)
+                raise
+
+    def on_failure(self, callback: Callable[[NetworkError], None]) -> None:
+        """Also call ``callback(error)`` (from the watchdog thread) when a part fails."""
+        self._on_failure.append(callback)
+        if self._watchdog is not None:
+            self._watchdog.callbacks.append(callback)
+
+    def update_link(self, a: str, b: str, up: Shaping | None = None, down: Shaping | None = None) -> None:
+        """Change the shaping of the link between ``a`` and ``b`` while the network runs
+        (``up`` is a -> b as the topology lists the link)."""
+        assert self.backend is not None
+        for link in self.links:
+            if (link.spec.a, link.spec.b) == (a, b):
+                self.backend.update(link, up, down)
+                return
+            if (link.spec.a, link.spec.b) == (b, a):
+                self.backend.update(link, down, up)
+                return
+        raise KeyError(f"no link {a}<->{b} in this network")
 
     def ip(self, node: str, peer: str | None = None) -> str:
         """``node``'s address (on the segment facing ``peer`` when given)."""
@@ -198,7 +181,7 @@ class EmulatedNetwork:
     @property
     def trace_t0(self) -> float | None:
         """``time.monotonic()`` at which kernel trace replay began (bin 0), None without traces."""
-        return self._replayer.t0 if self._replayer is not None else None
+        return self.backend.trace_t0 if self.backend is not None else None
 
     def pid(self, node: str) -> int:
         """PID of the process holding ``node``'s namespaces (its shell)."""
@@ -222,13 +205,19 @@ class EmulatedNetwork:
             raise KeyError(f"no host {node!r} in this network")
         return self.mn.nameToNode[node]
 
+    def _host_wide_settings(self) -> None:
+        changed = hostwide.bridge_nf_off()
+        for key in changed:
+            self._say(f"*** set {key}=0 (bridged frames would be dropped by Docker's FORWARD policy)")
+        self.state.set_host_settings(changed, {"bridge_nf_off": True})
+        changed = hostwide.allowed_tcp_cc(lambda: capabilities.check_tcp_cc(self.topo))
+        self.state.set_host_settings(changed, {"tcp_cc": self.tcp_cc})
+
     def _build(self) -> None:
         t0 = time.monotonic()
-        for change in ensure_bridge_nf_off():
-            self._say(f"*** set {change} (bridged frames would be dropped by Docker's FORWARD policy)")
-        capabilities.check_tcp_cc(self.topo)
         self.state.mark_environment()
-        self.state.write()
+        self.state.write()  # first: what follows changes the host, the record must exist
+        self._host_wide_settings()
         setLogLevel("error")
         self.mn = Mininet(topo=None, switch=LinuxBridge, controller=None, build=False,
                           autoSetMacs=False, inNamespace=False)
@@ -244,195 +233,59 @@ class EmulatedNetwork:
             self.mn.addSwitch(br, cls=LinuxBridge)
             self.cells[cell.name] = br
             self.state.add("bridges", br)
+        self.backend = make_shaper(self.shaper, on_started=lambda pid: self.state.add("link_pids", pid))
+        self._ports = Ports(self.mn, self.run_id, self.cells, self.plan, self.state)
         with IPRoute() as ipr:
-            for i in range(len(self.topo.links)):
-                self.ends.append(self._make_link(ipr, i))
+            for i, link in enumerate(self.topo.links):
+                self.links.append(self._ports.wire(ipr, i, link, self.backend.joins_in_root))
         self.mn.build()
-        self._configure_hosts()
+        configure_hosts([self._host(h.name) for h in self.topo.hosts()], self.plan, self.tcp_cc)
         self.mn.start()  # creates the bridges and attaches their ports
-        self._bring_root_devices_up()
-        if self.shaper == "kernel":
-            self._shape_kernel()
-        else:
-            self._start_link_processes()
+        self._ports.bring_up_root_devices()
+        self.backend.apply_all(self.links)
+        self._watchdog = Watchdog(self.backend.check)
+        self._watchdog.callbacks.extend(self._on_failure)
+        self._watchdog.start()
         self._say(f"*** {len(self.topo.hosts())} hosts, {len(cells)} cells, {len(self.topo.links)} links up "
                   f"in {time.monotonic() - t0:.1f} s; shaper: {self.shaper}; tcp_cc: {self.tcp_cc}; "
                   f"run {self.run_id}")
 
-    def _new_port(self, node: str) -> tuple[str, object, int]:
-        """Next interface of ``node``: (name, Mininet node, port number)."""
-        mnode = self.mn.nameToNode[self.cells.get(node, node)]
-        port = mnode.newPort()
-        if node in self.cells:
-            k = list(self.cells).index(node)
-            return device_name(self.run_id, f"c{k}p{port}"), mnode, port
-        name = f"{node}-eth{port}"
-        return (name if len(name) <= 15 else f"eth{port}"), mnode, port
-
-    def _register(self, name: str, mnode, port: int, node: str, segment: int) -> None:
-        intf = Intf(name, node=mnode, port=port, moveIntfFn=_no_move, up=None)
-        if node not in self.cells:
-            intf.ip, intf.prefixLen = self.plan.address(node, segment), 24
-        else:
-            self.root_devices.append(name)
-            self.state.add("interfaces", name)
-
-    def _veth(self, ipr: IPRoute, name_a: str, pid_a: int | None, name_b: str, pid_b: int | None) -> None:
-        peer: dict = {"ifname": name_b}
-        if pid_b is not None:
-            peer["net_ns_pid"] = pid_b
-        kw = {"net_ns_pid": pid_a} if pid_a is not None else {}
-        ipr.link("add", ifname=name_a, kind="veth", peer=peer, **kw)
-
-    def _make_link(self, ipr: IPRoute, i: int) -> tuple[LinkEnd, LinkEnd]:
-        link = self.topo.links[i]
-        seg = self.plan.link_segment[i]
-        ends = []
-        if self.shaper == "kernel":
-            (na, ma, pa), (nb, mb, pb) = self._new_port(link.a), self._new_port(link.b)
-            pid_a = None if link.a in self.cells else ma.pid
-            pid_b = None if link.b in self.cells else mb.pid
-            if pid_a is None:
-                self.state.add("interfaces", na)
-            if pid_b is None:
-                self.state.add("interfaces", nb)
-            self._veth(ipr, na, pid_a, nb, pid_b)
-            self._register(na, ma, pa, link.a, seg)
-            self._register(nb, mb, pb, link.b, seg)
-            return LinkEnd(link.a, na, pid_a), LinkEnd(link.b, nb, pid_b)
-        for side, node in (("a", link.a), ("b", link.b)):
-            name, mnode, port = self._new_port(node)
-            root_port = device_name(self.run_id, f"l{i}{side}")
-            self.state.add("interfaces", root_port)
-            pid = None if node in self.cells else mnode.pid
-            self._veth(ipr, root_port, None, name, pid)
-            self.root_devices.append(root_port)
-            self._register(name, mnode, port, node, seg)
-            ends.append(LinkEnd(node, root_port, pid, name if pid is not None else None))
-        return ends[0], ends[1]
-
-    def _host_script(self, host: str) -> str:
-        """One shell line configuring a host: sysctls, addresses, links up, routes."""
-        sysctls = ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                   "net.ipv4.conf.default.rp_filter=0", f"net.ipv4.tcp_congestion_control={self.tcp_cc}"]
-        cmds = ["sysctl -qw " + " ".join(sysctls), "ip link set lo up"]
-        for intf in self._host(host).intfList():
-            if intf.name == "lo":
-                continue
-            cmds.append(f"ip addr add {intf.ip}/24 dev {intf.name}")
-            cmds.append(f"ip link set {intf.name} up")
-        for subnet, gw in self.plan.routes.get(host, []):
-            cmds.append(f"ip route add {subnet} via {gw}")
-        return "; ".join(f"{c} || echo TBERR: {shlex.quote(c)}" for c in cmds)
-
-    def _configure_hosts(self) -> None:
-        """Configure every host at once (commands sent to all shells, then collected)."""
-        hosts = [h.name for h in self.topo.hosts()]
-        for h in hosts:
-            self._host(h).sendCmd(self._host_script(h))
-        errors = []
-        for h in hosts:
-            out = self._host(h).waitOutput()
-            errors += [f"{h}: {line}" for line in out.splitlines() if "TBERR" in line]
-        if errors:
-            raise RuntimeError("host configuration failed: " + "; ".join(errors[:5]))
-
-    def _bring_root_devices_up(self) -> None:
-        with IPRoute() as ipr:
-            for name in self.root_devices:
-                ipr.link("set", ifname=name, state="up")
-
-    def _ipr(self, pid: int | None) -> IPRoute:
-        if pid not in self._iprs:
-            self._iprs[pid] = kernel_shaping.open_ns(pid)
-        return self._iprs[pid]
-
-    def _shape_kernel(self) -> None:
-        netem = capabilities.probe().netem
-        for (end_a, end_b), link in zip(self.ends, self.topo.links, strict=True):
-            for end, shaping in ((end_a, link.up), (end_b, link.down)):
-                if kernel_shaping.needs_shaping(shaping):
-                    self._shape_end(end, shaping, netem)
-        if self._replayer is not None:
-            self._replayer.start()
-
-    def _shape_end(self, end: LinkEnd, s: Shaping, netem: bool) -> None:
-        ipr = self._ipr(end.pid)
-        if s.trace is None:
-            kernel_shaping.apply(ipr, end.ifname, s, netem)
-            return
-        from testbed.net.trace_replay import TraceReplayer
-        from testbed.spec.traces import load_trace
-
-        trace = load_trace(s.trace, s.format or "mahimahi")
-        idx = kernel_shaping.apply(ipr, end.ifname, s, netem, start_mbit=float(trace.rate_bins_mbit(100)[0]))
-        if self._replayer is None:
-            self._replayer = TraceReplayer()
-        self._replayer.add(end.pid, idx, s, trace, netem)
-
-    def _start_link_processes(self) -> None:
-        """Offloads off on the host-side ends, then one link process per link (in parallel:
-        each one is a Python start-up that waits until its sockets are bound)."""
-        from testbed.net.offload import disable_offloads
-        from testbed.net.shaping.userspace import start_link_process
-
-        host_ends = [e for pair in self.ends for e in pair if e.host_if is not None]
-        with ThreadPoolExecutor(PARALLEL) as pool:
-            list(pool.map(lambda e: disable_offloads(e.host_if, pid=e.pid), host_ends))
-            futures = [pool.submit(start_link_process, a.ifname, b.ifname, link.up, link.down)
-                       for (a, b), link in zip(self.ends, self.topo.links, strict=True)]
-            for f in futures:
-                try:
-                    p = f.result()
-                except Exception:
-                    for g in futures:  # keep the ones that did start, for teardown
-                        if g.done() and g.exception() is None and g.result() not in self._link_procs:
-                            self._link_procs.append(g.result())
-                    raise
-                self._link_procs.append(p)
-                self.state.add("link_pids", p.pid)
-
     # --- teardown ----------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        if self._replayer is not None:
-            self._replayer.stop()
-        if self._link_procs:
-            from testbed.net.shaping.userspace import stop_link_process
-
-            def stop(p: subprocess.Popen) -> None:
-                with contextlib.suppress(Exception):
-                    stop_link_process(p)
-
-            with ThreadPoolExecutor(PARALLEL) as pool:
-                list(pool.map(stop, self._link_procs))
-        for ipr in self._iprs.values():
-            with contextlib.suppress(Exception):
-                ipr.close()
-        self._iprs.clear()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self.backend is not None:
+            self.backend.close()
         mn = self.mn
         hosts = [mn.nameToNode[h.name] for h in self.topo.hosts() if mn and h.name in mn.nameToNode]
-        shells = {h.pid for h in hosts if h.pid}
-        inodes = {i for i in (netns_inode(p) for p in shells) if i is not None}
-        me = os.getpid()
-        kill_and_wait(pids_in_netns(inodes, exclude=shells | {me}) + [p.pid for p in self._link_procs])
-        for p in self._popens + self._link_procs:
-            with contextlib.suppress(Exception):
+        kill_namespace_processes(hosts, exclude={os.getpid()})
+        for p in self._popens:
+            try:
                 p.poll()
-        with IPRoute() as ipr:
-            for name in [*self.root_devices, *self.cells.values()]:
-                with contextlib.suppress(NetlinkError):
-                    ipr.link("del", ifname=name)
+            except Exception:  # noqa: BLE001,S112 - reaping only; the process is gone either way
+                continue
+        root_devices = self._ports.root_devices if self._ports is not None else []
+        delete_devices([*root_devices, *self.cells.values()])
         if mn is not None:
-            for node in mn.switches + hosts:
-                node.waitExited = False
-                with contextlib.suppress(Exception):
-                    node.terminate()
-            kill_and_wait([p for p in shells if os.path.exists(f"/proc/{p}")], grace_s=1.0)
+            terminate_nodes(mn, hosts)
             for h in hosts:
                 if hasattr(h, "remove_cgroups"):
                     h.remove_cgroups()
             remove_run_cgroups(self.run_id)
+        self._restore_host_wide_settings()
         self.state.remove()
         self._say(f"*** run {self.run_id} torn down")
 
+    def _restore_host_wide_settings(self) -> None:
+        changed = self.state.host_settings_changed()
+        if not changed:
+            return
+        others = [s for s in load_states() if s.get("run_id") != self.run_id and alive(s.get("owner_pid"))]
+        needs = [s.get("host_settings", {}).get("needs", {}) for s in others]
+
+        def give(key: str, value: str) -> None:
+            hand_over(STATE_DIR / f"{others[0]['run_id']}.json", key, value)
+
+        for done in hostwide.restore(changed, needs, give if others else None):
+            self._say(f"*** restored {done}")

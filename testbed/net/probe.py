@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from testbed.spec.errors import TestbedError
+
 Runner = Callable[..., subprocess.Popen]
 
 UDP_PAYLOAD = 1448  # bytes: one datagram per 1500-byte IP packet, never fragmented
@@ -31,7 +33,7 @@ _ports = itertools.count((os.getpid() * 37) % 20000)
 _PING_TIME = re.compile(rb"time=([0-9.]+) ms")
 
 
-class ProbeError(RuntimeError):
+class ProbeError(TestbedError, RuntimeError):
     """A measurement tool failed (its last message is in the text)."""
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from testbed.report import plots
@@ -11,13 +13,27 @@ from testbed.report.summary import write_summary
 from testbed.spec.errors import SpecError
 
 
-def make_report(out_dir: Path) -> tuple[Path, list[Path]]:
-    """Write every applicable plot and ``summary.md`` into ``out_dir``; return (summary, plots)."""
+def _stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def make_report(out_dir: Path, warn: Callable[[str], None] = _stderr) -> tuple[Path, list[Path]]:
+    """Write every applicable plot and ``summary.md`` into ``out_dir``; return (summary, plots).
+
+    A line of ``results.jsonl`` that is not a record (torn, corrupt) is skipped with one
+    ``warn`` line naming FILE:LINE; a file with no usable record at all is a ``SpecError``.
+    """
     if not (out_dir / "results.jsonl").exists():
         raise SpecError(out_dir, "results.jsonl", "no results here (run `testbed run SUITE --out DIR` first)")
-    rows, records = load_rows(out_dir)
-    if not records:
-        raise SpecError(out_dir / "results.jsonl", "records", "empty: no complete record")
+    skipped: list[str] = []
+    rows, records = load_rows(out_dir, skipped.append)
+    if not records:  # one line, not a warning per line and then an error
+        what = "empty: no complete record"
+        if skipped:
+            what = f"no usable record ({len(skipped)} lines skipped, the first: {skipped[0]})"
+        raise SpecError(out_dir / "results.jsonl", "records", what)
+    for line in skipped:
+        warn(line)
     ok = [r for r in records if r.get("status") == "ok"]
     band = tuple(ok[0]["config"].get("analytic_band", (0.5, 2.0))) if ok else (0.5, 2.0)
     made = [

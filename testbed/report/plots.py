@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from testbed.report.data import Row  # noqa: E402
+from testbed.report.data import SPREAD, Row, Spread  # noqa: E402
 from testbed.spec.suite import NETWORK_PARAMS  # noqa: E402
 
 BASELINE_STYLE = {"on-device": ("tab:red", "--"), "edge-offload": ("tab:blue", "-."),
@@ -62,63 +62,91 @@ def _style(row: Row, i: int) -> dict[str, Any]:
     return {"color": color, "linestyle": ls, "marker": "o"}
 
 
+def _errorbar(ax, pts: list[tuple[float, Spread]], **kw: Any) -> None:
+    """A line through the medians with a bar over each point's range (min-max over repeats)."""
+    xs = [x for x, _ in pts]
+    ys = [s.median for _, s in pts]
+    yerr = np.array([[s.median - s.lo for _, s in pts], [s.hi - s.median for _, s in pts]])
+    ax.errorbar(xs, ys, yerr=yerr, capsize=3, elinewidth=1, **kw)
+
+
+def _overlap(a: Spread, b: Spread) -> bool:
+    return a.n > 1 and b.n > 1 and a.lo <= b.hi and b.lo <= a.hi
+
+
 def crossovers(rows: list[Row], y: tuple[str, ...] = ("token_latency_ms", "mean"),
                x_key: str = "uplink_mbit") -> list[str]:
-    """Sentences: at which uplink bandwidths each split line beats each baseline (metric ``y``)."""
+    """Sentences: at which uplink bandwidths each split line beats each baseline (metric ``y``).
+
+    Lines compare medians over repeats; where the two ranges (min-max) overlap the sentence says
+    so, since there the repeats do not tell the two apart.
+    """
     lines = _lines(rows, x_key, y)
-    constant = {r.label(): r.mean(*y) for r in rows if x_key not in r.params and r.ok}
+    constant = {r.label(): r.spread(*y) for r in rows if x_key not in r.params and r.ok}
     out = []
     for lab, (row, pts) in lines.items():
         if row.kind != "split" or len(pts) < 2:
             continue
-        xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-        rivals = {name: np.full(len(xs), v) for name, v in constant.items() if v is not None}
+        xs = np.array([p[0] for p in pts])
+        rivals: dict[str, list[Spread | None]] = {
+            name: [v] * len(xs) for name, v in constant.items() if v is not None}
         for other, (orow, opts) in lines.items():
             if orow.kind != "split":
                 d = dict(opts)
-                rivals[other] = np.array([d.get(x, np.nan) for x in xs])
+                rivals[other] = [d.get(x) for x in xs]
         for name, ref in rivals.items():
-            mask = ~np.isnan(ref)
-            if not mask.any():
+            keep = [i for i, r in enumerate(ref) if r is not None]
+            if not keep:
                 continue
-            x, wins = xs[mask], ys[mask] < ref[mask]
+            x = xs[keep]
+            wins = np.array([pts[i][1].median < ref[i].median for i in keep])  # type: ignore[union-attr]
+            tied = [f"{xs[i]:g}" for i in keep if _overlap(pts[i][1], ref[i])]  # type: ignore[arg-type]
             span = f"{x.min():g}-{x.max():g} Mbit/s"
             if wins.all():
-                out.append(f"**{lab}** beats {name} at every uplink bandwidth tried ({span})")
+                line = f"**{lab}** beats {name} at every uplink bandwidth tried ({span})"
             elif not wins.any():
-                out.append(f"**{lab}** never beats {name} ({span})")
+                line = f"**{lab}** never beats {name} ({span})"
             else:
                 flips = [i for i in range(len(x) - 1) if wins[i] != wins[i + 1]]
                 if len(flips) == 1:
                     i = flips[0]
                     side = "above" if wins[-1] else "below"
-                    out.append(f"**{lab}** beats {name} {side} a crossover between {x[i]:g} and "
-                               f"{x[i + 1]:g} Mbit/s")
+                    line = (f"**{lab}** beats {name} {side} a crossover between {x[i]:g} and "
+                            f"{x[i + 1]:g} Mbit/s")
                 else:  # no single crossover: the two are close, say where each won
                     won = ", ".join(f"{v:g}" for v in x[wins])
                     lost = ", ".join(f"{v:g}" for v in x[~wins])
-                    out.append(f"**{lab}** and {name} alternate: {lab} faster at {won} Mbit/s, "
-                               f"slower at {lost} Mbit/s")
+                    line = (f"**{lab}** and {name} alternate: {lab} faster at {won} Mbit/s, "
+                            f"slower at {lost} Mbit/s")
+            if tied:
+                line += f" (medians; the ranges over repeats overlap at {', '.join(tied)} Mbit/s)"
+            out.append(line)
     return out
 
 
 def _lines(rows: list[Row], x_key: str, y: tuple[str, ...] = ("token_latency_ms", "mean")
-           ) -> dict[str, tuple[Row, list[tuple[float, float]]]]:
-    groups: dict[str, tuple[Row, list[tuple[float, float]]]] = {}
+           ) -> dict[str, tuple[Row, list[tuple[float, Spread]]]]:
+    groups: dict[str, tuple[Row, list[tuple[float, Spread]]]] = {}
     for r in rows:
         if x_key not in r.params or not r.ok:
             continue
-        v = r.mean(*y)
+        v = r.spread(*y)
         if v is None:
             continue
         lab = r.label(skip=(x_key,))
         groups.setdefault(lab, (r, []))[1].append((float(r.params[x_key]), v))
-    return {k: (r, sorted(p)) for k, (r, p) in groups.items()}
+    return {k: (r, sorted(p, key=lambda xv: xv[0])) for k, (r, p) in groups.items()}
+
+
+
+def _swept(rows: list[Row], key: str) -> bool:
+    """Whether the suite swept ``key`` (a figure over it is drawn only then)."""
+    return any(key in r.records[0].get("swept", []) for r in rows)
 
 
 def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency and TTFT vs uplink bandwidth, one line per placement (the headline plot)."""
-    if not any("uplink_mbit" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "uplink_mbit"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, y, title in ((axes[0], ("token_latency_ms", "mean"), "per-token latency (decode, mean)"),
@@ -126,20 +154,25 @@ def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
         lines = _lines(rows, "uplink_mbit", y)
         xs_all = sorted({x for _, pts in lines.values() for x, _ in pts}) or [1.0]
         for i, (lab, (row, pts)) in enumerate(lines.items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=lab, **_style(row, i))
-        for r in rows:  # placements that do not use the network: constant lines
-            if "uplink_mbit" not in r.params and r.ok and r.mean(*y) is not None:
-                color, ls = BASELINE_STYLE.get(r.placement_name, ("black", "--"))
-                ax.hlines(r.mean(*y), xs_all[0], xs_all[-1], colors=color, linestyles=ls,
-                          label=f"{r.label()} (no network)")
-                crossed = []
-                for _lab, (row, pts) in lines.items():  # where a split line crosses on-device
-                    if row.kind == "split":
-                        xs = np.array([p[0] for p in pts])
-                        crossed += crossing(xs, np.array([p[1] for p in pts]), np.full(len(xs), r.mean(*y)))
-                if crossed:
-                    ax.plot(crossed, [r.mean(*y)] * len(crossed), linestyle="none", marker="X", markersize=10,
-                            color="black", label=f"a split line crosses {r.placement_name}")
+            _errorbar(ax, pts, label=lab, **_style(row, i))
+        for r in rows:  # placements that do not use the network: constant lines, their range shaded
+            sp = r.spread(*y) if "uplink_mbit" not in r.params and r.ok else None
+            if sp is None:
+                continue
+            color, ls = BASELINE_STYLE.get(r.placement_name, ("black", "--"))
+            ax.hlines(sp.median, xs_all[0], xs_all[-1], colors=color, linestyles=ls,
+                      label=f"{r.label()} (no network)")
+            if sp.hi > sp.lo:
+                ax.fill_between(xs_all, sp.lo, sp.hi, color=color, alpha=0.12, linewidth=0)
+            crossed = []
+            for _lab, (row, pts) in lines.items():  # where a split line crosses on-device
+                if row.kind == "split":
+                    xs = np.array([p[0] for p in pts])
+                    ys = np.array([p[1].median for p in pts])
+                    crossed += crossing(xs, ys, np.full(len(xs), sp.median))
+            if crossed:
+                ax.plot(crossed, [sp.median] * len(crossed), linestyle="none", marker="X", markersize=10,
+                        color="black", label=f"a split line crosses {r.placement_name}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_log(ax)
@@ -149,7 +182,7 @@ def latency_vs_uplink(rows: list[Row], out: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle("Latency vs uplink bandwidth per placement (lower is better)")
+    fig.suptitle(f"Latency vs uplink bandwidth per placement (lower is better; {SPREAD})")
     fig.tight_layout(rect=(0, 0.08 + 0.035 * (1 + len(labels) // 4), 1, 1))
     fig.savefig(out / "latency_vs_uplink.png", dpi=110)
     plt.close(fig)
@@ -165,9 +198,7 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
     for r in ok:
         codec = r.params.get("codec", "token ids")
         lab = r.label(skip=("codec", "prompt", "kv_cache", "devices", *NETWORK_PARAMS))
-        v = r.mean("payload_up_per_position")
-        if v is not None:
-            by[lab][codec].append(v)
+        by[lab][codec].extend(r.values("payload_up_per_position"))
     if not by:
         return None
     codecs = sorted({c for d in by.values() for c in d})
@@ -180,8 +211,10 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
         present = [c for c in codecs if by[lab].get(c)]
         for j, c in enumerate(present):
             x = i + (j - (len(present) - 1) / 2) * width
-            bar = ax.bar(x, float(np.mean(by[lab][c])), width, color=colors[c],
-                         label=c if c not in drawn else None)
+            sp = Spread.of(by[lab][c])
+            assert sp is not None  # present: at least one value
+            bar = ax.bar(x, sp.median, width, color=colors[c], label=c if c not in drawn else None,
+                         yerr=[[sp.median - sp.lo], [sp.hi - sp.median]], capsize=3 if sp.hi > sp.lo else 0)
             drawn.add(c)
             ax.bar_label(bar, fmt="%.0f", fontsize=7)
     ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right")
@@ -189,7 +222,8 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
     ax.set_yscale("log")
     _plain_log(ax, x=False)
     ax.set_title("Bytes per token on the device's uplink, by placement and codec\n(activations: "
-                 "codec x hidden size; offload: int64 token ids; headers excluded)", fontsize=10)
+                 "codec x hidden size; offload: int64 token ids; headers excluded; median, "
+                 "min-max over points and repeats)", fontsize=10)
     ax.legend(title="codec")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out / "bytes_per_token.png")
@@ -197,22 +231,23 @@ def bytes_per_token(rows: list[Row], out: Path) -> Path | None:
 
 def kv_cache(rows: list[Row], out: Path) -> Path | None:
     """KV cache on vs off: per-token latency, uplink bytes and KV memory vs prompt length."""
-    if not any("kv_cache" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "kv_cache"):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     groups: dict[str, list[tuple[float, Row]]] = defaultdict(list)
     for r in rows:
-        if r.ok and r.mean("prompt_tokens") is not None:
-            groups[r.label(skip=("prompt",))].append((r.mean("prompt_tokens"), r))
+        prompt_tokens = r.median("prompt_tokens") if r.ok else None
+        if prompt_tokens is not None:
+            groups[r.label(skip=("prompt",))].append((prompt_tokens, r))
+    zero = Spread(0.0, 0.0, 0.0, 0)
     for i, (lab, pts) in enumerate(groups.items()):
         pts.sort(key=lambda p: p[0])
-        xs = [p[0] for p in pts]
         ls = "-" if pts[0][1].params.get("kv_cache", True) else "--"
         color = _color(pts[0][1].placement_name, i // 2)[0]
         kw = {"label": lab, "linestyle": ls, "marker": "o", "color": color}
-        axes[0].plot(xs, [r.mean("token_latency_ms", "mean") for _, r in pts], **kw)
-        axes[1].plot(xs, [(r.mean("bytes_up_per_token") or 0) / 1e3 for _, r in pts], **kw)
-        axes[2].plot(xs, [(r.kv_bytes(device_only=True) or 0) / 2**20 for _, r in pts], **kw)
+        _errorbar(axes[0], [(x, r.spread("token_latency_ms", "mean") or zero) for x, r in pts], **kw)
+        _errorbar(axes[1], [(x, (r.spread("bytes_up_per_token") or zero).scaled(1e-3)) for x, r in pts], **kw)
+        _errorbar(axes[2], [(x, (r.kv_bytes(device_only=True) or zero).scaled(2**-20)) for x, r in pts], **kw)
     for ax, ylab, title in ((axes[0], "per-token latency (ms)", "compute + communication"),
                             (axes[1], "bytes up per generated token (kB)", "communication"),
                             (axes[2], "KV cache held on the device (MiB)", "memory on the device")):
@@ -224,7 +259,7 @@ def kv_cache(rows: list[Row], out: Path) -> Path | None:
     _plain_log(axes[0], x=False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle("KV cache on (solid) vs off (dashed): communication and compute vs memory")
+    fig.suptitle(f"KV cache on (solid) vs off (dashed): communication and compute vs memory; {SPREAD}")
     fig.tight_layout(rect=(0, 0.06 + 0.04 * (1 + len(labels) // 4), 1, 0.95))
     fig.savefig(out / "kv_cache.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -245,24 +280,31 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency over time during trace replay, with the trace's capacity beneath."""
     from testbed.spec.traces import load_trace
 
-    recs = [r.ok[0] for r in rows if r.ok and "trace" in r.params]
-    if not recs:
+    traced = [r for r in rows if r.ok and "trace" in r.params]
+    if not traced:
         return None
+    recs = [r.ok[0] for r in traced]
     fig, (ax, cap) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     t_max, t_min = 0.0, float("inf")
-    for i, rec in enumerate(recs):
-        raw = rec["sessions"][0]["raw"]
-        t0 = float(raw.get("gen_start_s") or 0.0)
-        t_min = min(t_min, t0)
-        times = t0 + np.cumsum(raw["token_ms"]) / 1e3
-        t_max = max(t_max, float(times[-1]))
-        color, ls = _color(rec["placement_name"], i)
-        ax.plot(times, raw["token_ms"], marker=".", color=color, linestyle=ls,
-                label=f"{rec['placement_name']} ({Path(str(rec['params']['trace'])).name})")
+    for i, row in enumerate(traced):
+        color, ls = _color(row.placement_name, i)
+        n = len(row.ok)
+        for k, rec in enumerate(row.ok):  # every repeat: the first solid, the others fainter
+            raw = rec["sessions"][0]["raw"]
+            t0 = float(raw.get("gen_start_s") or 0.0)
+            t_min = min(t_min, t0)
+            times = t0 + np.cumsum(raw["token_ms"]) / 1e3
+            t_max = max(t_max, float(times[-1]))
+            label = row.label() + (f" ({n} repeats)" if n > 1 else "")
+            ax.plot(times, raw["token_ms"], marker=".", color=color, linestyle=ls,
+                    alpha=1.0 if k == 0 else 0.4, label=label if k == 0 else None)
     up, down = _trace_of(recs[0], recs[0]["sessions"][0]["device"])
     bins = np.arange(0.0, t_max + 1.0, 0.1)
     for path, lab, color in ((up, "uplink", "tab:green"), (down, "downlink", "tab:orange")):
         if path is None:
+            continue
+        if not path.is_file():  # results copied from another machine: draw what the record holds
+            cap.plot([], [], color=color, label=f"{lab} capacity: {path} not found here")
             continue
         tr = load_trace(path)
         rates = tr.rate_bins_mbit(100.0)
@@ -320,19 +362,20 @@ def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float])
 
 def devices(rows: list[Row], out: Path) -> Path | None:
     """Per-token latency and aggregate tokens/s vs the number of parallel devices."""
-    if not any("devices" in r.records[0].get("swept", []) for r in rows):
+    if not _swept(rows, "devices"):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, y, ylab in ((axes[0], ("token_latency_ms", "mean"), "per-token latency, mean over devices (ms)"),
-                        (axes[1], ("tokens_per_s",), "aggregate tokens/s, all devices")):
+    panels = ((("token_latency_ms", "mean"), "per-token latency, all devices (mean, ms)"),
+              (("tokens_per_s",), "aggregate tokens/s, all devices"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.5))
+    for ax, (y, ylab) in zip(axes, panels, strict=True):
         counts: set[float] = set()
         for i, (lab, (row, p)) in enumerate(_lines(rows, "devices", y).items()):
-            ax.plot([x for x, _ in p], [v for _, v in p], label=lab, **_style(row, i))
+            _errorbar(ax, p, label=lab, **_style(row, i))
             counts.update(x for x, _ in p)
         ax.set_xticks(sorted(counts))
         ax.set_xlabel("devices sharing the edge")
         ax.set_ylabel(ylab)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Devices in parallel on one cell and one edge server")
+    fig.suptitle(f"Devices in parallel on one cell and one edge server; {SPREAD}")
     return _save(fig, out / "devices.png")

@@ -1,19 +1,22 @@
 """Checking topology YAML data and building the typed model (``testbed.spec.topology``).
 
-Every problem raises one SpecError ``FILE: field.path: what is wrong (got VALUE)``.
+Every problem raises one SpecError ``FILE: field.path: what is wrong (got VALUE)``; the checks and
+the bounds of each number are those of ``testbed.spec.check`` (shared with suites, traces and flags).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from testbed.spec.errors import SpecError
-from testbed.spec.topology import ROLES, RUNTIMES, TCP_CCS, LinkSpec, NodeSpec, Shaping, Topology
-from testbed.spec.traces import FORMATS, infer_format, load_trace
+from testbed.spec import check
+from testbed.spec.check import Checker
+from testbed.spec.errors import got
+from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS, TRACE_FORMATS
+from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
+from testbed.spec.traces import infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
 TOP_KEYS = ("name", "description", "tcp_cc", "nodes", "links")
@@ -22,12 +25,8 @@ LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format")
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}")
 RESERVED_PREFIX = "tb"
-MIN_MEMORY_MB = 16
 
-
-def got(value: Any) -> str:
-    """``(got VALUE)`` with strings quoted, so the bad value is visible."""
-    return f"(got {value!r})" if isinstance(value, str) else f"(got {value})"
+__all__ = ["got", "load_topology", "parse_topology", "check_direction_field", "check_node_field"]
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -40,38 +39,29 @@ def parse_topology(data: Any, source: Path) -> Topology:
     return _Parser(Path(source)).topology(data)
 
 
-class _Parser:
+def check_direction_field(checker: Checker, field: str, key: str, value: Any) -> Any:
+    """One field of a link direction on its own (a suite's ``links.A-B.up.KEY`` parameter).
+
+    Rules between fields (jitter <= delay, no rate with a trace) are checked when the whole
+    topology is parsed.
+    """
+    if key in ("trace", "format"):
+        return checker.choice(value, field, TRACE_FORMATS) if key == "format" else \
+            checker.text(value, field, "a trace file path")
+    return checker.number(value, field, check.BOUNDS[key])
+
+
+def check_node_field(checker: Checker, field: str, key: str, value: Any) -> Any:
+    """One field of a node on its own (a suite's ``nodes.N.KEY`` parameter)."""
+    if key == "runtime":
+        return checker.choice(value, field, RUNTIMES)
+    return checker.number(value, field, check.BOUNDS[key])
+
+
+class _Parser(Checker):
     def __init__(self, source: Path) -> None:
+        super().__init__(source)
         self.source = source
-
-    def fail(self, field: str, message: str) -> SpecError:
-        return SpecError(self.source, field, message)
-
-    # -- generic checks ----------------------------------------------------------------
-
-    def mapping(self, value: Any, field: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(field or "(top level)", f"must be a mapping {got(value)}")
-        for key in value:
-            if key not in allowed:
-                where = f"{field}.{key}" if field else str(key)
-                raise self.fail(where, f"unknown key {key!r} (expected one of {', '.join(allowed)})")
-        return value
-
-    def number(self, value: Any, field: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise self.fail(field, f"must be a finite number {got(value)}")
-        return float(value)
-
-    def integer(self, value: Any, field: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(field, f"must be an integer {got(value)}")
-        return value
-
-    def choice(self, value: Any, field: str, choices: tuple[str, ...]) -> str:
-        if value not in choices:
-            raise self.fail(field, f"must be one of {', '.join(choices)} {got(value)}")
-        return value
 
     # -- the document --------------------------------------------------------------------
 
@@ -123,14 +113,10 @@ class _Parser:
                                                       f"not a host) {got(body[key])}")
         cpu = None
         if body.get("cpu") is not None:
-            cpu = self.number(body["cpu"], f"{field}.cpu")
-            if cpu <= 0:
-                raise self.fail(f"{field}.cpu", f"must be > 0 (share of one core) {got(body['cpu'])}")
+            cpu = self.number(body["cpu"], f"{field}.cpu", check.CPU)
         memory = None
         if body.get("memory_mb") is not None:
-            memory = self.integer(body["memory_mb"], f"{field}.memory_mb")
-            if memory < MIN_MEMORY_MB:
-                raise self.fail(f"{field}.memory_mb", f"must be >= {MIN_MEMORY_MB} {got(memory)}")
+            memory = self.number(body["memory_mb"], f"{field}.memory_mb", check.MEMORY_MB)
         runtime = self.choice(body.get("runtime", "process"), f"{field}.runtime", RUNTIMES)
         return NodeSpec(name=name, role=role, cpu=cpu, memory_mb=memory, runtime=runtime)
 
@@ -175,29 +161,12 @@ class _Parser:
             return Shaping()
         body = self.mapping(value, field, DIRECTION_KEYS)
         kw: dict[str, Any] = {}
-        if body.get("bw_mbit") is not None:
-            bw = self.number(body["bw_mbit"], f"{field}.bw_mbit")
-            if bw <= 0:
-                raise self.fail(f"{field}.bw_mbit", f"must be > 0 {got(body['bw_mbit'])}")
-            kw["bw_mbit"] = bw
-        for key in ("delay_ms", "jitter_ms"):
+        for key in ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts"):
             if body.get(key) is not None:
-                kw[key] = self.number(body[key], f"{field}.{key}")
-                if kw[key] < 0:
-                    raise self.fail(f"{field}.{key}", f"must be >= 0 {got(body[key])}")
+                kw[key] = self.number(body[key], f"{field}.{key}", check.BOUNDS[key])
         if kw.get("jitter_ms", 0.0) > kw.get("delay_ms", 0.0):
             raise self.fail(f"{field}.jitter_ms", f"must be <= delay_ms ({kw.get('delay_ms', 0.0):g}) "
                                                   f"{got(body['jitter_ms'])}")
-        if body.get("loss_pct") is not None:
-            loss = self.number(body["loss_pct"], f"{field}.loss_pct")
-            if not 0 <= loss <= 100:
-                raise self.fail(f"{field}.loss_pct", f"must be in [0, 100] {got(body['loss_pct'])}")
-            kw["loss_pct"] = loss
-        if body.get("queue_pkts") is not None:
-            q = self.integer(body["queue_pkts"], f"{field}.queue_pkts")
-            if q < 1:
-                raise self.fail(f"{field}.queue_pkts", f"must be >= 1 {got(q)}")
-            kw["queue_pkts"] = q
         kw.update(self.trace(body, field))
         return Shaping(**kw)
 
@@ -218,7 +187,7 @@ class _Parser:
         path = path.resolve()
         fmt = body.get("format")
         if fmt is not None:
-            self.choice(fmt, f"{field}.format", FORMATS)
+            self.choice(fmt, f"{field}.format", TRACE_FORMATS)
         fmt = fmt or infer_format(path)
         load_trace(path, fmt, source=self.source, field=f"{field}.trace")
         return {"trace": path, "format": fmt}

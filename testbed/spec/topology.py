@@ -10,9 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("device", "edge", "cloud", "cell")
-RUNTIMES = ("process", "docker")
-TCP_CCS = ("cubic", "reno", "bbr")
+from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS
+
+MIN_MEMORY_MB = 16  # a node's smallest memory limit: below this not even a shell starts
+
+__all__ = ["MIN_MEMORY_MB", "ROLES", "RUNTIMES", "TCP_CCS", "LinkSpec", "NodeSpec", "Shaping", "Topology",
+           "load_topology", "parse_topology"]
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+from testbed.spec import check
 from testbed.spec.errors import SpecError
+from testbed.spec.options import TRACE_FORMATS
 
 MTU_BYTES = 1500
 MBIT_MS_PER_PACKET = MTU_BYTES * 8 / 1000.0  # one packet per ms = 12 Mbit/s
-FORMATS = ("mahimahi", "csv")
+FORMATS = TRACE_FORMATS
+# a trace's rate may drop to 0 (an outage); its upper bound is a link's
+TRACE_BW_MBIT = check.Range(ge=0, le=check.BW_MBIT.le, note=check.BW_MBIT.note)
 
 
 @dataclass(frozen=True)
@@ -143,14 +147,7 @@ def load_trace(path: Path, fmt: str | None = None, *, source: Path | None = None
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise SpecError(where, field, f"unknown trace format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise SpecError(where, field, f"{path}: not a regular file") from None
-    except FileNotFoundError:
-        raise SpecError(where, field, f"{path}: trace file not found") from None
-    except OSError as e:
-        raise SpecError(where, field, f"{path}: cannot read ({e.strerror})") from None
+    data = check.read_input(path, source, field, "trace file")
     try:
         cached = _parse_cached(fmt, data)
     except _TraceLineError as e:
@@ -211,6 +208,11 @@ def _parse_mahimahi(data: bytes) -> Trace:
     if period <= 0:
         raise _TraceLineError(lineno(stamps.size - 1),
                               "no delivery opportunity: the last timestamp (the period) must be > 0 (got 0)")
+    mean = stamps.size * MBIT_MS_PER_PACKET / period
+    if mean > TRACE_BW_MBIT.le:
+        bound = f"{TRACE_BW_MBIT.le:g} Mbit/s ({TRACE_BW_MBIT.note})"
+        raise _TraceLineError(None, f"mean rate must be <= {bound} "
+                                    f"(got {mean:g} Mbit/s: {stamps.size} packets in {period:g} ms)")
     # stamps are sorted, so only the trailing stamps equal to the period wrap (to offset 0)
     wrapped = int(stamps.size - np.searchsorted(stamps, stamps[-1], side="left"))
     offsets = np.concatenate([np.zeros(wrapped), stamps[: stamps.size - wrapped].astype(np.float64)])
@@ -267,12 +269,11 @@ def _csv_row(n: int, cells: list[str], prev: list[TraceStep]) -> TraceStep:
         raise _TraceLineError(n, f"the first row must be at time_s 0 (got {t:g})")
     if prev and t <= prev[-1].t_s:
         raise _TraceLineError(n, f"time_s must increase (got {t:g} after {prev[-1].t_s:g})")
-    if bw < 0:
-        raise _TraceLineError(n, f"bw_mbit must be >= 0 (got {bw:g})")
-    if delay is not None and delay < 0:
-        raise _TraceLineError(n, f"delay_ms must be >= 0 (got {delay:g})")
-    if loss is not None and not 0 <= loss <= 100:
-        raise _TraceLineError(n, f"loss_pct must be in [0, 100] (got {loss:g})")
+    for name, rng, v in (("bw_mbit", TRACE_BW_MBIT, bw), ("delay_ms", check.DELAY_MS, delay),
+                         ("loss_pct", check.LOSS_PCT, loss)):
+        problem = None if v is None else rng.violation(v)
+        if problem:
+            raise _TraceLineError(n, f"{name} {problem} (got {v:g})")
     return TraceStep(t_s=t, bw_mbit=bw, delay_ms=delay, loss_pct=loss)
 
 

@@ -48,3 +48,26 @@ def test_predict_adds_compute_serialization_and_delay():
     assert pred["e2e_ms"] == pytest.approx(42 + 31 + ser + 4 * 30, abs=1e-2)
     assert pred["per_token_ms"] == pytest.approx(pred["e2e_ms"] / 4, abs=1e-2)
     assert pred["per_hop"][1]["rtt_ms"] == 30
+
+
+
+def test_route_through_two_cells_and_a_gateway():
+    from testbed.spec.topology import parse_topology
+
+    data = {
+        "name": "two-cells",
+        "nodes": {"ue": {"role": "device"}, "c1": {"role": "cell"}, "gw": {"role": "edge"},
+                  "c2": {"role": "cell"}, "srv": {"role": "cloud"}},
+        "links": [
+            {"between": [a, b], "up": {"bw_mbit": bu, "delay_ms": du},
+             "down": {"bw_mbit": bd, "delay_ms": dd}}
+            for a, b, bu, du, bd, dd in (("ue", "c1", 10, 1, 40, 2), ("gw", "c1", 30, 4, 5, 8),
+                                         ("c2", "gw", 50, 16, 60, 32), ("srv", "c2", 70, 64, 80, 128))
+        ],
+    }
+    topo = parse_topology(data, REPO / "two-cells.yaml")
+    # ue -> c1 (up) -> gw (down of gw-c1) -> c2 (down of c2-gw) -> srv (down of srv-c2)
+    assert [s.delay_ms for s in route(topo, "ue", "srv")] == [1, 8, 32, 128]
+    assert [s.delay_ms for s in route(topo, "srv", "ue")] == [64, 16, 4, 2]
+    f = path_figures(topo, "ue", "srv")
+    assert (f.bw_mbit, f.delay_ms, f.links) == (5, 169, 4)

@@ -134,3 +134,46 @@ def test_baseline_placements_are_valid_placements():
     for bad in ("phone=0:0", "phone=0:8,mec=8:8,cloud=8:30"):  # only a leading device may be empty
         with pytest.raises(SpecError, match="empty layer range"):
             parse_placement(bad, topo, 30)
+
+
+def copy_trace(folder: Path, name: str = "lte") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in ("up", "down"):
+        (folder / f"{name}.{d}").write_bytes((REPO / f"topologies/traces/ge-lte.{d}").read_bytes())
+    return folder / name
+
+
+def test_same_named_traces_get_distinct_ids(tmp_path):
+    a, b = copy_trace(tmp_path / "a"), copy_trace(tmp_path / "b")
+    suite = load_suite(make(tmp_path, params={"prompt": "capital", "cut": 4},
+                            sweep={"trace": [str(a), str(b)]}))
+    points = expand(suite, 30)
+    split = [p for p in points if p.kind == "split"]
+    assert [p.id for p in split] == ["split/trace=a/lte", "split/trace=b/lte"]
+    assert [p.params["trace"] for p in split] == [str(a), str(b)]
+    assert len({p.id for p in points}) == len(points) == 1 + 2 * 3  # on-device ignores the trace
+    assert [p.id for p in points if p.matches("trace=b/lte")] == ["edge-offload/trace=b/lte",
+                                                                  "cloud-offload/trace=b/lte",
+                                                                  "split/trace=b/lte"]
+
+
+def test_ids_stay_short_where_nothing_collides(tmp_path):
+    a, other = copy_trace(tmp_path / "a"), copy_trace(tmp_path / "b", "nr")
+    suite = load_suite(make(tmp_path, params={"prompt": "capital", "cut": 4},
+                            sweep={"trace": [str(a), str(other)]}))
+    assert [p.id for p in expand(suite, 30) if p.kind == "split"] == ["split/trace=lte", "split/trace=nr"]
+    shipped = load_suite(REPO / "experiments/trace-replay.yaml")  # ids of results already on disk
+    assert "split/trace=ge-lte" in {p.id for p in expand(shipped, 30)}
+
+
+def test_value_labels_go_as_deep_as_needed():
+    from testbed.experiments.points import _value_key, value_labels
+
+    values = ["/r/x/a/lte", "/r/y/a/lte", "/r/x/b/lte", "/r/nr"]
+    labels = value_labels(values)
+    assert [labels[_value_key(v)] for v in values] == ["x/a/lte", "y/a/lte", "x/b/lte", "nr"]
+    # values that show alike and are not paths get a short hash each
+    odd = value_labels([True, "on", 10])
+    assert odd[_value_key(10)] == "10"
+    on = [odd[_value_key(True)], odd[_value_key("on")]]
+    assert on[0] != on[1] and all(v.startswith("on~") and len(v) == len("on~") + 6 for v in on)

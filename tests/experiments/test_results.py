@@ -38,3 +38,25 @@ def test_write_atomic_replaces(tmp_path):
     write_atomic(path, "two")
     assert path.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_corrupt_line_is_skipped_and_named(tmp_path):
+    from testbed.experiments.results import read_results
+
+    path = tmp_path / "results.jsonl"
+    append_record(path, {"point": "a", "repeat": 0})
+    with open(path, "ab") as f:
+        f.write(b"\x00\x00garbage{\n")  # a garbled line in the middle
+        f.write(b"[1, 2]\n")  # JSON, but not a record
+    append_record(path, {"point": "b", "repeat": 0})
+    with open(path, "ab") as f:
+        f.write(b'{"point": "c", "rep')  # torn at the end
+    records, problems = read_results(path)
+    assert [r["point"] for r in records] == ["a", "b"]
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{path}:2: skipped a corrupt line")
+    assert problems[1].startswith(f"{path}:3: skipped a line that is not a results record")
+    assert problems[2] == f"{path}:5: skipped a torn last line (an interrupted write)"
+    assert all("\n" not in p for p in problems)
+    assert done_keys(records) == {("a", 0), ("b", 0)}
+    assert read_results(tmp_path / "none.jsonl") == ([], [])

@@ -240,6 +240,27 @@ def test_interrupted_run_resumes(tmp_path, how):
     assert proc3.returncode == 0 and len(read_records(results)) == 3
 
 
+def test_resume_runs_a_torn_record_again(tmp_path):
+    out = tmp_path / "out"
+    args = ["run", str(QUICK), "--out", str(out), *TINY, "--only", "placement=on-device"]
+    assert run_cli(*args).returncode == 0
+    results = out / "results.jsonl"
+    whole = results.read_bytes()
+    (first,) = read_records(results)
+    results.write_bytes(b"garbage\n" + whole[: len(whole) // 2])  # a garbled line, then a crash mid-write
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{results}:1: skipped a corrupt line" in proc.stderr
+    assert f"{results}:2: skipped a torn last line" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (again,) = read_records(results)  # the torn point ran again; the garbled line stays, skipped
+    assert results.read_bytes().startswith(b"garbage\n") and results.read_bytes().endswith(b"\n")
+    assert (again["point"], again["repeat"]) == (first["point"], first["repeat"]) == ("on-device", 0)
+    assert again["started_at"] >= first["started_at"]
+    check_record(again)
+    assert run_cli("report", str(out), timeout=120).returncode == 0
+
+
 @pytest.mark.model
 def test_quick_real_model(tmp_path):
     out = tmp_path / "quick"

@@ -13,7 +13,7 @@ from testbed.hosts import docker_engine as de
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
-GOODPUT = 1448 / 1514  # TCP payload per Ethernet frame on a rate-limited link
+GOODPUT = 1448 / 1500  # TCP payload per IP packet on a rate-limited link (rates count IP bytes)
 
 
 def test_probe_between_containers_within_tolerance(client, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ MAHIMAHI = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# TCP goodput of a rate-limited Ethernet link: 1448 payload bytes per 1514-byte frame
-GOODPUT = 1448 / 1514
+# TCP goodput of a rate-limited link: 1448 payload bytes per 1500-byte IP packet (rates count IP bytes)
+GOODPUT = 1448 / 1500
 
 
 def near_rate(measured: float, configured: float, tol: float = 0.05) -> bool:

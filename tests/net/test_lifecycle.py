@@ -113,3 +113,51 @@ def test_crash_with_running_processes_then_clean(tmp_path: Path):
     out = subprocess.run([*TESTBED, "clean", "--dead-only"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
     assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
+
+
+def _live_run(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    topo = tmp_path / "lifecycle.yaml"
+    topo.write_text(TOPO)
+    p = subprocess.Popen([sys.executable, "-c", DRIVER, str(topo)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line.startswith("ready"):
+        p.kill()
+        pytest.fail(f"driver did not start: {line!r}")
+    return p, line.split()[-1]
+
+
+def _clean(*flags: str) -> dict:
+    out = subprocess.run([*TESTBED, "clean", "--json", *flags], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_clean_spares_a_live_run(tmp_path: Path):
+    """``testbed clean`` touches only runs whose owner is dead: a live one stays intact."""
+    p, run_id = _live_run(tmp_path)
+    try:
+        before = leftovers(run_id)
+        assert before["devices"] and before["processes"] and before["state"]
+        assert run_id not in _clean()["state_files"]
+        assert leftovers(run_id) == before
+        assert p.poll() is None
+    finally:
+        p.kill()  # the driver never tears down: its run is now a dead one
+        p.wait(timeout=30)
+    assert run_id in _clean()["state_files"]
+    assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
+
+
+@pytest.mark.skipif(os.environ.get("TESTBED_EXCLUSIVE") != "1",
+                    reason="clean --all removes every run on the machine: set TESTBED_EXCLUSIVE=1 where "
+                           "nothing else runs")
+def test_clean_all_removes_a_live_run(tmp_path: Path):
+    p, run_id = _live_run(tmp_path)
+    try:
+        assert leftovers(run_id)["state"]
+        assert run_id in _clean("--all")["state_files"]
+        assert leftovers(run_id) == {"devices": [], "processes": [], "cgroups": [], "state": []}
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)

@@ -232,6 +232,22 @@ def test_stats_written_on_sigterm_and_no_leftovers(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.slow
+def test_control_channel_and_end_of_input() -> None:
+    """A control line changes a direction while the link runs; closing the channel (its owner is
+    gone) stops the link process."""
+    with netns_link(Shaping(delay_ms=2), Shaping(delay_ms=2)) as link:
+        before = probe.measure_rtt(link.run1, link.ip2, count=5, interval=0.05)
+        link.proc.stdin.write(b'{"up": {"delay_ms": 40}}\n')
+        link.proc.stdin.flush()
+        time.sleep(0.2)
+        after = probe.measure_rtt(link.run1, link.ip2, count=5, interval=0.05)
+        link.proc.stdin.close()
+        assert link.proc.wait(timeout=5) == 0
+    assert before["avg"] < 10 and 40 <= after["min"] < 55, (before, after)
+
+
+@pytest.mark.root
 def test_start_fails_cleanly_on_missing_interface() -> None:
     with pytest.raises(RuntimeError, match="did not start"):
         start_link_process("tbtnosuch0a", "tbtnosuch0b", Shaping(), Shaping())
@@ -259,4 +275,4 @@ def test_missing_trace_is_one_line(tmp_path: Path) -> None:
     up = json.dumps(Shaping(trace=gone, format="mahimahi").to_dict())
     res = _linkproc("--iface-a", "tbx", "--iface-b", "tby", "--up", up)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"linkproc: {gone}: trace: {gone}: trace file not found"
+    assert res.stderr.strip() == f"linkproc: --up: trace: {gone}: trace file not found"

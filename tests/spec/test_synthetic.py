@@ -100,8 +100,14 @@ def test_cli_trace_gen_writes_the_documented_trace(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--seconds", "0"], "trace-gen: --seconds: must be in (0, 3600] (got 0)"),
-    (["--p-good-bad", "1.5"], "trace-gen: --p-good-bad: must be a probability in [0, 1] (got 1.5)"),
+    (["--seconds", "0"], "trace-gen: --seconds: must be > 0 (got 0)"),
+    (["--seconds", "1e5"], "trace-gen: --seconds: must be <= 3600 (one hour) (got 1e5)"),
+    (["--seconds", "soon"], "trace-gen: --seconds: must be a finite number (got 'soon')"),
+    (["--seed", "1.5"], "trace-gen: --seed: must be an integer >= 0 (got 1.5)"),
+    (["--bin-ms", "2000", "--seconds", "1"],
+     "trace-gen: --bin-ms: must be <= --seconds x 1000 (1000) (got 2000)"),
+    (["--format", "pcap"], "trace-gen: --format: must be one of mahimahi, csv (got 'pcap')"),
+    (["--p-good-bad", "1.5"], "trace-gen: --p-good-bad: must be <= 1 (got 1.5)"),
     (["--good-mbit", "-1"], "trace-gen: --good-mbit: must be > 0 (got -1)"),
     (["--bad-delay-ms", "5"], "trace-gen: --bad-delay-ms: only the csv format carries delay/loss (got 5)"),
 ])

@@ -22,7 +22,7 @@ from pathlib import Path
 from testbed.apps.inference.placement import Stage, parse_placement
 from testbed.omp import describe
 from testbed.omp import node_env as omp_node_env
-from testbed.spec.errors import SpecError
+from testbed.spec.errors import SpecError, TestbedError
 from testbed.spec.topology import Topology
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,7 +31,7 @@ BASE_PORT = 5600
 READY_TIMEOUT_S = 180.0
 
 
-class InferenceError(RuntimeError):
+class InferenceError(TestbedError, RuntimeError):
     """A node failed to start or the driver failed."""
 
 

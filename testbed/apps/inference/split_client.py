@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
+from testbed.spec.errors import TestbedError
 from testbed.wire.message import (
     HEADER,
     Hop,
@@ -27,7 +28,7 @@ from testbed.wire.message import (
 )
 
 
-class SplitError(RuntimeError):
+class SplitError(TestbedError, RuntimeError):
     """A shard node answered with an error or did not answer in time."""
 
 

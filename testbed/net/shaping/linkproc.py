@@ -1,6 +1,7 @@
 """The userspace link process: bridges L2 frames between two interfaces and shapes them.
 
-``python -m testbed.net.shaping.linkproc --iface-a A --iface-b B --up JSON --down JSON [--stats FILE]``
+``python -m testbed.net.shaping.linkproc --iface-a A --iface-b B --up JSON --down JSON [--stats FILE]
+[--control]``
 
 Frames read on A leave on B shaped by ``--up``; frames read on B leave on A shaped by
 ``--down`` (each a ``Shaping`` as JSON).  Per packet: random loss -> drop-tail rate queue ->
@@ -8,10 +9,12 @@ serialization at the rate (or at trace delivery opportunities) -> propagation de
 jitter (never released before the previous packet: no reordering) -> send.
 
 Rates count IP packet bytes (the frame without its 14-byte Ethernet header), as mahimahi
-does.  A mahimahi trace gives one 1500-byte opportunity per line; a packet leaves when the
-opportunity bytes accumulated since it reached the head of the queue cover it, unused bytes
-are lost.  CSV traces give the same opportunities (derived from their rate steps) plus
-per-step delay/loss added to the fixed ones.  Trace time 0 is the start of the process.
+does (the kernel backend counts the same bytes).  ``queue_pkts`` bounds the packets waiting for
+the rate, not those waiting out their delay.  A mahimahi trace gives one 1500-byte
+opportunity per line; a packet leaves when the opportunity bytes accumulated since it reached
+the head of the queue cover it, unused bytes are lost.  CSV traces give the same
+opportunities (derived from their rate steps) plus per-step delay/loss added to the fixed ones.
+Trace time 0 is the start of the process.
 
 The loop is single-threaded: epoll on two AF_PACKET sockets and a signal wake-up pipe; the
 departure time of a packet is computed when it arrives, so each direction is a FIFO of
@@ -21,6 +24,10 @@ SIGTERM/SIGINT it writes its counters as JSON to ``--stats`` and exits 0.  It wr
 stats file (with zero counters) once at start-up too, and prints ``ready`` on stdout when
 both sockets are bound.  It runs at the lowest real-time priority when allowed (else nice
 -10): its wake-up latency is link delay.
+
+With ``--control`` it reads stdin: each line a JSON object ``{"up": {...}, "down": {...}}``
+(either key optional, each a ``Shaping`` without a trace) changes that direction's rate,
+delay, jitter, loss and queue limit from then on; end of input (its owner has gone) stops it.
 """
 
 from __future__ import annotations
@@ -98,7 +105,8 @@ class Direction:
     def _load_trace(self, s: Shaping) -> None:
         from testbed.spec.traces import load_trace
 
-        trace = load_trace(s.trace, s.format)
+        # errors name the flag that carried the trace (the path is in the message once)
+        trace = load_trace(s.trace, s.format, source=Path(f"--{self.name}"))
         self.opps = [float(x) / 1000.0 for x in trace.opportunities_ms]
         self.n_opps = len(self.opps)
         self.period = trace.period_ms / 1000.0
@@ -106,6 +114,17 @@ class Direction:
         for st in trace.steps:
             self.step_starts.append(st.t_s)
             self.steps.append(((st.delay_ms or 0.0) / 1000.0, (st.loss_pct or 0.0) / 100.0))
+
+    def reconfigure(self, s: Shaping) -> None:
+        """New rate, delay, jitter, loss and queue limit from now on (frames already admitted keep
+        their times).  A trace cannot be swapped in or out while running."""
+        if s.trace is not None or self.n_opps:
+            raise ValueError("a traced direction cannot be reconfigured")
+        self.loss = s.loss_pct / 100.0
+        self.rate_bps = s.bw_mbit * 1e6 / 8.0 if s.bw_mbit is not None else None
+        self.delay = s.delay_ms / 1000.0
+        self.jitter = s.jitter_ms / 1000.0
+        self.limit = s.queue_pkts or DEFAULT_QUEUE_PKTS
 
     def _opp_time(self, k: int) -> float:
         loops, i = divmod(k, self.n_opps)
@@ -221,7 +240,8 @@ def write_stats(path: Path | None, up: Direction, down: Direction, started: floa
     os.replace(tmp, path)
 
 
-def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path | None) -> int:
+def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path | None,
+        control: bool = False) -> int:
     up, down = Direction("up", up_s, 0.0), Direction("down", down_s, 0.0)  # traces load first
     for ifname in (iface_a, iface_b):
         disable_offloads(ifname)
@@ -239,8 +259,13 @@ def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path 
     write_stats(stats, up, down, started)
     # fd -> (socket to read, its direction)
     route = {sock_a.fileno(): (sock_a, up), sock_b.fileno(): (sock_b, down)}
+    fds = [sock_a.fileno(), sock_b.fileno(), rfd]
+    if control:
+        ctl = Control(sys.stdin.fileno(), {"up": up, "down": down}, stop)
+        route[ctl.fd] = (None, ctl)
+        fds.append(ctl.fd)
     print("ready", flush=True)
-    _serve([sock_a.fileno(), sock_b.fileno(), rfd], route, (up, sock_b), (down, sock_a), stop)
+    _serve(fds, route, (up, sock_b), (down, sock_a), stop)
     up.drop_socket += socket_drops(sock_a)
     down.drop_socket += socket_drops(sock_b)
     write_stats(stats, up, down, started)
@@ -266,6 +291,9 @@ def _serve(fds: list[int], route: dict, up_out: tuple, down_out: tuple, stop: li
                 os.read(fd, 512)  # the signal wake-up pipe: ``stop`` is set by then
                 continue
             sock, d = entry
+            if sock is None:  # the control channel
+                d.read()
+                continue
             recv, admit = sock.recv, d.admit
             for _ in range(RECV_BATCH):
                 try:
@@ -297,6 +325,40 @@ def _serve(fds: list[int], route: dict, up_out: tuple, down_out: tuple, stop: li
                     timeout = wait
 
 
+class Control:
+    """The ``--control`` channel: JSON lines on stdin reconfigure directions; EOF stops the loop."""
+
+    def __init__(self, fd: int, directions: dict[str, Direction], stop: list) -> None:
+        self.fd = fd
+        self.directions = directions
+        self.stop = stop
+        self.buf = b""
+        os.set_blocking(fd, False)
+
+    def read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.stop.append(1)
+            return
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if line.strip():
+                self._apply(line)
+
+    def _apply(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+            changes = {name: Shaping.from_dict(msg[name]) for name in ("up", "down") if name in msg}
+            for name, s in changes.items():
+                self.directions[name].reconfigure(s)
+        except (ValueError, TypeError, KeyError) as e:  # a bad line is reported, the link goes on
+            print(f"linkproc: --control: bad line ({e})", file=sys.stderr, flush=True)
+
+
 def _shaping(text: str, flag: str) -> Shaping:
     try:
         return Shaping.from_dict(json.loads(text))
@@ -311,13 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up", default="{}", help="Shaping JSON for a -> b")
     ap.add_argument("--down", default="{}", help="Shaping JSON for b -> a")
     ap.add_argument("--stats", type=Path, default=None)
+    ap.add_argument("--control", action="store_true", help="read shaping changes from stdin; stop at EOF")
     args = ap.parse_args(argv)
     for flag, name in (("--iface-a", args.iface_a), ("--iface-b", args.iface_b)):
         if not name.startswith(PREFIX):  # never touch (offloads!) an interface we did not create
             raise SystemExit(f"linkproc: {flag}: {name!r} is not a testbed interface ({PREFIX}...)")
     try:
         return run(args.iface_a, args.iface_b, _shaping(args.up, "--up"), _shaping(args.down, "--down"),
-                   args.stats)
+                   args.stats, args.control)
     except (SpecError, RuntimeError, OSError) as e:  # bad trace, missing interface: one line
         print(f"linkproc: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,8 @@
-"""Starting and stopping the userspace link process (``testbed.net.shaping.linkproc``) of one link."""
+"""The userspace shaping backend: one link process (``testbed.net.shaping.linkproc``) per link.
+
+Also the start/stop of one link process, and ``netns_link``: two namespaces joined by a link
+process, without Mininet (tests and benchmarks).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +14,27 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.net.errors import NetworkError
 from testbed.net.offload import disable_offloads
+from testbed.net.shaping.link import Link
 from testbed.spec.topology import Shaping
 
 READY_TIMEOUT_S = 10.0
+PARALLEL = 8  # link processes started / stopped at once
 
 
 def link_process_argv(iface_a: str, iface_b: str, up: Shaping, down: Shaping,
                       stats_path: Path | None = None) -> list[str]:
     """The command line of a link process joining ``iface_a`` (up: a -> b) and ``iface_b``."""
     argv = [sys.executable, "-m", "testbed.net.shaping.linkproc", "--iface-a", iface_a, "--iface-b", iface_b,
-            "--up", json.dumps(up.to_dict()), "--down", json.dumps(down.to_dict())]
+            "--up", json.dumps(up.to_dict()), "--down", json.dumps(down.to_dict()), "--control"]
     if stats_path is not None:
         argv += ["--stats", str(stats_path)]
     return argv
@@ -34,21 +44,51 @@ def start_link_process(iface_a: str, iface_b: str, up: Shaping, down: Shaping, *
                        stats_path: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start the link process and wait until both of its sockets are bound.
 
-    The child inherits the caller's environment (plus ``env``).  Raises RuntimeError (after
-    reaping the child) when it dies or is not ready within ``READY_TIMEOUT_S``."""
+    The child inherits the caller's environment (plus ``env``); its stdin is the control channel
+    (``update_link_process``; closing it stops the child, so it never outlives its owner), its
+    stderr goes to a file read by ``last_error``.  Raises RuntimeError (after reaping the child)
+    when it dies or is not ready within ``READY_TIMEOUT_S``."""
     child_env = {**os.environ, **(env or {})}
+    errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(link_process_argv(iface_a, iface_b, up, down, stats_path),
-                            stdout=subprocess.PIPE, env=child_env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog, env=child_env)
+    proc.errlog = errlog  # type: ignore[attr-defined]
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT_S)
     line = proc.stdout.readline() if ready else b""
     if line.strip() != b"ready":
         code = stop_link_process(proc)
         proc.stdout.close()
-        raise RuntimeError(f"link process {iface_a}<->{iface_b} did not start (exit code {code}; "
-                           "its error is on stderr)")
+        why = last_error(proc)
+        raise RuntimeError(f"link process {iface_a}<->{iface_b} did not start (exit code {code}"
+                           + (f": {why})" if why else ")"))
     proc.stdout.close()
     return proc
+
+
+def last_error(proc: subprocess.Popen) -> str:
+    """The last line the link process wrote to stderr ('' if none)."""
+    errlog = getattr(proc, "errlog", None)
+    if errlog is None:
+        return ""
+    try:
+        errlog.seek(0)
+        lines = errlog.read().decode(errors="replace").strip().splitlines()
+    except (OSError, ValueError):
+        return ""
+    return lines[-1] if lines else ""
+
+
+def update_link_process(proc: subprocess.Popen, up: Shaping | None, down: Shaping | None) -> None:
+    """Send new settings for one or both directions over the control channel."""
+    msg = {name: s.to_dict() for name, s in (("up", up), ("down", down)) if s is not None}
+    if proc.stdin is None or proc.poll() is not None:
+        raise NetworkError("link process is not running")
+    try:
+        proc.stdin.write((json.dumps(msg) + "\n").encode())
+        proc.stdin.flush()
+    except (BrokenPipeError, ValueError) as e:
+        raise NetworkError(f"link process control channel closed ({e})") from None
 
 
 def stop_link_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
@@ -56,10 +96,98 @@ def stop_link_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(timeout)
+            return _reaped(proc, proc.wait(timeout))
         except subprocess.TimeoutExpired:
             proc.kill()
-    return proc.wait()
+    return _reaped(proc, proc.wait())
+
+
+def _reaped(proc: subprocess.Popen, code: int) -> int:
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    return code
+
+
+class UserspaceShaper:
+    """Shapes each link with its own link process joining the link's two root-namespace ports."""
+
+    name = "userspace"
+    joins_in_root = True  # each end has a root-namespace port; the link process joins the two
+    trace_t0 = None  # each link process replays its traces from its own start
+
+    def __init__(self, on_started: Callable[[int], None] | None = None) -> None:
+        self.on_started = on_started  # told each link process's pid (the run's state record)
+        self.procs: dict[int, tuple[Link, subprocess.Popen]] = {}
+        self._lock = threading.Lock()
+
+    def apply_all(self, links: list[Link]) -> None:
+        """Offloads off on the host-side ends, then one link process per link, in parallel (each
+        one is a Python start-up that waits until its sockets are bound).  When one fails, every
+        one that did start is kept for ``close``, and the first error is raised."""
+        host_ends = [e for link in links for e in (link.a, link.b) if e.host_if is not None]
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(lambda e: disable_offloads(e.host_if, pid=e.pid), host_ends))
+            futures = [pool.submit(self.apply, link, link.spec.up, link.spec.down) for link in links]
+            wait(futures)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+
+    def apply(self, link: Link, up: Shaping, down: Shaping) -> None:
+        self.remove(link)
+        try:
+            proc = start_link_process(link.a.ifname, link.b.ifname, up, down)
+        except RuntimeError as e:
+            raise NetworkError(f"link {link.name}: {e}") from None
+        with self._lock:
+            self.procs[link.index] = (link, proc)
+        if self.on_started is not None:
+            self.on_started(proc.pid)
+
+    def update(self, link: Link, up: Shaping | None = None, down: Shaping | None = None) -> None:
+        entry = self.procs.get(link.index)
+        if entry is None:
+            raise NetworkError(f"link {link.name}: no link process")
+        try:
+            update_link_process(entry[1], up, down)
+        except NetworkError as e:
+            raise NetworkError(f"link {link.name}: {e}") from None
+
+    def remove(self, link: Link) -> None:
+        with self._lock:
+            entry = self.procs.pop(link.index, None)
+        if entry is not None:
+            stop_link_process(entry[1])
+
+    def check(self) -> None:
+        """Raise ``NetworkError`` naming the first link whose process has exited."""
+        with self._lock:
+            entries = list(self.procs.values())
+        for link, proc in entries:
+            code = proc.poll()
+            if code is not None:
+                why = last_error(proc)
+                raise NetworkError(f"link {link.name}: link process exited with {code}"
+                                   + (f" ({why})" if why else ""))
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for _, p in self.procs.values()]
+
+    def close(self) -> None:
+        """Stop every link process (8 at a time)."""
+        with self._lock:
+            procs = [p for _, p in self.procs.values()]
+            self.procs.clear()
+
+        def stop(p: subprocess.Popen) -> None:
+            with contextlib.suppress(Exception):
+                stop_link_process(p)
+
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(stop, procs))
 
 
 @dataclass
