@@ -199,9 +199,10 @@ def plan_threads(
 
     ``cpu_limit``: the cores its host may use (a cgroup quota in cores; None: unlimited).
     ``sharers``: compute processes of the run, this one included, that compute at the same time.
-    ``others``: processes busy on the machine besides this one (None: sampled now, before the run's own
-    processes start).  ``cores``: cores it may run on (None: this process's affinity).  ``own_quota``:
-    also apply this process's own cgroup quota (a child inherits it where it is started from here).
+    ``others``: tasks busy on the machine besides this one (None: sampled now, where it decides the
+    wait; this process's descendants are not counted).  ``cores``: cores it may run on (None: this
+    process's affinity).  ``own_quota``: also apply this process's own cgroup quota (a child inherits it
+    where it is started from here).
     Threads = the cores divided among the sharers, within the limits, at least 1; only a process that
     computes alone, with nothing else busy, on two or more threads spins.
     """
@@ -214,13 +215,14 @@ def plan_threads(
         if lim is not None:
             why.append(f"{name} {lim:g}")
             avail = min(avail, lim)
-    if others is None:
+    threads = max(1, int(min(avail, cores / sharers)))
+    if others is None and threads > 1 and sharers == 1:  # only a process that may spin needs the sample
         others = busy_others()
-    busy = int(others + 0.5)  # a task runnable half the time takes a core from a spinning thread
-    why.append(f"{others:.1f} busy other{'s' * (busy != 1)}")
+    busy = 0 if others is None else int(others + 0.5)  # runnable half the time: it takes a core
+    if others is not None:
+        why.append(f"{others:.1f} busy other{'s' * (busy != 1)}")
     if sharers > 1:
         why.append(f"{sharers} sharers")
-    threads = max(1, int(min(avail, cores / sharers)))
     if threads == 1:
         wait, because = "passive", "one thread waits for no other"
     elif sharers > 1:
