@@ -1,6 +1,6 @@
 """fp32 / bf16 / int8 / int4 shards side by side in one run: decode and prefill tok/s, agreement with fp32.
 
-Usage: nice .venv/bin/python bench/model_quant.py [--max-tokens N] [--quants bf16,int8,int4] [--threads 2]
+Usage: nice .venv/bin/python bench/model_quant.py [--max-tokens N] [--quants bf16,int8,int4] [--threads N]
 Agreement is teacher-forced top-1 over the shipped text (testbed/model/data/eval_text.txt) in 512-token
 chunks through the decode kernels; speeds are best-of-3, measured interleaved so that load affects all alike.
 """
@@ -20,7 +20,7 @@ from testbed.model.generate import generate_split, load_shards
 from testbed.model.loading import default_model_dir, load_tokenizer
 from testbed.model.quant import QuantOptions, quantize_shard
 
-# engineer D's first version
+# the first version's options
 OLD = QuantOptions(
     int4_exact="none", int8_layout="channel", int8_chunks=1, fuse=False, head_bits=8, head_topk=16
 )
@@ -45,7 +45,7 @@ VARIANTS = {
 }
 
 
-def load_variant(model_dir, label: str, threads: int):
+def load_variant(model_dir, label: str, threads: int | None):
     if label == "none":
         return load_shards(model_dir, [], "none", threads)
     quant, opts = VARIANTS[label]
@@ -59,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--quants", default="bf16,int8,int4", help=f"from {', '.join(VARIANTS)}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: the process's thread plan, testbed/omp.py)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -93,6 +94,7 @@ def main() -> None:
     base = rows["none"]
     print(f"tokens={sum(len(c) for c in chunks(ids))} threads={torch.get_num_threads()} "
           f"omp={omp.in_effect()} elapsed={time.time() - t0:.0f}s")
+    print(f"thread plan: {omp.summary(torch.get_num_threads())}")
     print(f"{'quant':12s} {'top1':>7s} {'maxdiff':>8s} {'decode t/s':>11s} {'x fp32':>7s} "
           f"{'prefill t/s':>12s} {'x fp32':>7s} {'MB':>7s}")
     out = {}

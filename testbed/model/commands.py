@@ -10,6 +10,12 @@ from testbed import omp
 from testbed.spec.errors import SpecError
 
 
+def _threads_in_use() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _cuts(args: argparse.Namespace, n_layers: int) -> list[int]:
     from testbed.model.shard import parse_cuts, split_points
 
@@ -56,7 +62,7 @@ def generate(args: argparse.Namespace) -> int:
             "tpot_ms": round(res.tpot_ms, 3), "quant": args.quant, "codec": args.codec,
             "cuts": cuts, "kv_cache": res.kv_cache, "prompt_tokens": res.prompt_tokens,
             "per_shard_ms": [round(x, 3) for x in res.per_shard_ms], "wire_bytes": res.wire_bytes,
-            "omp": omp.in_effect(),
+            "omp": omp.in_effect(), "thread_plan": omp.summary(_threads_in_use()),
         }))
     else:
         print(text)

@@ -110,6 +110,7 @@ def quant_eval(
         out["prefill_tok_s"], out["prefill_tok_s_fp32"] = prefill_tok_s(test, pre), prefill_tok_s(ref, pre)
         out["prefill_tokens"] = len(pre)
     out["omp"] = omp.in_effect()
+    out["thread_plan"] = omp.summary(torch.get_num_threads())  # threads, wait and why
     out["weight_bytes"] = sum(s.weight_bytes() for s in test)
     out["weight_bytes_fp32"] = sum(s.weight_bytes() for s in ref)
     return out

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed import omp
 from testbed.spec.options import QUANTS
-
-DEFAULT_THREADS = 2
 
 
 def set_threads(threads: int | None) -> int:
-    """Use at most ``threads`` (default 2) intra-op threads; returns the number set."""
-    n = max(1, min(threads or DEFAULT_THREADS, os.cpu_count() or 1))
+    """Use ``threads`` intra-op threads (at most the machine's cores); None: this process's thread plan
+    (``testbed.omp``: its CPU limit and the processes busy beside it).  Returns the number set."""
+    n = max(1, min(threads or omp.own_plan().threads, os.cpu_count() or 1))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -174,12 +174,12 @@ class Shard(nn.Module):
 
         mask = create_causal_mask(
             config=self.config, inputs_embeds=h, attention_mask=None,
-            past_key_values=cache, position_ids=position_ids,
+            cache=cache, position_ids=position_ids,
         )
         for layer in self.layers:
             h = layer(
                 h, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                past_key_values=cache, use_cache=cache is not None,
+                cache=cache, use_cache=cache is not None,
             )
         return h
 

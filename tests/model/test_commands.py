@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from testbed import omp
 
-def _testbed(*args: str) -> subprocess.CompletedProcess:
+OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "TESTBED_OMP", "TESTBED_THREADS")
+
+
+def _testbed(*args: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
     return subprocess.run(
-        [sys.executable, "-m", "testbed", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "testbed", *args], capture_output=True, text=True, timeout=300,
+        env={**base, **env},
     )
 
 
@@ -27,6 +34,19 @@ def test_generate_json(tiny_dir) -> None:
     q = _testbed("generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-new-tokens", "5",
                  "--cuts", "2", "--no-kv-cache", "--json")
     assert json.loads(q.stdout)["tokens"] == out["tokens"]
+    # which thread plan ran, and why
+    plan = out["thread_plan"]
+    assert plan["threads"] >= 1 and plan["wait"] == out["omp"] in omp.POLICIES and "->" in plan["why"]
+
+
+@pytest.mark.slow
+def test_generate_follows_the_users_thread_settings(tiny_dir) -> None:
+    """OMP_NUM_THREADS and TESTBED_OMP set by the user win over the plan, and the JSON says so."""
+    p = _testbed("generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "2", "--json",
+                 OMP_NUM_THREADS="1", TESTBED_OMP="spin")
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)["thread_plan"]
+    assert plan == {"threads": 1, "wait": "spin", "why": "OMP_NUM_THREADS=1, TESTBED_OMP=spin"}
 
 
 @pytest.mark.slow
@@ -42,6 +62,7 @@ def test_quant_eval_json(tiny_dir, tmp_path) -> None:
         assert k in out
     assert out["quant"] == "int8" and 0.5 <= out["top1_agreement"] <= 1.0
     assert out["decode_tok_s"] > 0 and out["weight_bytes"] > 0
+    assert out["thread_plan"]["threads"] >= 1 and out["thread_plan"]["wait"] in omp.POLICIES
 
 
 def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path) -> None:
