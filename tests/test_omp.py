@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -165,20 +166,26 @@ def test_a_process_on_one_core_plans_one_thread() -> None:
     assert got["omp"] == "passive"
 
 
+def _detached_busy_loop() -> int:
+    """A busy loop that is not this process's descendant (its shell exits at once), like another
+    user's job: descendants count as the caller's own sharers, not as others."""
+    cmd = f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"
+    return int(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True).stdout)
+
+
 def test_busy_processes_make_the_plan_wait_passively() -> None:
     """Real busy loops, one per core: every sample sees them runnable, and a process that would spin on
     a quiet machine sleeps while it waits (its threads stay: one per core)."""
     n = omp.machine_cores()
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    loops = [_detached_busy_loop() for _ in range(n)]
     try:
         time.sleep(0.3)
         seen = omp.busy_others()
         plan = omp.plan_threads(None, 1, own_quota=False)
         child = _child(PLAN.format(before=""))
     finally:
-        for p in loops:
-            p.kill()
-            p.wait()
+        for pid in loops:
+            os.kill(pid, signal.SIGKILL)
     assert seen >= n
     assert (plan.threads, plan.wait) == (n, "passive") and f"{n} core" in plan.why
     assert child["plan"]["threads"] == n and child["omp"] == "passive" and child["torch"] == n
