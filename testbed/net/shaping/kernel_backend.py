@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from testbed.net.errors import NetworkError
 from testbed.net.offload import disable_offloads
 from testbed.net.shaping import kernel as qdiscs
 from testbed.net.shaping.link import Link, LinkEnd
-from testbed.net.shaping.replay import BIN_MS, TraceReplayer
 from testbed.spec.topology import Shaping
+
+if TYPE_CHECKING:  # replay (and numpy with it) loads only for a link that replays a trace
+    from testbed.net.shaping.replay import TraceReplayer
 
 PARALLEL = 8  # ethtool runs at once
 
@@ -57,6 +60,7 @@ class KernelShaper:
         if s.trace is None:
             idx = qdiscs.apply(ipr, end.ifname, s, self.netem)
         else:
+            from testbed.net.shaping.replay import BIN_MS, TraceReplayer
             from testbed.spec.traces import load_trace
 
             trace = load_trace(s.trace, s.format or "mahimahi")
