@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         from testbed.net.capabilities import probe
 
         if not probe().netem:
-            skip = pytest.mark.skip(reason="no sch_netem in this kernel (runs in the VM guest: make test-guest)")
+            skip = pytest.mark.skip(reason="no sch_netem in this kernel (runs in the guest: make test-guest)")
             for item in items:
                 if "netem" in item.keywords:
                     item.add_marker(skip)

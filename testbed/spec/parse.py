@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from testbed.spec.errors import SpecError
-from testbed.spec.topology import ROLES, RUNTIMES, TCP_CCS, LinkSpec, NodeSpec, Shaping, Topology
+from testbed.spec.topology import (
+    MIN_MEMORY_MB,
+    ROLES,
+    RUNTIMES,
+    TCP_CCS,
+    LinkSpec,
+    NodeSpec,
+    Shaping,
+    Topology,
+)
 from testbed.spec.traces import FORMATS, infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
@@ -22,7 +31,6 @@ LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format")
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}")
 RESERVED_PREFIX = "tb"
-MIN_MEMORY_MB = 16
 
 
 def got(value: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 ROLES = ("device", "edge", "cloud", "cell")
 RUNTIMES = ("process", "docker")
 TCP_CCS = ("cubic", "reno", "bbr")
+MIN_MEMORY_MB = 16  # a node's smallest memory limit: below this not even a shell starts
 
 
 @dataclass(frozen=True)
