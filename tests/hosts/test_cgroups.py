@@ -8,6 +8,8 @@ import pytest
 
 from testbed.hosts import cgroups
 
+pytestmark = pytest.mark.guest  # v1 here, v2 in the test guest
+
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct

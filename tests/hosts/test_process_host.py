@@ -14,7 +14,7 @@ from testbed.hosts.process_host import SHARES_WEIGHT, run_cgroup_dirs
 from testbed.net.network import EmulatedNetwork
 from testbed.spec.topology import LinkSpec, NodeSpec, Topology
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.guest]
 
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 3: pass\n"
 # Touch 200 MiB page by page: more than a 128 MiB node may hold.
