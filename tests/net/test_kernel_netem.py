@@ -80,7 +80,9 @@ def udp_probe(net: EmulatedNetwork, src: str, dst: str, count: int, gap_s: float
     arrival, in arrival order."""
     rx = net.popen(dst, [*PY, RECEIVER, str(port), "3", str(60 + count * gap_s * 4)],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert rx.stdout.readline().strip() == "ready"
+    if rx.stdout.readline().strip() != "ready":
+        rx.kill()
+        pytest.fail(f"UDP receiver in {dst} did not start: {rx.communicate(timeout=30)[1]}")
     tx = net.popen(src, [*PY, SENDER, net.ip(dst, src), str(port), str(count), str(gap_s), str(size)],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = tx.communicate(timeout=120 + count * gap_s * 4)

@@ -16,7 +16,9 @@ CACHE=${TESTBED_GUEST_CACHE:-$REPO/.cache/guest}
 RESULTS=${TESTBED_GUEST_RESULTS:-$REPO/out/guest}
 TIMEOUT=${TESTBED_GUEST_TIMEOUT:-540}
 MARK=${TESTBED_GUEST_MARK:-netem or guest}
-TESTS=${TESTBED_GUEST_TESTS:-tests/net tests/hosts tests/apps}
+# only the files that hold such tests: collecting the others (torch...) costs minutes under TCG
+TESTS=${TESTBED_GUEST_TESTS:-$(cd "$REPO" && grep -rlE 'pytest\.mark\.(netem|guest)' tests --include='test_*.py' \
+  | sort | tr '\n' ' ')}
 log() { printf '[guest] %s\n' "$*" >&2; }
 
 [ -x "$PY" ] || { echo "run.sh: no Python at $PY (make deps first)" >&2; exit 2; }
@@ -53,7 +55,13 @@ if [ -s "$RESULTS/summary.txt" ]; then
 else
   tail -n 30 "$RESULTS/console.log"
 fi
-[ -s "$RESULTS/coverage.txt" ] && grep -e '^TOTAL' -e '^coverage:' "$RESULTS/coverage.txt" | sed 's/^/[guest] coverage of testbed\/net: /' >&2
+if [ -s "$RESULTS/.coverage" ]; then
+  cov() { (cd "$REPO" && PYTHONPATH=$PYLIB "$PY" -m coverage "$@" --data-file="$RESULTS/.coverage"); }
+  cov report --show-missing > "$RESULTS/coverage.txt" 2>&1 || true
+  cov json -q -o "$RESULTS/coverage.json" >/dev/null 2>&1 || true
+fi
+[ -s "$RESULTS/coverage.txt" ] && grep -e '^TOTAL' -e '^coverage:' "$RESULTS/coverage.txt" \
+  | sed 's/^/[guest] coverage of testbed\/net: /' >&2
 log "prepare ${t_prep} s, guest ${t_guest} s; results in $RESULTS (pytest.log, junit.xml, coverage.txt)"
 [ "$rc" -eq 0 ] || log "FAILED (exit $rc)"
 exit "$rc"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs inside the test guest, chrooted into the host's root (see init): the guest's share of
 # the test suite under coverage of testbed/net; everything it produces goes to /results.
-# Usage (from job.sh): tests.sh REPO PYTHON PYLIB MARKEXPR PATH...
+# Usage (from job.sh): tests.sh REPO PYTHON PYLIB MARKEXPR TEST_FILE...
 REPO=$1; PY=$2; PYLIB=$3; MARK=$4; shift 4
 OUT=/results
 cd "$REPO" || exit 125
@@ -15,16 +15,11 @@ if [ -n "$PYLIB" ] && PYTHONPATH="$PYLIB" "$PY" -c "import coverage" 2>/dev/null
 fi
 start=$(date +%s)
 # shellcheck disable=SC2086 # COV is a word list on purpose
-"$PY" $COV -m pytest -p no:cacheprovider -ra -v --durations=0 -m "$MARK" \
+"$PY" $COV -m pytest -p no:cacheprovider -rA -v --durations=0 -m "$MARK" \
   --junitxml="$OUT/junit.xml" -o junit_family=xunit2 "$@" > "$OUT/pytest.log" 2>&1
 rc=$?
 echo "guest: pytest exit $rc after $(( $(date +%s) - start )) s"
 tail -n 40 "$OUT/pytest.log" | sed -n '/short test summary\|=====/,$p' > "$OUT/summary.txt"
-if [ -n "$COV" ]; then
-  "$PY" -m coverage report --show-missing > "$OUT/coverage.txt" 2>&1
-  "$PY" -m coverage json -q -o "$OUT/coverage.json" 2>/dev/null
-  rm -f "$OUT/.coverage"
-else
-  echo "coverage: not available (no coverage package)" > "$OUT/coverage.txt"
-fi
+[ -n "$COV" ] || echo "coverage: not available (no coverage package)" > "$OUT/coverage.txt"
+# (the host writes the coverage report from $OUT/.coverage: same paths, ten times faster)
 exit $rc
