@@ -203,6 +203,9 @@ def test_rate_and_delay_together_reach_the_rate(tmp_path: Path) -> None:
         ceiling = iperf_mbit(net, "a", "b")  # what this (emulated) machine carries unshaped
     topo = two_hosts(tmp_path, Shaping(bw_mbit=1000, delay_ms=25), Shaping(bw_mbit=1000))
     with EmulatedNetwork(topo, shaper="kernel") as net:
+        for node in ("a", "b"):  # 25 ms at 1 Gbit/s is 3.1 MB in flight: room for twice that
+            net.cmd(node, ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 16777216",
+                           "net.ipv4.tcp_wmem=4096 16384 16777216"])
         shaped = iperf_mbit(net, "a", "b", seconds=10)
     print(f"1000 Mbit/s + 25 ms: {shaped:.0f} Mbit/s (unshaped ceiling here {ceiling:.0f})")
     assert shaped <= 1000 * 1.05
@@ -213,34 +216,38 @@ def test_rate_and_delay_together_reach_the_rate(tmp_path: Path) -> None:
 
 def test_csv_trace_replays_delay_and_loss(tmp_path: Path) -> None:
     """Two 4 s steps, looping: (20 Mbit/s, 10 ms, 0 %) then (20 Mbit/s, 60 ms, 30 %)."""
-    trace = tmp_path / "steps.csv"
-    trace.write_text("time_s,bw_mbit,delay_ms,loss_pct\n0,20,10,0\n4,20,60,30\n8,20,10,0\n")
-    topo = two_hosts(tmp_path, Shaping(trace=trace, format="csv"))
+    from testbed.spec.traces import load_trace
+
+    path = tmp_path / "steps.csv"
+    path.write_text("time_s,bw_mbit,delay_ms,loss_pct\n0,20,10,0\n4,20,60,30\n")
+    trace = load_trace(path, "csv")
+    topo = two_hosts(tmp_path, Shaping(trace=path, format="csv"))
+    count, gap = 1600, 0.01
     with EmulatedNetwork(topo, shaper="kernel") as net:
-        arrivals = udp_probe(net, "a", "b", 1600, 0.01)  # 16 s: two whole periods
+        arrivals = udp_probe(net, "a", "b", count, gap)  # 16 s: every step at least twice
         t0 = net.trace_t0
-    assert t0 is not None
-    period = 8.0
-    step = {0: [], 1: []}
-    sent = {0: 0, 1: 0}
-    by_seq = {seq: (s, r) for seq, s, r in arrivals}
-    first_sent = min(s for _, s, _ in arrivals)
-    for seq in range(1600):
-        # send time of a lost packet: interpolated from the sender's pacing
-        s = by_seq[seq][0] if seq in by_seq else first_sent + seq * 0.01
-        phase = (s - t0) % period
-        if 0.5 <= phase <= 3.5 or 4.5 <= phase <= 7.5:  # well inside a step (bins are 100 ms)
-            k = 0 if phase < 4 else 1
-            sent[k] += 1
-            if seq in by_seq:
-                step[k].append((by_seq[seq][1] - by_seq[seq][0]) * 1000)
-    loss = {k: 1 - len(step[k]) / sent[k] for k in step}
-    med = {k: statistics.median(step[k]) for k in step}
-    print(f"step 0: median one-way {med[0]:.1f} ms, loss {loss[0]:.3f}; "
-          f"step 1: {med[1]:.1f} ms, {loss[1]:.3f}")
-    assert sent[0] > 300 and sent[1] > 300
-    assert 9.9 <= med[0] <= 10 + 20 and loss[0] <= 0.02
-    assert 59.9 <= med[1] <= 60 + 20 and 0.2 <= loss[1] <= 0.4
+    assert t0 is not None and arrivals
+    by_seq = {seq: (sent, got) for seq, sent, got in arrivals}
+    first_seq, (first_sent, _) = min(by_seq.items())
+    owd: dict[float, list[float]] = {10.0: [], 60.0: []}
+    sent: dict[float, int] = {10.0: 0, 60.0: 0}
+    for seq in range(count):
+        # a lost packet's send time from the sender's pacing
+        t = by_seq[seq][0] if seq in by_seq else first_sent + (seq - first_seq) * gap
+        step = trace.step_at(t - t0)
+        # only packets well inside a step (the replay changes netem on 100 ms bins)
+        if step is None or any(trace.step_at(t - t0 + d) != step for d in (-0.3, 0.3)):
+            continue
+        sent[step.delay_ms] += 1
+        if seq in by_seq:
+            owd[step.delay_ms].append((by_seq[seq][1] - by_seq[seq][0]) * 1000)
+    loss = {k: 1 - len(owd[k]) / sent[k] for k in owd}
+    med = {k: statistics.median(owd[k]) for k in owd}
+    print(f"10 ms / 0 % step: median one-way {med[10.0]:.1f} ms, loss {loss[10.0]:.3f}; "
+          f"60 ms / 30 % step: {med[60.0]:.1f} ms, {loss[60.0]:.3f}")
+    assert sent[10.0] > 300 and sent[60.0] > 300, sent
+    assert 9.9 <= med[10.0] <= 10 + 20 and loss[10.0] <= 0.02
+    assert 59.9 <= med[60.0] <= 60 + 20 and 0.2 <= loss[60.0] <= 0.4
 
 
 # --- an application over netem links --------------------------------------------------------------
@@ -261,21 +268,42 @@ links:
 """
 
 
+SPLIT = """
+import json, sys
+from testbed.apps.inference.run import run_split_inference
+from testbed.spec.topology import load_topology
+res = run_split_inference(load_topology(sys.argv[2]), "phone=0:1,mec=1:2,cloud=2:3", "", max_new_tokens=4,
+                          codec="fp32", kv_cache=True, model=sys.argv[1], prompt_ids=json.loads(sys.argv[3]),
+                          shaper="kernel")
+print(json.dumps({k: res[k] for k in ("tokens", "token_ms", "shaper")}))
+"""
+
+
 def test_tiny_split_inference_over_netem_links(tmp_path: Path) -> None:
     """Three shards of a tiny model over delayed, jittered links: the same tokens as locally,
-    and every step pays at least the configured round trips."""
-    from testbed.apps.inference.run import run_split_inference
+    and every step pays at least the configured delays.  In a child process with a deadline:
+    shard programs start slowly on an emulated CPU, and a stuck run must not eat the budget."""
     from testbed.model.generate import generate_split
     from testbed.model.shard import Shard
     from testbed.model.tiny import make_tiny_model_dir
-    from testbed.spec.topology import load_topology
+    from testbed.net.clean import clean
 
     tiny = make_tiny_model_dir(tmp_path / "tiny", n_layers=3, hidden=64)
     topo_file = tmp_path / "chain.yaml"
     topo_file.write_text(CHAIN_TOPO)
     prompt = [5, 17, 33, 2, 9, 41]
-    res = run_split_inference(load_topology(topo_file), "phone=0:1,mec=1:2,cloud=2:3", "", max_new_tokens=4,
-                              codec="fp32", kv_cache=True, model=tiny, prompt_ids=prompt, shaper="kernel")
+    p = subprocess.Popen([sys.executable, "-c", SPLIT, str(tiny), str(topo_file), json.dumps(prompt)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=float(os.environ.get("TESTBED_SPLIT_TIMEOUT_S", "300")))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        clean(all_runs=False)  # the killed run's namespaces and devices
+        pytest.fail("split inference over netem links did not finish in time")
+    assert p.returncode == 0, err[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
     shards = [Shard.load(tiny, a, b) for a, b in ((0, 1), (1, 2), (2, 3))]
     ref = generate_split(shards, prompt, len(res["tokens"]), kv_cache=True, codec="fp32")
     print(f"shaper {res['shaper']}, token ms {[round(t) for t in res['token_ms']]}")

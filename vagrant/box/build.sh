@@ -19,14 +19,8 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '[vm-box] %s\n' "$*"; }
 [ "$(id -u)" -eq 0 ] || { echo "build.sh: must run as root (debootstrap, loop devices)" >&2; exit 1; }
 
-need=()
-for p in debootstrap qemu-utils grub-pc-bin grub2-common e2fsprogs fdisk vagrant vagrant-libvirt; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  log "apt-get install ${need[*]}"
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. "$HERE/common.sh"
+apt_install debootstrap qemu-utils grub-pc-bin grub2-common e2fsprogs fdisk vagrant vagrant-libvirt
 KEY_PUB=$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -1)
 [ -n "$KEY_PUB" ] || { echo "build.sh: vagrant's insecure public key not found" >&2; exit 1; }
 

@@ -14,6 +14,7 @@ export VAGRANT_DEFAULT_PROVIDER=libvirt
 log() { printf '[vm] %s\n' "$*"; }
 [ "$(id -u)" -eq 0 ] || { echo "vm.sh: must run as root (libvirt)" >&2; exit 1; }
 mkdir -p "$STATE"
+. "$HERE/common.sh"
 
 kvm_works() {
   # /dev/kvm may be a software module that aborts -cpu host: boot a kernel until it panics
@@ -28,6 +29,12 @@ kvm_works() {
 }
 
 start_daemons() {
+  # libvirt's default network is a NAT bridge with iptables rules on the host: never autostart it
+  # (the box uses QEMU user-mode networking bound to 127.0.0.1)
+  if [ -L /etc/libvirt/qemu/networks/autostart/default.xml ]; then
+    rm -f /etc/libvirt/qemu/networks/autostart/default.xml
+    log "libvirt's default network will not autostart"
+  fi
   for d in virtlogd libvirtd; do
     if ! pgrep -x "$d" >/dev/null; then
       log "starting $d"
@@ -46,14 +53,7 @@ start_daemons() {
 
 case ${1:-} in
   up)
-    need=()
-    for p in vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils; do
-      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
-    done
-    if [ ${#need[@]} -gt 0 ]; then
-      log "apt-get install ${need[*]}"
-      apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    fi
+    apt_install vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils
     start_daemons
     if kvm_works; then
       export TESTBED_VM_DRIVER=kvm; log "KVM runs a guest here: driver kvm"
