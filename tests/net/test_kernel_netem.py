@@ -198,7 +198,10 @@ def test_queue_limit_bounds_the_queueing_delay(tmp_path: Path) -> None:
 
 def test_rate_and_delay_together_reach_the_rate(tmp_path: Path) -> None:
     """1000 Mbit/s with 25 ms: ~2100 full packets are in flight in the delay alone, so a netem
-    limit that counts them (the default 1000) would cap TCP near 485 Mbit/s."""
+    limit that counts them (the default 1000) would cap TCP near 485 Mbit/s.  An emulated CPU
+    cannot carry 1 Gbit/s, so the cap is checked where it lives (netem's limit holds the
+    in-flight packets besides the rate queue), and the throughput against this machine's own
+    unshaped ceiling."""
     with EmulatedNetwork(two_hosts(tmp_path, Shaping()), shaper="kernel") as net:
         ceiling = iperf_mbit(net, "a", "b")  # what this (emulated) machine carries unshaped
     topo = two_hosts(tmp_path, Shaping(bw_mbit=1000, delay_ms=25), Shaping(bw_mbit=1000))
@@ -206,10 +209,17 @@ def test_rate_and_delay_together_reach_the_rate(tmp_path: Path) -> None:
         for node in ("a", "b"):  # 25 ms at 1 Gbit/s is 3.1 MB in flight: room for twice that
             net.cmd(node, ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 16777216",
                            "net.ipv4.tcp_wmem=4096 16384 16777216"])
+        qdiscs = net.cmd("a", ["tc", "qdisc", "show"])
         shaped = iperf_mbit(net, "a", "b", seconds=10)
-    print(f"1000 Mbit/s + 25 ms: {shaped:.0f} Mbit/s (unshaped ceiling here {ceiling:.0f})")
+    netem = [line for line in qdiscs.splitlines() if "netem" in line]
+    limit = int(re.search(r"limit (\d+)", netem[0]).group(1)) if netem else 0
+    in_flight = 1000e6 / 8 * 0.025 / 1500
+    print(f"1000 Mbit/s + 25 ms: netem limit {limit} ({in_flight:.0f} full packets in flight), "
+          f"{shaped:.0f} Mbit/s (unshaped ceiling here {ceiling:.0f})")
+    assert netem, qdiscs
+    assert limit >= in_flight + 100, qdiscs
     assert shaped <= 1000 * 1.05
-    assert shaped >= 0.6 * min(1000.0, ceiling), (shaped, ceiling)
+    assert shaped >= 0.4 * min(1000.0, ceiling), (shaped, ceiling)
 
 
 # --- trace replay of delay and loss -------------------------------------------------------------

@@ -5,7 +5,7 @@
 # under coverage of testbed/net.  pytest's log and summary, a JUnit file, the coverage report
 # and the console come back in RESULTS_DIR; the exit code is pytest's (124: timed out).
 # Usage: run.sh [REPO] [PYTHON]
-# Environment: TESTBED_GUEST_TIMEOUT (s, default 540), TESTBED_GUEST_MARK, TESTBED_GUEST_TESTS,
+# Environment: TESTBED_GUEST_TIMEOUT (s, default 570), TESTBED_GUEST_MARK, TESTBED_GUEST_TESTS,
 #   TESTBED_GUEST_RESULTS (default REPO/out/guest), TESTBED_GUEST_CACHE (default REPO/.cache/guest),
 #   TESTBED_GUEST_CPUS, TESTBED_GUEST_MEMORY_MB, TESTBED_GUEST_ACCEL (see boot.sh).
 set -euo pipefail
@@ -14,7 +14,7 @@ PY=${2:-$REPO/.venv/bin/python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${TESTBED_GUEST_CACHE:-$REPO/.cache/guest}
 RESULTS=${TESTBED_GUEST_RESULTS:-$REPO/out/guest}
-TIMEOUT=${TESTBED_GUEST_TIMEOUT:-540}
+TIMEOUT=${TESTBED_GUEST_TIMEOUT:-570}
 MARK=${TESTBED_GUEST_MARK:-netem or guest}
 # only the files that hold such tests: collecting the others (torch...) costs minutes under TCG
 TESTS=${TESTBED_GUEST_TESTS:-$(cd "$REPO" && grep -rlE 'pytest\.mark\.(netem|guest)' tests --include='test_*.py' \
@@ -42,7 +42,7 @@ job=$(mktemp)
 trap 'rm -f "$job"' EXIT
 # shellcheck disable=SC2086 # TESTS is a list of paths
 # pytest's own budget leaves time to boot, write its results and power off
-printf 'exec /bin/sh %q %q %q %q %q %q %s\n' "$HERE/tests.sh" "$REPO" "$PY" "$PYLIB" "$((TIMEOUT - 75))" "$MARK" \
+printf 'exec /bin/sh %q %q %q %q %q %q %s\n' "$HERE/tests.sh" "$REPO" "$PY" "$PYLIB" "$((TIMEOUT - 110))" "$MARK" \
   "$TESTS" > "$job"
 log "booting Debian's kernel under QEMU/TCG (timeout ${TIMEOUT} s; console: $RESULTS/console.log)"
 t1=$(date +%s)

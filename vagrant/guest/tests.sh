@@ -16,7 +16,7 @@ if [ -n "$PYLIB" ] && PYTHONPATH="$PYLIB" "$PY" -c "import coverage" 2>/dev/null
 fi
 start=$(date +%s)
 # shellcheck disable=SC2086 # COV is a word list on purpose
-timeout -s INT -k 30 "$BUDGET" "$PY" $COV -m pytest -p no:cacheprovider -rA -v --durations=0 -m "$MARK" \
+timeout -s INT -k 60 "$BUDGET" "$PY" $COV -m pytest -p no:cacheprovider -rA -v --durations=0 -m "$MARK" \
   --junitxml="$OUT/junit.xml" -o junit_family=xunit2 "$@" > "$OUT/pytest.log" 2>&1
 rc=$?
 [ $rc -ne 124 ] || echo "guest: pytest stopped after its budget of $BUDGET s" | tee -a "$OUT/pytest.log"
