@@ -82,8 +82,15 @@ case ${1:-} in
     ;;
   destroy)
     export TESTBED_VM_DRIVER=$(cat "$STATE/driver" 2>/dev/null || echo qemu)
-    if command -v vagrant >/dev/null && virsh -c qemu:///system version >/dev/null 2>&1; then
-      (cd "$REPO/vagrant" && vagrant destroy -f) || true
+    if command -v libvirtd >/dev/null; then
+      start_daemons >/dev/null
+      (cd "$REPO/vagrant" && vagrant destroy -f) || log "vagrant destroy failed: removing the domain with virsh"
+      # what vagrant could not remove: the project's domains (vagrant names them <dir>_<machine>)
+      for d in $(virsh -q list --all --name 2>/dev/null | grep '^vagrant_' || true); do
+        virsh -q destroy "$d" >/dev/null 2>&1 || true
+        virsh -q undefine "$d" --nvram >/dev/null 2>&1 || virsh -q undefine "$d" >/dev/null 2>&1 || true
+        log "domain $d removed"
+      done
       for v in $(virsh -q vol-list default 2>/dev/null | awk '/bookworm64|vagrant_/{print $1}'); do
         virsh -q vol-delete "$v" --pool default >/dev/null && log "volume $v removed"
       done
@@ -99,9 +106,14 @@ case ${1:-} in
       done < "$STATE/daemons.pids"
       rm -f "$STATE/daemons.pids"
     fi
+    # a QEMU whose daemon went first
+    for f in /run/libvirt/qemu/vagrant_*.pid; do
+      [ -e "$f" ] || continue
+      pid=$(cat "$f"); [ -n "$pid" ] && kill "$pid" 2>/dev/null && log "stopped qemu $pid"
+      rm -f "$f"
+    done
     rm -f "$STATE/driver"
-    left=$(virsh -c qemu:///system -q list --all 2>/dev/null | grep -c vagrant || true)
-    log "destroyed (domains left: ${left:-0})"
+    log "destroyed"
     ;;
   *) echo "usage: vm.sh up|test|destroy" >&2; exit 2 ;;
 esac
