@@ -333,7 +333,7 @@ nodes:
   mec: {role: edge}
 links:
   - between: [phone, mec]
-    up: {bw_mbit: 20, delay_ms: 10, jitter_ms: 2, loss_pct: 1, trace: steps.csv}
+    up: {delay_ms: 10, jitter_ms: 2, loss_pct: 1, trace: steps.csv}
     down: {delay_ms: 5}
 """
 
