@@ -365,7 +365,7 @@ def test_clean_after_a_killed_run_leaves_nothing(tmp_path: Path) -> None:
     assert run_id, "".join(lines)
     time.sleep(1.0)
     before = leftovers(run_id)
-    assert before["devices"] and before["cgroups"], before  # the run really exists
+    assert before["processes"] and before["cgroups"] and before["state"], before  # the run really exists
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
     r = subprocess.run([sys.executable, "-m", "testbed", "clean"], capture_output=True, text=True,
