@@ -8,7 +8,8 @@ SUITE ?= experiments/quick.yaml
 SHAPER ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-quick demo up clean bench bench-deps images experiment lint
+.PHONY: deps test test-quick test-guest demo up clean bench bench-deps images experiment lint \
+	wheelhouse vm-box vm-up vm-test vm-destroy
 
 deps:
 	@bash vagrant/provision.sh "$(CURDIR)"
@@ -18,6 +19,9 @@ test: deps
 
 test-quick: deps  ## unit tests only: no namespaces, no real model
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+test-guest: deps  ## netem + cgroup v2 tests in Debian's kernel under QEMU (TCG, no KVM needed; ~6-9 min)
+	bash vagrant/guest/run.sh "$(CURDIR)" "$(PY)"
 
 demo: deps
 	$(TB) demo --topo $(TOPO) --shaper $(SHAPER)
@@ -42,3 +46,19 @@ experiment: deps
 
 lint: deps
 	$(VENV)/bin/ruff check --no-cache testbed nodes tests bench
+
+# --- the Vagrant VM (see README, "Running in a VM") ------------------------------------------
+wheelhouse: deps  ## every pinned Python package as a wheel, for provision.sh without an index
+	bash vagrant/wheelhouse.sh "$(CURDIR)" "$(PY)"
+
+vm-box:  ## build the debian/bookworm64 box offline from Debian packages and register it (~4 min)
+	bash vagrant/box/build.sh
+
+vm-up: wheelhouse vm-box  ## bring the VM up under libvirt (KVM where it can run a guest, else TCG)
+	bash vagrant/box/vm.sh up
+
+vm-test:  ## inside the VM: make test-quick, the kernel-backend tests, the quick suite; results to out/vm/
+	bash vagrant/box/vm.sh test
+
+vm-destroy:  ## remove the VM, its volumes, and the libvirt daemons this Makefile started
+	bash vagrant/box/vm.sh destroy

@@ -2,6 +2,8 @@
 # The single install script for EdgeLLM Testbed: used by the Vagrant VM and by `make deps`.
 # Idempotent: installs only what is missing.  Usage: provision.sh [REPO_DIR]
 # TESTBED_WITH_LLAMA_CPP=1 (`make bench-deps`) also builds llama-cpp-python for bench/llama_anchor.py.
+# Python packages come from a wheelhouse when there is one (`make wheelhouse`: REPO/vagrant/wheelhouse,
+# or TESTBED_WHEELHOUSE=DIR), with no index at all; from the package index otherwise.
 set -euo pipefail
 REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 VENV=${TESTBED_VENV:-$REPO/.venv}
@@ -47,8 +49,17 @@ pipq() {
   return "${PIPESTATUS[0]}"
 }
 STAMP="$VENV/.testbed-deps"
-want=$(sha256sum "$REPO/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+WH=${TESTBED_WHEELHOUSE:-$REPO/vagrant/wheelhouse}
+[ -s "$WH/requirements.txt" ] || WH=
+want=$(sha256sum "$REPO/pyproject.toml" "$0" ${WH:+"$WH/requirements.txt"} | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] && [ -n "$WH" ]; then
+  log "installing Python packages into $VENV from the wheelhouse $WH (no index)"
+  offline=(--no-index --find-links "$WH")
+  pipq "${offline[@]}" --upgrade pip
+  pipq "${offline[@]}" --no-deps -r "$WH/requirements.txt"
+  pipq "${offline[@]}" -e "$REPO[dev]"
+  echo "$want" > "$STAMP"
+elif [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages into $VENV"
   pipq --upgrade pip
   # Pinned CPU torch first: an unpinned torch would pull gigabytes of CUDA.

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from testbed.hosts import cgroups
 from testbed.spec.errors import SpecError
 
 LABEL = "edgellm-testbed"
@@ -60,29 +61,13 @@ def container_pid(container: Any) -> int:
     return int(container.attrs["State"]["Pid"])
 
 
-def _cgroup_mounts() -> tuple[dict[frozenset[str], Path], Path | None]:
-    """(v1 hierarchies keyed by their controller set, the cgroup2 mount or None)."""
-    v1: dict[frozenset[str], Path] = {}
-    v2: Path | None = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields, rfields = left.split(), right.split()
-        if len(rfields) < 3 or fields[3] != "/":
-            continue
-        if rfields[0] == "cgroup2":
-            v2 = v2 or Path(fields[4])
-        elif rfields[0] == "cgroup":
-            v1[frozenset(rfields[2].split(","))] = Path(fields[4])
-    return v1, v2
-
-
 def cgroup_procs_files(pid: int) -> list[Path]:
     """The ``cgroup.procs`` files of every cgroup (v1 hierarchies and/or v2) of process ``pid``.
 
     Writing a PID into all of them puts a process into the same cgroups as ``pid``, which is
     what ``docker exec`` does; the container's CPU and memory limits then apply to it.
     """
-    v1, v2 = _cgroup_mounts()
+    v1, v2 = cgroups.mounts()
     files: list[Path] = []
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _hid, controllers, path = line.split(":", 2)
@@ -159,7 +144,7 @@ def remove_container(container: Any) -> None:
 
 def remove_run_cgroup_dirs(run_id: str) -> list[Path]:
     """Remove the (empty) ``testbed/<run id>`` cgroup parents docker made in every hierarchy."""
-    v1, v2 = _cgroup_mounts()
+    v1, v2 = cgroups.mounts()
     removed = []
     for base in [*v1.values(), *([v2] if v2 else [])]:
         d = base / "testbed" / run_id

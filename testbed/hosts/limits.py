@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.spec.errors import SpecError
-from testbed.spec.topology import NodeSpec
+from testbed.spec.topology import MIN_MEMORY_MB, NodeSpec
 
-CFS_PERIOD_US = 100_000
-MIN_MEMORY_MB = 16  # below this not even a shell starts
+CFS_PERIOD_US = 100_000  # the one CFS period of both runtimes (process hosts, docker --cpus)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Limits:
     memory_mb: int | None = None
 
     def cfs_quota_us(self, period_us: int = CFS_PERIOD_US) -> int:
-        """The CFS quota for ``period_us`` (-1 = unlimited, as cgroup v1 writes it)."""
+        """The CFS quota for ``period_us``, rounded to the nearest us (-1 = unlimited, as v1 writes it)."""
         return -1 if self.cpu is None else max(1000, round(self.cpu * period_us))
 
     def memory_bytes(self) -> int | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from testbed.hosts.process_host import remove_run_cgroups
+from testbed.hosts.process_host import cgroup_run_ids, remove_run_cgroups, run_cgroup_dirs
 from testbed.net import hostwide
 from testbed.net.naming import ENV_MARKER, PREFIX, STATE_DIR, alive, hand_over, load_states
 from testbed.net.teardown import kill_and_wait
@@ -64,7 +64,7 @@ def leftovers(run_id: str) -> dict[str, list]:
         names = [x.get("ifname", "") for x in ipr.get_links()]
     devices = [n for n in names if n.startswith(PREFIX + run_id)]
     procs = [pid for pid, rid in marked_processes().items() if rid == run_id]
-    cgroups = [str(d) for d in Path("/sys/fs/cgroup").glob(f"*/testbed/{run_id}")]
+    cgroups = [str(d) for d in run_cgroup_dirs(run_id)]  # cgroup v1 or v2
     state = [str(f) for f in STATE_DIR.glob(f"{run_id}.json")]
     return {"devices": devices, "processes": procs, "cgroups": cgroups, "state": state}
 
@@ -150,12 +150,7 @@ def _marked_by(pid: int, run_id: str) -> bool:
 
 
 def _cgroup_runs() -> set[str]:
-    out = set()
-    for ctrl in ("cpu", "memory"):
-        d = Path("/sys/fs/cgroup") / ctrl / "testbed"
-        if d.is_dir():
-            out |= {p.name for p in d.iterdir() if p.is_dir()}
-    return out
+    return cgroup_run_ids()
 
 
 def _remove_containers(doomed) -> list[str]:

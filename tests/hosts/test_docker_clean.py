@@ -52,7 +52,7 @@ def test_clean_removes_containers_of_a_killed_run(client, tmp_path: Path) -> Non
         owner.wait()
         left = client.containers.list(filters={"label": f"{de.RUN_LABEL}={run_id}"})
         assert len(left) == 2  # a killed run leaves its containers running
-        r = subprocess.run([str(REPO / ".venv/bin/testbed"), "clean", "--dead-only"], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "testbed", "clean"], capture_output=True, cwd=REPO,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert f"edgellm-{run_id}-phone" in r.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def test_engine_error_is_one_line(monkeypatch) -> None:
 
 
 def test_images_command_says_so_and_exits_2() -> None:
-    r = subprocess.run([str(REPO / ".venv/bin/testbed"), "images"], capture_output=True, text=True,
+    # this checkout's testbed (cwd first on sys.path), with the interpreter running the tests
+    r = subprocess.run([sys.executable, "-m", "testbed", "images"], capture_output=True, text=True, cwd=REPO,
                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DOCKER_HOST": NO_ENGINE}, timeout=60)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

@@ -62,6 +62,7 @@ BUSY = "import time\nt = time.time()\nwhile time.time() - t < 3.0:\n    pass\n"
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.guest
 @pytest.mark.parametrize("runtime", [
     "process", pytest.param("docker", marks=[pytest.mark.docker, pytest.mark.skipif(
         not _docker_ok(), reason="no Docker engine")]),
