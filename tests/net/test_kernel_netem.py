@@ -290,6 +290,7 @@ print(json.dumps({k: res[k] for k in ("tokens", "token_ms", "shaper")}))
 """
 
 
+@pytest.mark.guest_slow
 def test_tiny_split_inference_over_netem_links(tmp_path: Path) -> None:
     """Three shards of a tiny model over delayed, jittered links: the same tokens as locally,
     and every step pays at least the configured delays.  In a child process with a deadline:
