@@ -9,8 +9,8 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "guest: also run in the test guest (make test-guest)")
-    config.addinivalue_line("markers", "guest_slow: left out of make test-guest's default set: its node programs "
-                            "import torch, which takes minutes under TCG (TESTBED_GUEST_MARK selects it)")
+    config.addinivalue_line("markers", "guest_slow: not in make test-guest's default set: its node "
+                            "programs import torch, minutes under TCG (TESTBED_GUEST_MARK selects it)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
