@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: the Ctrl-C
+    # tests (here and in the programs they start) need Python's own handler, whoever started pytest.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "guest: also run in the test guest (make test-guest)")
     config.addinivalue_line("markers", "guest_slow: not in make test-guest's default set: its node "
                             "programs import torch, minutes under TCG (TESTBED_GUEST_MARK selects it)")
