@@ -153,7 +153,9 @@ def test_each_program_gets_its_thread_plan(tmp_path: Path) -> None:
     with Launcher(tmp_path / "alone") as run:
         (r,) = run.start([fake("one", "report", LocalHost("h", cpu_limit=None), service=False)])
         run.wait_exit([r], 120)
-    assert r.plan == plan_threads(None, 1)
+    # threads as planned; the wait itself depends on what else is busy at that moment (sampled)
+    alone = plan_threads(None, 1)
+    assert r.plan.threads == alone.threads and r.plan.wait in ("spin", "passive")
 
 
 # ---- ready, logs, deaths ----------------------------------------------------------------------
