@@ -334,15 +334,6 @@ def summary(threads_in_use: int | None = None) -> dict:
 
 
 # -- child processes -----------------------------------------------------------------------------------
-def node_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a shard node process: this process's own policy variables replaced by the nodes'."""
-    out = {k: v for k, v in env.items() if not (k in _ADDED and _ADDED[k] == v)}
-    name = policy_name(out, "node")
-    out.update(omp_env(out, "node"))
-    out[ENV_VAR] = name
-    return out
-
-
 def process_env(base: Mapping[str, str], plan: ThreadPlan) -> dict[str, str]:
     """``base`` for a child compute process that follows ``plan``.  ``TESTBED_OMP``, ``OMP_WAIT_POLICY``
     / ``GOMP_SPINCOUNT`` and ``OMP_NUM_THREADS`` set by the user win."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from testbed import omp
-from testbed.apps.inference.run import node_env
+from testbed.apps.launch import program_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DROP = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "TESTBED_OMP", "TESTBED_THREADS")
@@ -246,8 +246,8 @@ CHILD = """
 import json, os
 import testbed, torch
 from testbed import omp
-from testbed.apps.inference.run import node_env
-env = node_env()
+from testbed.apps.launch import program_env
+env = program_env(omp.ThreadPlan(threads=1, wait="passive"))  # a node sharing the machine
 print(json.dumps([omp.in_effect(), omp.own_plan().wait, os.environ.get("OMP_WAIT_POLICY"),
                   os.environ.get("GOMP_SPINCOUNT"), env.get("OMP_WAIT_POLICY"), env.get("GOMP_SPINCOUNT"),
                   omp.describe(env, "node")]))
@@ -258,7 +258,7 @@ print(json.dumps([omp.in_effect(), omp.own_plan().wait, os.environ.get("OMP_WAIT
 def test_a_fresh_process_and_its_nodes_get_their_policies(policy) -> None:
     """A fresh process sets libgomp's variables before torch loads (its plan's, or TESTBED_OMP's); the
     node environment it builds carries the nodes' policy, not its own."""
-    env = {k: v for k, v in node_env().items() if k not in DROP}
+    env = {k: v for k, v in program_env(omp.ThreadPlan(threads=1, wait="passive")).items() if k not in DROP}
     if policy:
         env["TESTBED_OMP"] = policy
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)

@@ -28,7 +28,7 @@ from testbed.apps.launch import (
     default_logs_dir,
     program_env,
 )
-from testbed.omp import ThreadPlan, describe
+from testbed.omp import describe
 from testbed.spec.topology import Topology
 
 BASE_PORT = 5600
@@ -36,12 +36,6 @@ BASE_PORT = 5600
 
 class InferenceError(LaunchError):
     """The driver failed or reported an error."""
-
-
-def node_env(threads: int = 1) -> dict[str, str]:
-    """The environment of a shard node that shares the machine (passive OpenMP wait); the launcher
-    builds each program's own from its thread plan, this form serves tests/test_omp.py."""
-    return program_env(ThreadPlan(threads=threads, wait="passive"))
 
 
 def model_layers(model_dir: Path) -> int:
