@@ -15,7 +15,8 @@ log() { printf '[provision] %s\n' "$*"; }
 
 # --- Debian packages -------------------------------------------------------
 APT_PKGS=(mininet bridge-utils iperf3 iproute2 iputils-ping ethtool procps psmisc
-          python3-venv python3-dev gcc make docker.io debootstrap kmod)
+          python3-venv python3-dev gcc make docker.io debootstrap kmod
+          fortunes fortunes-min)  # fortunes: real text of distinct styles for the training corpora
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
