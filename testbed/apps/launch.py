@@ -180,8 +180,11 @@ def exit_now(code: int) -> typing.NoReturn:
 def announce_ready(detail: str = "") -> None:
     """A program's ready line: the launcher starts its CPU clock here.  The line carries the CPU time
     used so far (all threads, as /proc/PID/stat counts it), so a launcher that reads it late under
-    load still starts the clock at the right value."""
-    print(f"{READY} cpu_ms={time.process_time() * 1e3:.1f} {detail}".rstrip(), flush=True)
+    load still starts the clock at the right value.  It is read where the launcher reads the end
+    (/proc, in clock ticks): a precise start against a tick-truncated end would bias short runs down."""
+    used = cpu_ms(os.getpid())
+    used = time.process_time() * 1e3 if used is None else used
+    print(f"{READY} cpu_ms={used:.1f} {detail}".rstrip(), flush=True)
 
 
 def _ready_cpu_ms(line: str) -> float | None:

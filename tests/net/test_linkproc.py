@@ -158,31 +158,40 @@ def test_queue_limit_drops(tmp_path: Path) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 def test_queue_limit_bounds_delay() -> None:
-    """20 packets at 10 Mbit/s: under a saturating flow the queueing delay stays <= ~24 ms."""
+    """20 packets at 10 Mbit/s: under a saturating flow the queueing delay stays <= ~24 ms.
+
+    The flow is TCP: it keeps the queue near its limit while losing only what overflows, so the pings
+    that measure the delay mostly get through (a UDP flood at twice the rate drops most of them too)."""
     with netns_link(Shaping(bw_mbit=10, queue_pkts=20), Shaping()) as link:
-        flood = link.run1(["iperf3", "-c", link.ip2, "-u", "-b", "20M", "-t", "4", "-p", "5301"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server = link.run2(["iperf3", "-s", "-1", "-p", "5301"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        flood = link.run1(["iperf3", "-c", link.ip2, "-t", "6", "-p", "5301"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(1.5)
-            rtt = probe.measure_rtt(link.run1, link.ip2, count=10, interval=0.1)
+            time.sleep(2.0)
+            rtt = probe.measure_rtt(link.run1, link.ip2, count=30, interval=0.05)
         finally:
             for p in (flood, server):
                 p.kill()
                 p.wait()
     assert rtt["max"] <= 30.0, rtt
+    assert rtt["avg"] >= 5.0, rtt  # the queue did fill: an idle 10 Mbit/s link answers in well under 1 ms
 
 
 def assert_tracks_trace(got: list[float], trace, launch_offset_s: float) -> None:
     """Each second's UDP goodput within 10 % of the trace's capacity in that second.
 
     The flow starts ~50 ms after the client is launched (start-up and control handshake);
-    goodput is the payload share of each 1500-byte packet."""
+    goodput is the payload share of each 1500-byte packet.
+    A second that follows a change of rate may still carry part of the second before it (a late
+    start on a loaded machine shifts the windows): each second lies within 10 % of the range
+    between its own capacity and the previous one's."""
     cap = trace.capacity_mbit_per_s(len(got), launch_offset_s + 0.05)
     want = [c * probe.UDP_PAYLOAD / UDP_IP_BYTES for c in cap]
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert abs(g - w) <= 0.10 * w, f"second {i}: got {got}, trace {want}"
+    for i, g in enumerate(got):
+        lo, hi = sorted((want[i], want[max(i - 1, 0)]))
+        assert 0.9 * lo <= g <= 1.1 * hi, f"second {i}: got {got}, trace {want}"
 
 
 @pytest.mark.root

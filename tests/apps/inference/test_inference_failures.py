@@ -31,7 +31,8 @@ def test_run_on_loopback_matches_reference(tiny2: Path, loopback_net, tmp_path: 
     assert res["tokens"] == generate_split(shards, ids, len(res["tokens"]), codec="bf16").tokens
     assert net.all_stopped()
     # every program measured (CPU from its ready line to its stop) and logged, whole, in the run's folder
-    assert all(h["cpu_ms"] is not None and h["cpu_ms"] > 0 and h["threads"] >= 1 for h in res["per_hop"])
+    # (a tiny stage may use less than one clock tick between the two readings: 0 is a measurement)
+    assert all(h["cpu_ms"] is not None and h["cpu_ms"] >= 0 and h["threads"] >= 1 for h in res["per_hop"])
     assert res["logs"] == str(tmp_path)
     assert "READY" in (tmp_path / "shard-mec.log").read_text()
     assert f'"tokens": {json.dumps(res["tokens"])}' in (tmp_path / "driver-phone.log").read_text()

@@ -88,7 +88,7 @@ def test_driver_process_prints_json(tiny, shards, tmp_path: Path) -> None:
                                          "fp16", True)])
         run.wait_exit([d], 120)
     res, _ = driver_result(d)
-    assert d.returncode == 0 and d.cpu_ms is not None and d.cpu_ms > 0
+    assert d.returncode == 0 and d.cpu_ms is not None and d.cpu_ms >= 0  # clock ticks: 0 is a reading
     assert 1 <= len(res["tokens"]) <= 6 and isinstance(res["text"], str)
     assert res["per_hop"][1]["payload_up"] == (res["prompt_tokens"] + len(res["tokens"]) - 1) * 2 * 64
 

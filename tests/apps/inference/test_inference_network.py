@@ -77,7 +77,7 @@ def test_infer_tiny_across_topology(tiny: Path, codec: str, kv: bool, tmp_path: 
     assert not _node_pids() - before, "shard nodes or drivers left running"
     # each program's CPU time and thread plan (from its node's CPU limit, three programs at once)
     for hop in res["per_hop"]:
-        assert hop["cpu_ms"] > 0
+        assert hop["cpu_ms"] is not None and hop["cpu_ms"] >= 0  # clock ticks: a tiny stage may read 0
         assert hop["threads"] == plan_threads(resolve_limits(topo.nodes[hop["node"]]).cpu, 3).threads
         name = "driver" if hop["node"] == "phone" else "shard"
         assert "READY" in (tmp_path / f"{name}-{hop['node']}.log").read_text()
