@@ -45,7 +45,7 @@ def test_two_devices_share_a_shard_node(tiny2: Path, loopback_net, tmp_path: Pat
         assert 0 < res["gen_start_s"] < time.monotonic() - t0
     # every program's CPU time from its ready line: the shared node served both sessions
     assert set(out["cpu_ms"]) == {"mec", "phone1", "phone2"}
-    assert all(v is not None and v > 0 for v in out["cpu_ms"].values()), out["cpu_ms"]
+    assert all(v is not None and v >= 0 for v in out["cpu_ms"].values()), out["cpu_ms"]  # clock ticks
     assert 0 < out["wall_s"] < time.monotonic() - t0
     logs = tmp_path / "logs"
     assert out["logs"] == str(logs)
