@@ -119,3 +119,36 @@ def test_node_events_go_to_the_callback_and_failures_are_recorded() -> None:
     no_handler = EventScheduler(FakeNet(), events[:1])
     no_handler.start()
     assert no_handler.wait(5) and "no handler for kill" in no_handler.records[0]["error"]
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("start_s", [0.0, 2.0])
+def test_trace_start_s_on_the_userspace_backend(tmp_path: Path, start_s: float) -> None:
+    """A trace that carries nothing for its first 2 s: replay started 2 s in answers at once."""
+    from testbed.net.shaping.userspace import netns_link
+
+    trace = tmp_path / "late.up"
+    trace.write_text("".join(f"{t}\n" for t in range(2000, 4000)))  # 12 Mbit/s in [2, 4) s, looping
+    with netns_link(Shaping(trace=trace, format="mahimahi", trace_start_s=start_s), Shaping()) as link:
+        p = link.run1(["ping", "-n", "-c", "1", "-W", "5", link.ip2], stdout=subprocess.PIPE, text=True)
+        out, _ = p.communicate(timeout=20)
+    rtt = float(re.search(r"time=([\d.]+) ms", out).group(1))
+    if start_s:
+        assert rtt < 500, out
+    else:  # the request (and its address resolution) waits for the trace's first opportunity
+        assert rtt > 1000, out
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_trace_start_s_on_the_kernel_backend(tmp_path: Path) -> None:
+    """HTB replay (no netem needed) of a trace at 12 Mbit/s for 10 s, then 24: started 10 s in."""
+    trace = tmp_path / "steps.up"
+    trace.write_text("".join(f"{t}\n" for t in range(10_000))
+                     + "".join(f"{t}\n{t}\n" for t in range(10_000, 20_000)))
+    s = Shaping(trace=trace, format="mahimahi", trace_start_s=10.0)
+    with EmulatedNetwork(two_node(s, Shaping(bw_mbit=9)), shaper="kernel") as net:
+        time.sleep(0.3)
+        text = net.cmd("phone", ["tc", "class", "show", "dev", "phone-eth0"])
+    assert "rate 24Mbit" in text, text
