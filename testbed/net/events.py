@@ -13,7 +13,8 @@ One thread walks the events in time order from ``t0`` (the moment the workload s
   (``on_node_event(event) -> detail``): the network does not know the node's programs.
 
 Every application is recorded with its scheduled and actual time (seconds from ``t0``) and an
-``error`` when it failed; a failed event never stops the ones after it.
+``error`` when it failed; a failed event never stops the ones after it.  Events the run did not
+reach are recorded with ``skipped``.
 """
 
 from __future__ import annotations
@@ -82,10 +83,16 @@ class EventScheduler:
             self._thread.start()
 
     def stop(self) -> None:
-        """No event after this one; a link that is out stays as it is (the network goes down next)."""
+        """No event after this one; a link that is out stays as it is (the network goes down next).
+        Events that had not come yet are recorded with ``skipped``."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        with self._lock:
+            done = len(self.records)
+            if self.t0 is not None and done < len(self.events):
+                for e in self.events[done:]:
+                    self.records.append({**e.to_dict(), "skipped": "the workload ended before it"})
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every event (outage ends too) has been applied; True if they all were."""

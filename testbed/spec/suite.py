@@ -64,6 +64,7 @@ PARAMS: dict[str, str] = {
     "prompt": "prompt id from the prompt set (default: every prompt in the set)",
     "max_new_tokens": "tokens generated per request",
     "devices": "devices running sessions in parallel against the same edge",
+    "duration_s": "each device sends its request again until this long after generation began (s)",
 }
 NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
@@ -82,6 +83,7 @@ _PARAM_RANGES: dict[str, check.Range] = {
     "uplink_mbit": check.BW_MBIT, "downlink_mbit": check.BW_MBIT, "delay_ms": check.DELAY_MS,
     "loss_pct": check.LOSS_PCT, "cut": check.CUT, "device_cpu": check.CPU,
     "max_new_tokens": check.MAX_NEW_TOKENS, "devices": check.DEVICES, "trace_start_s": check.TRACE_START_S,
+    "duration_s": check.DURATION_S,
 }
 _PARAM_CHOICES: dict[str, tuple[str, ...]] = {"quant": QUANTS, "codec": CODECS, "runtime": RUNTIMES}
 
