@@ -63,7 +63,8 @@ class EventScheduler:
         self.clock = clock
         self.t0: float | None = None
         self.records: list[dict[str, Any]] = []
-        self._current = {(lk.a, lk.b): {"up": lk.up, "down": lk.down} for lk in net.topo.links}
+        links = net.topo.links if events else []  # a run without events asks nothing of its network
+        self._current = {(lk.a, lk.b): {"up": lk.up, "down": lk.down} for lk in links}
         self._out: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="net-events", daemon=True)

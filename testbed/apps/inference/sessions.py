@@ -56,7 +56,7 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
     ``actual_s``) and ``events_t0_s`` (that 0 on the network's clock).  ``duration_s``: every
     device sends its request again, in rounds, until that long after the same 0; each session
     has ``requests`` (per round: gen_start_s, tokens, token_ms), its other figures are the first
-    round's.
+    round's.  (Each round starts a new driver program: a round's start-up is a gap in the load.)
     """
     downstream = chains[0][1:]
     for c in chains[1:]:
@@ -110,7 +110,7 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
             per_round.append(res)
         res = per_round[0]
         if duration_s:
-            res["requests"] = [{"gen_start_s": r["gen_start_s"], "tokens": len(r["tokens"]),
+            res["requests"] = [{"gen_start_s": r["gen_start_s"], "tokens": r["tokens"],
                                 "token_ms": r.get("token_ms", [])} for r in per_round]
         results.append(res)
         cpu.setdefault(d.program.host.name, d.cpu_ms)
