@@ -139,8 +139,9 @@ def test_the_faults_suite_points_carry_their_events() -> None:
     suite = load_suite(REPO / "experiments/faults.yaml")
     points = expand(suite, 30)
     by_id = {p.id: p for p in points}
-    assert set(by_id) == {f"{k}/events={e}.yaml" for k in ("edge-offload", "split")
-                          for e in ("none", "drop", "outage")}
+    kinds = ("edge-offload", "cloud-offload", "split")
+    assert set(by_id) == {"on-device"} | {f"{k}/events={e}.yaml" for k in kinds
+                                          for e in ("none", "drop", "outage")}
     topo = build_topology(suite, by_id["split/events=outage.yaml"])
     assert [(e.kind, e.link, e.down_for_s) for e in topo.events] == [("outage", ("phone", "mec"), 3.0)]
     assert build_topology(suite, by_id["split/events=none.yaml"]).events == []
