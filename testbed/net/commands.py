@@ -122,7 +122,7 @@ def capacity_timeline(topo: Topology, plan: AddressPlan, src: str, dst: str, t0:
     for s in _path(topo, plan, src, dst):
         if s.trace is not None:
             trace = load_trace(s.trace, s.format or "mahimahi")
-            rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0))
+            rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0 + s.trace_start_s))
         elif s.bw_mbit is not None:
             rows.append([float(s.bw_mbit)] * seconds)
     return [min(col) for col in zip(*rows, strict=True)] if rows else None
