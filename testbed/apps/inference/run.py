@@ -147,10 +147,10 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
             run.wait_exit([d], timeout_s)
             result, t_line = driver_result(d)
         except LaunchError as e:
-            sched.stop()
-            e.events = sched.records  # type: ignore[attr-defined]
+            e.events = sched.records  # type: ignore[attr-defined]  # completed by stop() below
             raise
-        sched.stop()
+        finally:
+            sched.stop()
     if events:
         assert sched.t0 is not None
         result["events"] = sched.records
