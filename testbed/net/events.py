@@ -9,8 +9,11 @@ One thread walks the events in time order from ``t0`` (the moment the workload s
   the settings the link had (a change that falls inside the outage takes effect when it ends).
   Userspace: loss 100%.  Kernel: netem loss 100% where the direction has netem, else its HTB rate
   drops to the minimum HTB takes (8 kbit/s: near zero capacity);
-* kill, restart and handover go to the callback the application registers
-  (``on_node_event(event) -> detail``): the network does not know the node's programs.
+* a handover moves the device's link (its shaping with it) from one cell's bridge to the other's
+  and gives the device an address and a default route on the new cell (``handover``); the
+  application's callback hears of it afterwards;
+* kill and restart go to the callback the application registers (``on_node_event(event) ->
+  detail``): the network does not know the node's programs.
 
 Every application is recorded with its scheduled and actual time (seconds from ``t0``) and an
 ``error`` when it failed; a failed event never stops the ones after it.  Events the run did not
@@ -133,6 +136,12 @@ class EventScheduler:
                 end = e.at_s + (e.down_for_s or 0.0)
                 rec["end_s"] = end
                 ret = (end, lambda: self._outage_end(e, rec))
+            elif e.kind == "handover":
+                rec["detail"] = handover(self.net, e.node, e.src, e.dst)
+                if self.on_node_event is not None:  # the application may move its sessions
+                    more = self.on_node_event(e)
+                    if more:
+                        rec["detail"] += f"; {more}"
             elif self.on_node_event is None:
                 raise NetworkError(f"no handler for {e.kind} events in this run")
             else:
@@ -177,3 +186,69 @@ class EventScheduler:
         except Exception as exc:  # noqa: BLE001
             rec["error"] = f"restoring: {type(exc).__name__}: {exc}"
         rec["actual_end_s"] = round(self.now(), 4)
+
+
+def handover(net: Any, device: str, src: str, dst: str) -> str:
+    """Re-attach ``device``'s link from cell ``src`` to cell ``dst`` on a live ``EmulatedNetwork``.
+
+    The link keeps its shaping (the radio link goes with the device): its cell-side bridge port
+    moves from ``src``'s bridge to ``dst``'s.  The device takes the next free address of ``dst``'s
+    segment and a default route via that segment's first non-device host (the new cell's edge);
+    every other host already routes to that segment.  ``net.plan`` is updated, so ``net.ip`` gives
+    the new address.  Returns a line saying what changed."""
+    from pyroute2 import IPRoute
+
+    link = next((lk for lk in net.links if {lk.spec.a, lk.spec.b} == {device, src}), None)
+    if link is None:
+        raise NetworkError(f"{device} has no link to {src}")
+    cell_end, dev_end = (link.a, link.b) if link.a.node == src else (link.b, link.a)
+    plan = net.plan
+    old_seg = plan.link_segment[link.index]
+    new_seg = next(s for s in plan.segments if s.cell is not None and dst in _cells_of(net, s))
+    used = {a for (_, s), a in plan.addresses.items() if s == new_seg.index}
+    new_ip = next(str(a) for a in new_seg.subnet.hosts() if str(a) not in used)
+    gateways = [m for m in new_seg.members if net.topo.nodes[m].role != "device" and m != device]
+    if not gateways:
+        raise NetworkError(f"cell {dst} has no edge host to route through")
+    gw = plan.addresses[(gateways[0], new_seg.index)]
+    with IPRoute() as ipr:
+        port = _bridge_port(ipr, cell_end.ifname, net.backend.joins_in_root)
+        (bridge,) = ipr.link_lookup(ifname=net.cells[dst])
+        ipr.link("set", index=port, master=bridge)
+    dev_if = dev_end.host_if or dev_end.ifname
+    old_ip = plan.addresses[(device, old_seg)]
+    script = (f"ip addr flush dev {dev_if} && ip addr add {new_ip}/24 dev {dev_if} && "
+              f"ip route replace default via {gw} && echo OK")
+    out = net.cmd(device, ["sh", "-c", script])
+    if "OK" not in out:
+        raise NetworkError(f"{device}: re-addressing failed: {' '.join(out.split())[:200]}")
+    del plan.addresses[(device, old_seg)]
+    plan.addresses[(device, new_seg.index)] = new_ip
+    plan.segments[old_seg].members.remove(device)
+    new_seg.members.append(device)
+    nh, gw_host, k = plan.next_hop, gateways[0], new_seg.index
+    # the device reaches its new segment directly and everything else through the new edge; hosts
+    # off that segment reach the device the way they reach that edge
+    nh[device] = {h: ((h, k) if h in new_seg.members else (gw_host, k)) for h in nh[device]}
+    for other in nh:
+        if other != device:
+            nh[other][device] = (device, k) if other in new_seg.members else nh[other][gw_host]
+    return f"{device}: {old_ip} on {src} -> {new_ip} on {dst}, via {gateways[0]} ({gw})"
+
+
+def _cells_of(net: Any, seg: Any) -> set[str]:
+    """The cells of an L2 segment (cells joined by links share one)."""
+    return {n for i in seg.links for n in (net.topo.links[i].a, net.topo.links[i].b)
+            if net.topo.nodes[n].role == "cell"}
+
+
+def _bridge_port(ipr: Any, ifname: str, joins_in_root: bool) -> int:
+    """The index of the bridge port of a cell end: the end itself (kernel backend), or the veth
+    peer of its root port (userspace backend: the link process joins the root port)."""
+    (idx,) = ipr.link_lookup(ifname=ifname)
+    if not joins_in_root:
+        return idx
+    peer = ipr.get_links(idx)[0].get_attr("IFLA_LINK")
+    if not peer:
+        raise NetworkError(f"{ifname}: no veth peer found")
+    return int(peer)

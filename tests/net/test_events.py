@@ -152,3 +152,66 @@ def test_trace_start_s_on_the_kernel_backend(tmp_path: Path) -> None:
         time.sleep(0.3)
         text = net.cmd("phone", ["tc", "class", "show", "dev", "phone-eth0"])
     assert "rate 24Mbit" in text, text
+
+
+TWO_CELLS = """
+name: two-cells
+nodes:
+  phone: {role: device}
+  dev2:  {role: device}
+  cellA: {role: cell}
+  cellB: {role: cell}
+  mecA:  {role: edge}
+  mecB:  {role: edge}
+links:
+  - between: [phone, cellA]
+    up: {bw_mbit: 20, delay_ms: 5}
+    down: {bw_mbit: 20, delay_ms: 5}
+  - between: [cellA, mecA]
+  - between: [dev2, cellB]
+  - between: [cellB, mecB]
+  - between: [mecA, mecB]
+    up: {delay_ms: 10}
+    down: {delay_ms: 10}
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("shaper", ["userspace", "kernel"])
+def test_handover_moves_the_device_to_the_other_cell(tmp_path: Path, shaper: str) -> None:
+    from testbed.spec.topology import load_topology
+
+    src = tmp_path / "two-cells.yaml"
+    src.write_text(TWO_CELLS + "events:\n  - {at_s: 0.1, handover: phone, from: cellA, to: cellB}\n")
+    topo = load_topology(src)
+    if shaper == "kernel":  # rates only: HTB needs no netem
+        import dataclasses
+
+        def rate(sh: Shaping) -> Shaping:
+            return Shaping(bw_mbit=sh.bw_mbit)
+
+        topo = dataclasses.replace(topo, links=[dataclasses.replace(lk, up=rate(lk.up), down=rate(lk.down))
+                                                for lk in topo.links])
+    with EmulatedNetwork(topo, shaper=shaper) as net:
+        before = net.ip("phone", "mecB")
+        sched = EventScheduler(net, topo.events)
+        sched.start()
+        assert sched.wait(10)
+        (rec,) = sched.records
+        assert "error" not in rec, rec
+        after = net.ip("phone", "mecB")
+        assert after != before and after.rsplit(".", 1)[0] == net.ip("mecB", "dev2").rsplit(".", 1)[0]
+        # phone now sits on cellB: dev2 is one L2 hop away, mecA is reached through mecB
+        for peer in ("dev2", "mecB", "mecA"):
+            out = net.cmd("phone", ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", net.ip(peer, "phone")])
+            assert " 0% packet loss" in out, (peer, out)
+        route = net.cmd("mecA", ["ip", "route", "get", after])
+        assert net.ip("mecB", "mecA") in route, route
+        # the radio link kept its shaping: 5 ms each way (the kernel rows keep rates only: 20 Mbit/s)
+        if shaper == "userspace":
+            out = net.cmd("phone", ["ping", "-n", "-c", "3", "-i", "0.2", net.ip("dev2", "phone")])
+            rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+            assert rtts and min(rtts) >= 9.0, out
+        else:
+            assert "rate 20Mbit" in net.cmd("phone", ["tc", "class", "show", "dev", "phone-eth0"])

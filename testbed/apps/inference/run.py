@@ -110,6 +110,8 @@ def node_events(run: Launcher) -> Callable[[Any], str]:
             progs = [dataclasses.replace(r.program, name=f"{name}.restart{n}") for name, r in dead.items()]
             run.start(progs)
             return f"started {', '.join(p.name for p in progs)}"
+        if event.kind == "handover":  # the network moved the device; its session stays with its edge
+            return "the session stays with its edge (moving it is not implemented)"
         raise InferenceError(f"{event.kind} events are not supported by split inference yet")
 
     return handle
