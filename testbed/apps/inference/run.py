@@ -110,8 +110,8 @@ def node_events(run: Launcher) -> Callable[[Any], str]:
             progs = [dataclasses.replace(r.program, name=f"{name}.restart{n}") for name, r in dead.items()]
             run.start(progs)
             return f"started {', '.join(p.name for p in progs)}"
-        if event.kind == "handover":  # the network moved the device; its session stays with its edge
-            return "the session stays with its edge (moving it is not implemented)"
+        if event.kind == "handover":  # the network moved the device; the session is not moved
+            return "split inference does not move its session: replies to the old address are lost"
         raise InferenceError(f"{event.kind} events are not supported by split inference yet")
 
     return handle
