@@ -30,7 +30,7 @@ def two_node() -> Topology:
 @pytest.mark.slow
 def test_generation_rides_out_an_outage(tiny2: Path, tmp_path: Path) -> None:
     topo = two_node()
-    outage_s = 2.0
+    outage_s = 1.5
     events = parse_events([{"at_s": 0.5, "link": ["phone", "mec"], "down_for_s": outage_s}], topo, "ev.yaml")
     n = 40  # ~25 ms a token over a 20 ms round trip: generation outlasts the outage's start
     res = run_split_inference(topo, "phone=0:1,mec=1:2", "", max_new_tokens=n, model=tiny2,
