@@ -93,6 +93,15 @@ def load_events(path: str | Path, topo: Topology, source: str | Path | None = No
     return parse_events(data, topo, path, "events")
 
 
+def combined(first: list[Event], second: list[Event], topo: Topology, source: str | Path) -> list[Event]:
+    """Two checked lists (a topology's and an ``--events`` file's) as one, sorted by time, with the
+    rules over time (overlapping outages, handovers) checked on the whole; errors name ``source``
+    and index the combined list."""
+    both = sorted([*first, *second], key=lambda e: e.at_s)
+    _EventParser(source, topo).check_sequence(list(enumerate(both)), "events (with the topology's, by time)")
+    return both
+
+
 def parse_events(data: Any, topo: Topology, source: str | Path, fld: str = "events") -> list[Event]:
     """Check an events list against ``topo``; the events sorted by time (stable)."""
     return _EventParser(source, topo).events(data, fld)

@@ -9,7 +9,7 @@ import pytest
 
 from testbed.experiments.points import build_topology, expand, topology_data
 from testbed.spec.errors import SpecError
-from testbed.spec.events import load_events, parse_events
+from testbed.spec.events import combined, load_events, parse_events
 from testbed.spec.suite import load_suite
 from testbed.spec.topology import load_topology
 
@@ -113,6 +113,10 @@ def test_topology_and_events_file(tmp_path: Path) -> None:
     ev.write_text("events: [{at_s: 1, kill: mec}]\nevents: []\n")
     with pytest.raises(SpecError, match=rf"^{ev}: yaml: line 2, column 1: duplicate key 'events'"):
         load_events(ev, topo)
+    ev.write_text("events: [{at_s: 2.5, link: [mec, phone], down_for_s: 1}]\n")
+    with pytest.raises(SpecError, match=rf"^{ev}: events \(with the topology's, by time\)\[1\].at_s: "
+                                        r"the link is still out until 3 s \(got 2.5\)"):
+        combined(topo.events, load_events(ev, topo), topo, ev)
     ev.write_text("evnts: []\n")
     with pytest.raises(SpecError, match=rf"^{ev}: evnts: unknown key 'evnts' \(expected one of "
                                         r"description, events\)"):

@@ -203,9 +203,9 @@ def infer(args: argparse.Namespace) -> int:
     topo = load_topology(args.topo)  # --max-new-tokens is checked by the parser (testbed.spec.check)
     events = list(topo.events)
     if getattr(args, "events", None):
-        from testbed.spec.events import load_events
+        from testbed.spec.events import combined, load_events
 
-        events = sorted(events + load_events(args.events, topo, source="infer"), key=lambda e: e.at_s)
+        events = combined(events, load_events(args.events, topo, source="infer"), topo, args.events)
     model_dir = prepare_model_dir(args.model)
     stages = parse_placement(args.placement, topo, model_layers(model_dir))
     logs = Path(args.logs) if getattr(args, "logs", None) else default_logs_dir("infer")
