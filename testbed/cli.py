@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _network_args(p)
     p.add_argument("--logs", default=None, metavar="DIR",
                    help="folder for the node programs' logs (default: results/logs/infer-DATE-TIME-PID)")
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="link changes, outages, kills applied during the run (README: Events)")
     _model_args(p)
 
     p = sub.add_parser("run", help="run an experiment suite")

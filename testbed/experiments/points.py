@@ -253,7 +253,24 @@ def topology_data(suite: Suite, point: Point) -> dict[str, Any]:
                         link[d].pop("bw_mbit", None)
         elif parts[0] == "nodes":
             data["nodes"][parts[1]] = {**(data["nodes"][parts[1]] or {}), parts[2]: value}
+    if "trace_start_s" in p:  # every traced direction starts that far into its trace
+        for link in data["links"]:
+            for d in ("up", "down"):
+                if (link.get(d) or {}).get("trace") is not None:
+                    link[d] = {**link[d], "trace_start_s": p["trace_start_s"]}
+    if "events" in p:  # the point's events replace the topology's
+        data["events"] = point_events(p["events"])
     return data
+
+
+def point_events(value: Any) -> list[Any]:
+    """A point's ``events`` parameter as a list: written inline, or the list in an events file."""
+    if not isinstance(value, str):
+        return copy.deepcopy(value)
+    from testbed.spec.yamlfile import load_yaml
+
+    data = load_yaml(value)
+    return data.get("events") or [] if isinstance(data, dict) else data
 
 
 def build_topology(suite: Suite, point: Point) -> Topology:

@@ -88,7 +88,8 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
     t0 = time.monotonic()
     with EmulatedNetwork(topo, shaper=suite.shaper, runtime=p.get("runtime")) as net:
         started = time.monotonic()
-        out = run_sessions(net, chains, model_dir, req, started, logs=logs)
+        out = run_sessions(net, chains, model_dir, req, started, logs=logs, events=topo.events,
+                           duration_s=p.get("duration_s"))
         shaper, tcp_cc = net.shaper, net.tcp_cc
         t_done = time.monotonic()
     phases = {"network_up_s": round(started - t0, 3), "workload_s": round(t_done - started, 3),
@@ -124,6 +125,7 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
         "tcp_cc": tcp_cc,
         "topology": topo.to_dict(),
         "text": sessions[0]["raw"].get("text"),
+        **{k: out[k] for k in ("events", "events_t0_s") if k in out},
     }
 
 
@@ -214,6 +216,8 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
         except Exception as e:  # noqa: BLE001 - a failed point is a result; the suite goes on
             rec["status"] = "error"
             rec["error"] = f"{type(e).__name__}: {e}"
+            if getattr(e, "events", None) is not None:
+                rec["events"] = e.events
             rec["traceback"] = traceback.format_exc()[-4000:]
         rec["duration_s"] = round(time.time() - t0, 3)
         append_record(results, rec)

@@ -46,8 +46,9 @@ def up(args: argparse.Namespace) -> int:
 def probe(args: argparse.Namespace) -> int:
     """Bring up, measure src <-> dst with ``testbed.net.probe``, tear down, print.
 
-    Exit codes: 0 measured; 1 a measurement failed (one line on stderr, e.g. a test that got no
-    result over a trace's long outage); 2 bad input (``SpecError``)."""
+    Exit codes: 0 measured (a test stopped at its deadline over an outage reports what was
+    delivered, with a note per direction); 1 a measurement failed (one line on stderr, e.g. a tool
+    that exits with an error); 2 bad input (``SpecError``)."""
     from testbed.net.probe import ProbeError
     from testbed.net.probe import probe as run_probe
 
@@ -70,7 +71,7 @@ def probe(args: argparse.Namespace) -> int:
     except ProbeError as e:
         print(f"testbed probe: {args.topo}: {args.src} <-> {args.dst}: {e}", file=sys.stderr)
         return 1
-    keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct"]
+    keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct", "notes"]
     out = {"shaper": shaper, **{k: res.get(k) for k in keys}}
     if args.timeline:
         for name, a, b in (("up", args.src, args.dst), ("down", args.dst, args.src)):
@@ -121,7 +122,7 @@ def capacity_timeline(topo: Topology, plan: AddressPlan, src: str, dst: str, t0:
     for s in _path(topo, plan, src, dst):
         if s.trace is not None:
             trace = load_trace(s.trace, s.format or "mahimahi")
-            rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0))
+            rows.append(trace.capacity_mbit_per_s(seconds, start_s=t0 + s.trace_start_s))
         elif s.bw_mbit is not None:
             rows.append([float(s.bw_mbit)] * seconds)
     return [min(col) for col in zip(*rows, strict=True)] if rows else None
@@ -135,14 +136,17 @@ def _print_table(args: argparse.Namespace, out: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in out.items():
-        if k == "shaper":
+        if k in ("shaper", "notes"):
             continue
         if isinstance(v, list):
             v = " ".join(f"{x:.1f}" for x in v)
         elif isinstance(v, float):
             v = f"{v:.2f}"
-        t.add_row(k, str(v))
+        t.add_row(k, "-" if v is None else str(v))
     Console().print(t)
+    for way, lines in (out.get("notes") or {}).items():
+        for line in lines:
+            print(f"note: {way}: {line}")
 
 
 def clean(args: argparse.Namespace) -> int:

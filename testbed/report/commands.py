@@ -41,6 +41,7 @@ def make_report(out_dir: Path, warn: Callable[[str], None] = _stderr) -> tuple[P
         plots.bytes_per_token(rows, out_dir),
         plots.kv_cache(rows, out_dir),
         plots.trace_timeline(rows, out_dir),
+        plots.events_timeline(rows, out_dir),
         plots.devices(rows, out_dir),
         plots.measured_vs_predicted(rows, out_dir, band),
     ]

@@ -324,6 +324,75 @@ def trace_timeline(rows: list[Row], out: Path) -> Path | None:
     return _save(fig, out / "trace_timeline.png")
 
 
+EVENT_COLORS = {"change": "tab:blue", "outage": "tab:red", "handover": "tab:purple", "kill": "black",
+                "restart": "tab:green"}
+
+
+def _event_text(ev: dict[str, Any]) -> str:
+    """A short label: ``outage phone-mec 3 s``, ``up bw_mbit=1``, ``kill mec``."""
+    kind = ev.get("kind", "?")
+    if kind == "outage":
+        return f"outage {'-'.join(ev.get('link', []))} {ev.get('down_for_s', 0):g} s"
+    if kind == "change":
+        sides = [f"{side} " + ",".join(f"{k}={v:g}" for k, v in ev[side].items())
+                 for side in ("up", "down") if isinstance(ev.get(side), dict)]
+        return f"{'-'.join(ev.get('link', []))}: " + "; ".join(sides)
+    if kind == "handover":
+        return f"handover {ev.get('handover')} {ev.get('from')}->{ev.get('to')}"
+    return f"{kind} {ev.get(kind, '')}"
+
+
+def _token_times(rec: dict[str, Any]) -> list[tuple[np.ndarray, list[float]]]:
+    """(end time of each token on the events' clock, its latency) per request of the first session."""
+    raw = rec["sessions"][0]["raw"]
+    t0 = float(rec.get("events_t0_s") or 0.0)
+    reqs = raw.get("requests") or [{"gen_start_s": raw.get("gen_start_s") or 0.0,
+                                    "token_ms": raw["token_ms"]}]
+    return [(float(r["gen_start_s"]) - t0 + np.cumsum(r["token_ms"]) / 1e3, list(r["token_ms"]))
+            for r in reqs if r.get("token_ms")]
+
+
+def events_timeline(rows: list[Row], out: Path) -> Path | None:
+    """Per-token latency over time with the run's events marked: one panel per point that had
+    events (its first successful repeat), time since generation began (the events' clock)."""
+    marked = [r for r in rows if any(rec.get("events") for rec in r.ok)]
+    if not marked:
+        return None
+    fig, axes = plt.subplots(len(marked), 1, figsize=(11, 2.2 + 2.3 * len(marked)), sharex=True,
+                             squeeze=False)
+    t_max = 1.0
+    for ax, row in zip(axes[:, 0], marked, strict=True):
+        rec = next(rec for rec in row.ok if rec.get("events"))
+        for k, (times, ms) in enumerate(_token_times(rec)):
+            # a step: each token's latency held over the time it was pending (a stall spans its outage)
+            ax.step(times, ms, where="pre", marker=".", color="tab:gray",
+                    label="per-token latency" if k == 0 else None)
+            t_max = max(t_max, float(times[-1]))
+        for ev in rec["events"]:
+            if "skipped" in ev:
+                continue
+            color = EVENT_COLORS.get(ev.get("kind"), "tab:gray")
+            at = float(ev.get("actual_s", ev.get("at_s", 0.0)))
+            text = _event_text(ev) + (" (failed)" if "error" in ev else "")
+            if ev.get("kind") == "outage":
+                end = float(ev.get("actual_end_s", ev.get("end_s", at)))
+                ax.axvspan(at, end, color=color, alpha=0.15, label=text)
+                t_max = max(t_max, end)
+            else:
+                ax.axvline(at, color=color, linestyle="--", label=text)
+            t_max = max(t_max, at)
+        ax.set_yscale("log")
+        _plain_log(ax, x=False)
+        ax.set_ylabel("ms per token")
+        ax.set_title(row.label(), fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlim(-0.5, t_max + 0.5)
+    axes[-1, 0].set_xlabel("time since generation began (s); events at the time they were applied")
+    fig.suptitle("Per-token latency with the run's events")
+    return _save(fig, out / "events_timeline.png")
+
+
 def measured_vs_predicted(rows: list[Row], out: Path, band: tuple[float, float]) -> Path | None:
     """Measured vs analytically predicted end-to-end latency per point, with the accepted band."""
     pts = []

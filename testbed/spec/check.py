@@ -102,6 +102,8 @@ PROBABILITY = Range(ge=0, le=1)
 SEED = Range(ge=0, le=2**32 - 1, integer=True)
 BIN_MS = Range(ge=1, le=3_600_000)
 EVAL_TOKENS = Range(ge=2, le=1_000_000, integer=True)
+TRACE_START_S = Range(ge=0, le=86_400, note="one day")  # the trace loops: any point of its clock
+DURATION_S = Range(gt=0, le=3600, note="one hour")
 
 # name -> range, for the README table and for --set values of link and node fields
 BOUNDS: dict[str, Range] = {

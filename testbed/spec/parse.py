@@ -14,15 +14,17 @@ from typing import Any
 from testbed.spec import check
 from testbed.spec.check import Checker
 from testbed.spec.errors import got
+from testbed.spec.events import parse_events
 from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS, TRACE_FORMATS
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 from testbed.spec.traces import infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
-TOP_KEYS = ("name", "description", "tcp_cc", "nodes", "links")
+TOP_KEYS = ("name", "description", "tcp_cc", "nodes", "links", "events")
 NODE_KEYS = ("role", "cpu", "memory_mb", "runtime")
 LINK_KEYS = ("between", "up", "down")
-DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format")
+DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format",
+                  "trace_start_s")
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,9}")
 RESERVED_PREFIX = "tb"
 
@@ -45,6 +47,8 @@ def check_direction_field(checker: Checker, field: str, key: str, value: Any) ->
     Rules between fields (jitter <= delay, no rate with a trace) are checked when the whole
     topology is parsed.
     """
+    if key == "trace_start_s":
+        return checker.number(value, field, check.TRACE_START_S)
     if key in ("trace", "format"):
         return checker.choice(value, field, TRACE_FORMATS) if key == "format" else \
             checker.text(value, field, "a trace file path")
@@ -78,6 +82,8 @@ class _Parser(Checker):
         topo = Topology(name=name, source=self.source, nodes=nodes, links=links, tcp_cc=tcp_cc)
         self.check_cells(topo)
         self.check_connected(topo)
+        if doc.get("events") is not None:
+            topo.events = parse_events(doc["events"], topo, self.source)
         return topo
 
     def nodes(self, value: Any) -> dict[str, NodeSpec]:
@@ -172,8 +178,9 @@ class _Parser(Checker):
 
     def trace(self, body: Mapping[str, Any], field: str) -> dict[str, Any]:
         if body.get("trace") is None:
-            if body.get("format") is not None:
-                raise self.fail(f"{field}.format", f"only meaningful with a trace {got(body['format'])}")
+            for key in ("format", "trace_start_s"):
+                if body.get(key) is not None:
+                    raise self.fail(f"{field}.{key}", f"only meaningful with a trace {got(body[key])}")
             return {}
         raw = body["trace"]
         if not isinstance(raw, str) or not raw.strip():
@@ -190,7 +197,11 @@ class _Parser(Checker):
             self.choice(fmt, f"{field}.format", TRACE_FORMATS)
         fmt = fmt or infer_format(path)
         load_trace(path, fmt, source=self.source, field=f"{field}.trace")
-        return {"trace": path, "format": fmt}
+        out: dict[str, Any] = {"trace": path, "format": fmt}
+        if body.get("trace_start_s") is not None:
+            out["trace_start_s"] = self.number(body["trace_start_s"], f"{field}.trace_start_s",
+                                               check.TRACE_START_S)
+        return out
 
     # -- whole-graph checks ----------------------------------------------------------------
 

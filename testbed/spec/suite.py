@@ -53,6 +53,8 @@ PARAMS: dict[str, str] = {
     "delay_ms": "one-way propagation delay of the access link, both directions (ms)",
     "loss_pct": "random loss of the access link, both directions (%)",
     "trace": "channel trace for the access link (a file, or a base name with .up/.down files)",
+    "trace_start_s": "where replay starts on the clock of every traced link (s)",
+    "events": "link changes, outages, kills during the workload (a list, or an events file)",
     "cut": "cut layer substituted for {cut} in split placements",
     "quant": "weight quantization of every shard",
     "codec": "activation codec on the wire",
@@ -62,8 +64,9 @@ PARAMS: dict[str, str] = {
     "prompt": "prompt id from the prompt set (default: every prompt in the set)",
     "max_new_tokens": "tokens generated per request",
     "devices": "devices running sessions in parallel against the same edge",
+    "duration_s": "each device sends its request again until this long after generation began (s)",
 }
-NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace")
+NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
             "params", "sweep", "repeats", "shaper", "energy", "analytic")
 WORKLOAD_KEYS = ("prompts", "max_new_tokens", "devices")
@@ -79,7 +82,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PARAM_RANGES: dict[str, check.Range] = {
     "uplink_mbit": check.BW_MBIT, "downlink_mbit": check.BW_MBIT, "delay_ms": check.DELAY_MS,
     "loss_pct": check.LOSS_PCT, "cut": check.CUT, "device_cpu": check.CPU,
-    "max_new_tokens": check.MAX_NEW_TOKENS, "devices": check.DEVICES,
+    "max_new_tokens": check.MAX_NEW_TOKENS, "devices": check.DEVICES, "trace_start_s": check.TRACE_START_S,
+    "duration_s": check.DURATION_S,
 }
 _PARAM_CHOICES: dict[str, tuple[str, ...]] = {"quant": QUANTS, "codec": CODECS, "runtime": RUNTIMES}
 
@@ -170,6 +174,20 @@ def _check_devices(c: Checker, fld: str, n: int, suite: Suite) -> int:
     return n
 
 
+def _check_events(src: Path, fld: str, value: Any, suite: Suite) -> Any:
+    """An events list (checked against the suite's topology; kept as written) or an events file
+    (its absolute path; its errors name it)."""
+    from testbed.spec.events import load_events, parse_events
+
+    topo = parse_topology(suite.topology_data, suite.topology_path)
+    if isinstance(value, str):
+        path = _resolve(suite.source.resolve().parent, value)
+        load_events(path, topo, src, fld)
+        return str(path)
+    parse_events(value, topo, src, fld)
+    return value
+
+
 def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any:
     """Validate one parameter value; return it normalized (numbers typed, trace paths made absolute)."""
     c = Checker(src)
@@ -188,6 +206,8 @@ def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any
         if not p.is_file() and not (Path(f"{p}.up").is_file() and Path(f"{p}.down").is_file()):
             raise c.fail(fld, f"no such trace file (or .up/.down pair): {p}")
         return str(p)
+    if name == "events":
+        return _check_events(src, fld, value, suite)
     if name == "prompt":
         if str(value) not in suite.workload.prompts:
             known = ", ".join(suite.workload.prompts)

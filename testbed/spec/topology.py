@@ -33,6 +33,8 @@ class Shaping:
     queue_pkts: int | None = None
     trace: Path | None = None
     format: str | None = None  # "mahimahi" | "csv"
+    trace_start_s: float = 0.0  # replay starts at this point of the trace's clock
+
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +77,7 @@ class Topology:
     nodes: dict[str, NodeSpec]
     links: list[LinkSpec]
     tcp_cc: str = "cubic"
+    events: list[Any] = field(default_factory=list)  # testbed.spec.events.Event, sorted by time
 
     def hosts(self) -> list[NodeSpec]:
         """Nodes that run processes (everything but cells)."""
@@ -110,6 +113,7 @@ class Topology:
             "nodes": {n.name: asdict(n) for n in self.nodes.values()},
             "links": [{"between": [lk.a, lk.b], "up": lk.up.to_dict(), "down": lk.down.to_dict()}
                       for lk in self.links],
+            "events": [e.to_dict() for e in self.events],
         }
 
 

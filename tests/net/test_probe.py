@@ -100,3 +100,24 @@ def test_timeline_start_lines_up_with_the_replayed_trace(tmp_path: Path) -> None
     want = np.array(trace.capacity_mbit_per_s(len(tl.mbit), start_s=t0)) * UDP_SHARE
     err = np.abs(np.array(tl.mbit) - want) / np.maximum(want, 0.5)
     assert len(tl.mbit) == 6 and err.mean() <= 0.10 and err.max() <= 0.25, (t0, tl.mbit, want)
+
+
+def test_probe_over_a_link_that_carries_nothing_reports_notes(tmp_path: Path) -> None:
+    """A trace with one delivery opportunity a minute: every test stops at its deadline and the
+    probe returns figures (nothing delivered) and a note per direction, never an error."""
+    trace = tmp_path / "out.up"
+    trace.write_text("59999\n")
+    with netns_link(Shaping(trace=trace, format="mahimahi"), Shaping(bw_mbit=20)) as link:
+        t0 = time.monotonic()
+        res = probe.probe(link.run1, link.run2, link.ip1, link.ip2, seconds=1, grace_s=1)
+        took = time.monotonic() - t0
+        assert _pids_of(link.ns1) == [] and _pids_of(link.ns2) == []  # no iperf3 or ping left behind
+    assert res["up_mbit"] == 0.0 and res["down_mbit"] == 0.0  # down's handshake needs the up way too
+    assert res["rtt_ms"] is None and res["rtt"]["replies"] == 0
+    assert res["loss_up_pct"] == 100.0 and res["loss_down_pct"] == 100.0
+    for way in ("up", "down"):
+        notes = res["notes"][way]
+        assert any(n.startswith("TCP test ") for n in notes), notes
+        assert any(n.startswith("UDP test ") for n in notes), notes
+    assert any(n.startswith("ping:") for n in res["notes"]["up"])
+    assert took < 40  # deadlines of 2-4 s per test, not minutes

@@ -9,7 +9,9 @@ CPU time per program, and every program stopped again on errors and Ctrl-C too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,7 @@ from testbed.apps.launch import (
     default_logs_dir,
     program_env,
 )
+from testbed.net.events import EventScheduler
 from testbed.omp import describe
 from testbed.spec.topology import Topology
 
@@ -85,15 +88,48 @@ def driver_result(run: Running) -> tuple[dict[str, Any], float]:
     return res, t
 
 
+def node_events(run: Launcher) -> Callable[[Any], str]:
+    """The handler of kill/restart events on a run: SIGKILL of the node's programs through the
+    launcher (the launcher then reports the node's death as it reports any), a restart starts the
+    node's killed service programs again."""
+    restarts: dict[str, int] = {}
+
+    def handle(event: Any) -> str:
+        mine = [r for r in run.procs if r.program.host.name == event.node]
+        if event.kind == "kill":
+            alive = [r for r in mine if r.returncode is None]
+            for r in alive:
+                r.popen.send_signal(signal.SIGKILL)
+            return f"SIGKILL to {', '.join(r.name for r in alive) or 'no running program'}"
+        if event.kind == "restart":
+            dead = {r.program.name.split(".")[0]: r for r in mine
+                    if r.program.service and r.returncode is not None}
+            if not dead:
+                return "nothing to restart"
+            n = restarts[event.node] = restarts.get(event.node, 0) + 1
+            progs = [dataclasses.replace(r.program, name=f"{name}.restart{n}") for name, r in dead.items()]
+            run.start(progs)
+            return f"started {', '.join(p.name for p in progs)}"
+        if event.kind == "handover":  # the network moved the device; the session is not moved
+            return "split inference does not move its session: replies to the old address are lost"
+        raise InferenceError(f"{event.kind} events are not supported by split inference yet")
+
+    return handle
+
+
 def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_new_tokens: int,
                    quant: str, codec: str, kv_cache: bool, prompt_ids: list[int] | None = None,
                    timeout_s: float = 900.0, ports: list[int] | None = None,
-                   logs: Path | None = None) -> dict:
+                   logs: Path | None = None, events: list[Any] | None = None) -> dict:
     """Start the shard nodes on ``net`` (an EmulatedNetwork that is up), run the driver, stop all.
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
     the driver's measurements, each hop's CPU time from its ready line to its stop (``cpu_ms``)
-    and thread count, and ``logs``."""
+    and thread count, and ``logs``.  ``events`` (``testbed.spec.events.Event``) run on a clock
+    whose 0 is the start of generation (the driver's ready line, once its next hop answered); the
+    result then has ``events`` (each with ``at_s`` and ``actual_s``) and ``gen_start_s``, the first
+    step's start on that clock (token i ends ``sum(token_ms[:i+1])`` ms after it).  A run that fails
+    keeps its events' records on the error (``error.events``)."""
     logs = logs or default_logs_dir("infer")
     ports = ports or [BASE_PORT + i for i in range(len(stages))]
     addrs: list[str | None] = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
@@ -104,9 +140,23 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
-        (d,) = run.start([drv])
-        run.wait_exit([d], timeout_s)
-        result, _ = driver_result(d)
+        sched = EventScheduler(net, events or [], node_events(run))
+        try:
+            (d,) = run.start([drv])
+            if events:  # the events' clock starts with generation (the driver's ready line)
+                run.wait_ready([d], READY_TIMEOUT_S)
+                sched.start(t0=d.ready_at)
+            run.wait_exit([d], timeout_s)
+            result, t_line = driver_result(d)
+        except LaunchError as e:
+            e.events = sched.records  # type: ignore[attr-defined]  # completed by stop() below
+            raise
+        finally:
+            sched.stop()
+    if events:
+        assert sched.t0 is not None
+        result["events"] = sched.records
+        result["gen_start_s"] = round(t_line - result.get("total_ms", 0.0) / 1e3 - sched.t0, 3)
     for hop, r in zip(result["per_hop"], [d, *reversed(nodes)], strict=True):
         hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
     result["omp"] = describe(program_env(d.plan), role="node")
@@ -118,13 +168,14 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
                         max_new_tokens: int = 32, quant: str = "none", codec: str = "fp32",
                         kv_cache: bool = True, shaper: str = "auto", model: str | Path | None = None,
                         runtime: str | None = None, prompt_ids: list[int] | None = None,
-                        logs: Path | None = None) -> dict:
+                        logs: Path | None = None, events: list[Any] | None = None) -> dict:
     """Split inference of ``prompt`` across ``topo``; returns the driver's measurements.
 
     Result keys: text, tokens, prompt_tokens, ttft_ms, tpot_ms, token_ms (every step's
     latency, the first being TTFT), total_ms, bytes_up/bytes_down (the device's link),
     per_hop (node, layers, compute/codec/transfer ms, bytes of the link into it, cpu_ms,
-    threads), shaper, tcp_cc, omp, quant, codec, kv_cache, placement, logs.
+    threads), shaper, tcp_cc, omp, quant, codec, kv_cache, placement, logs; with events (default:
+    the topology's), ``events`` and ``gen_start_s`` (see ``run_on_network``).
     """
     from testbed.model.loading import prepare_model_dir
     from testbed.net.network import EmulatedNetwork
@@ -134,7 +185,8 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
         placement, topo, model_layers(model_dir))
     with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
         result = run_on_network(net, stages, model_dir, prompt, max_new_tokens, quant, codec, kv_cache,
-                                prompt_ids=prompt_ids, logs=logs)
+                                prompt_ids=prompt_ids, logs=logs,
+                                events=topo.events if events is None else events)
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
@@ -149,13 +201,21 @@ def infer(args: argparse.Namespace) -> int:
     from testbed.spec.topology import load_topology
 
     topo = load_topology(args.topo)  # --max-new-tokens is checked by the parser (testbed.spec.check)
+    events = list(topo.events)
+    if getattr(args, "events", None):
+        from testbed.spec.events import combined, load_events
+
+        events = combined(events, load_events(args.events, topo, source="infer"), topo, args.events)
     model_dir = prepare_model_dir(args.model)
     stages = parse_placement(args.placement, topo, model_layers(model_dir))
     logs = Path(args.logs) if getattr(args, "logs", None) else default_logs_dir("infer")
     try:
         result = run_split_inference(topo, stages, args.prompt, args.max_new_tokens, args.quant, args.codec,
-                                     not args.no_kv_cache, args.shaper, model_dir, args.runtime, logs=logs)
+                                     not args.no_kv_cache, args.shaper, model_dir, args.runtime, logs=logs,
+                                     events=events)
     except LaunchError as e:
+        if args.json and getattr(e, "events", None) is not None:  # what had happened by then
+            print(json.dumps({"error": str(e).splitlines()[0], "events": e.events, "logs": str(logs)}))
         print(f"infer: {e}\ninfer: the programs' logs are in {logs}", file=sys.stderr)
         return 1
     if args.json:
@@ -169,5 +229,8 @@ def infer(args: argparse.Namespace) -> int:
         print(f"  {h['node']:>10} {h['layers']:>6}  compute {h['compute_ms']:.1f} ms  "
               f"transfer {h['transfer_ms']:.1f} ms  up {h['bytes_up']} B  down {h['bytes_down']} B  "
               f"cpu {h['cpu_ms']} ms  {h['threads']} thread(s)")
+    for ev in result.get("events", []):
+        print(f"  event {ev['kind']} at {ev['at_s']:g} s, applied at {ev['actual_s']:.2f} s"
+              + (f": {ev['error']}" if "error" in ev else ""))
     print(f"logs: {logs}")
     return 0

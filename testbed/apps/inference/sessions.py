@@ -11,6 +11,7 @@ has the moment generation started relative to the network coming up (for trace t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ from testbed.apps.inference.run import (
     InferenceError,
     driver_program,
     driver_result,
+    node_events,
     shard_programs,
 )
-from testbed.apps.launch import READY_TIMEOUT_S, Launcher, NetHost, default_logs_dir
+from testbed.apps.launch import READY_TIMEOUT_S, Launcher, LaunchError, NetHost, default_logs_dir
+from testbed.net.events import EventScheduler
 
 
 @dataclass
@@ -39,13 +42,21 @@ class Request:
 
 def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                  net_started: float, logs: Path | None = None,
-                 ports: list[int] | None = None) -> dict[str, Any]:
+                 ports: list[int] | None = None, events: list[Any] | None = None,
+                 duration_s: float | None = None) -> dict[str, Any]:
     """Run one request per chain at the same time; chains share every stage after the first.
 
     ``net_started``: ``time.monotonic()`` when the network came up; ``logs``: the programs' log
     folder (default: a new one under results/logs); ``ports``: the downstream stages' ports
     (default BASE_PORT + 1, + 2, ...).  Returns ``{"sessions": [driver result + gen_start_s, ...],
     "cpu_ms": {node: ms}, "wall_s": s, "logs": folder}``.
+
+    ``events`` (``testbed.spec.events.Event``) run on a clock whose 0 is the first driver's ready
+    line (generation starts); the result then has ``events`` (each applied one with its
+    ``actual_s``) and ``events_t0_s`` (that 0 on the network's clock).  ``duration_s``: every
+    device sends its request again, in rounds, until that long after the same 0; each session
+    has ``requests`` (per round: gen_start_s, tokens, token_ms), its other figures are the first
+    round's.  (Each round starts a new driver program: a round's start-up is a gap in the load.)
     """
     downstream = chains[0][1:]
     for c in chains[1:]:
@@ -69,13 +80,42 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
         started = run.start(shards + drivers)
         nodes, drvs = started[:len(shards)], started[len(shards):]
         run.wait_ready(nodes, READY_TIMEOUT_S)
-        run.wait_exit(drvs, req.timeout_s)  # a shard node that dies fails the point now, not at a timeout
+        sched = EventScheduler(net, events or [], node_events(run))
+        t0 = None
+        if events or duration_s:
+            run.wait_ready(drvs, READY_TIMEOUT_S)
+            t0 = min(d.ready_at for d in drvs)
+            sched.start(t0)
+        rounds = [drvs]
+        try:
+            run.wait_exit(drvs, req.timeout_s)  # a shard node that dies fails the point now, not at a timeout
+            while duration_s and time.monotonic() < t0 + duration_s:
+                again = [dataclasses.replace(p, name=f"{p.name}.{len(rounds) + 1}") for p in drivers]
+                rounds.append(run.start(again))
+                run.wait_exit(rounds[-1], req.timeout_s)
+        except LaunchError as e:
+            e.events = sched.records  # type: ignore[attr-defined]  # what happened before the failure
+            raise
+        finally:
+            sched.stop()
         t_end = time.monotonic()
-        outs = [driver_result(d) for d in drvs]
+        outs = [[driver_result(d) for d in r] for r in rounds]
     cpu = {r.program.host.name: r.cpu_ms for r in nodes}
     results = []
-    for d, (res, t_line) in zip(drvs, outs, strict=True):
-        res["gen_start_s"] = round(t_line - res.get("total_ms", 0.0) / 1e3 - net_started, 3)
+    for i, d in enumerate(drvs):
+        per_round = []
+        for out in outs:
+            res, t_line = out[i]
+            res["gen_start_s"] = round(t_line - res.get("total_ms", 0.0) / 1e3 - net_started, 3)
+            per_round.append(res)
+        res = per_round[0]
+        if duration_s:
+            res["requests"] = [{"gen_start_s": r["gen_start_s"], "tokens": r["tokens"],
+                                "token_ms": r.get("token_ms", [])} for r in per_round]
         results.append(res)
         cpu.setdefault(d.program.host.name, d.cpu_ms)
-    return {"sessions": results, "cpu_ms": cpu, "wall_s": round(t_end - t_start, 3), "logs": str(logs)}
+    out = {"sessions": results, "cpu_ms": cpu, "wall_s": round(t_end - t_start, 3), "logs": str(logs)}
+    if t0 is not None:
+        out["events"] = sched.records
+        out["events_t0_s"] = round(t0 - net_started, 3)
+    return out

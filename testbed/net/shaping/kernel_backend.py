@@ -60,11 +60,12 @@ class KernelShaper:
         if s.trace is None:
             idx = qdiscs.apply(ipr, end.ifname, s, self.netem)
         else:
-            from testbed.net.shaping.replay import BIN_MS, TraceReplayer
+            from testbed.net.shaping.replay import BIN_MS, TraceReplayer, start_bin
             from testbed.spec.traces import load_trace
 
             trace = load_trace(s.trace, s.format or "mahimahi")
-            first = float(trace.rate_bins_mbit(BIN_MS)[0])
+            bins = trace.rate_bins_mbit(BIN_MS)
+            first = float(bins[start_bin(s) % len(bins)])
             idx = qdiscs.apply(ipr, end.ifname, s, self.netem, start_mbit=first)
             if self._replayer is None:
                 self._replayer = TraceReplayer(self.sockets)

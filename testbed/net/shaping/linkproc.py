@@ -14,7 +14,7 @@ the rate, not those waiting out their delay.  A mahimahi trace gives one 1500-by
 opportunity per line; a packet leaves when the opportunity bytes accumulated since it reached
 the head of the queue cover it, unused bytes are lost.  CSV traces give the same
 opportunities (derived from their rate steps) plus per-step delay/loss added to the fixed ones.
-Trace time 0 is the start of the process.
+Trace time 0 is the start of the process, or ``trace_start_s`` into the trace's clock then.
 
 The loop is single-threaded: epoll on two AF_PACKET sockets and a signal wake-up pipe; the
 departure time of a packet is computed when it arrives, so each direction is a FIFO of
@@ -253,7 +253,8 @@ def run(iface_a: str, iface_b: str, up_s: Shaping, down_s: Shaping, stats: Path 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(1))
     started = time.time()
-    up.t0 = down.t0 = time.monotonic()
+    now = time.monotonic()
+    up.t0, down.t0 = now - up_s.trace_start_s, now - down_s.trace_start_s  # trace clock's 0
     socket_drops(sock_a)  # reset: frames before start-up are not ours to count
     socket_drops(sock_b)
     write_stats(stats, up, down, started)

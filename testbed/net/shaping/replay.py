@@ -1,5 +1,8 @@
 """Trace replay for the kernel backend: one thread updates every traced interface each 100 ms.
 
+Bin ``k`` after the start plays the trace's bin ``k + trace_start_s / 100 ms`` (looping), so a
+direction with ``trace_start_s`` starts that far into the trace's clock.
+
 The thread is supervised: an error (a netlink call refused, an interface gone) stops it and is
 kept in ``error`` with the link it happened on, for the backend's ``check`` to report; it never
 dies silently.
@@ -35,6 +38,16 @@ class Replayed:
     bins: np.ndarray
     netem: bool
     last: tuple | None = None  # the netem settings sent last (skip a change that changes nothing)
+
+    @property
+    def offset_bins(self) -> int:
+        """The bins skipped at the start: replay begins at the shaping's ``trace_start_s``."""
+        return start_bin(self.shaping)
+
+
+def start_bin(s: Shaping) -> int:
+    """The bin replay starts at: ``trace_start_s`` of the trace's clock, in whole bins."""
+    return round(s.trace_start_s * 1000.0 / BIN_MS)
 
 
 class TraceReplayer(threading.Thread):
@@ -101,6 +114,7 @@ class TraceReplayer(threading.Thread):
 
     def _step(self, it: Replayed, k: int) -> None:
         ipr = self.sockets.get(it.pid)
+        k += it.offset_bins
         rate = float(it.bins[k % len(it.bins)])
         kernel_shaping.set_rate(ipr, it.idx, rate)
         if it.netem and kernel_shaping.wants_netem(it.shaping):
