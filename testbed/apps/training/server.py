@@ -1,0 +1,244 @@
+"""The serving loop of one training stage: activations in from upstream, gradients back to it.
+
+Single-threaded and event-driven: every message is taken off the sockets as it comes and parked
+in a buffer; the stage runs its schedule's passes (``testbed.apps.training.schedule``) in order as
+soon as each one's input is there.  After the last pass of a step, the optimizer steps (each stage
+owns its adapters and their AdamW state).  Statistics rows, one per step, leave on request
+(TRAIN_STATS) and adapter weights on TRAIN_PULL; both are relayed along the chain.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from testbed.apps.training import wire as tw
+from testbed.apps.training.schedule import stage_ops
+from testbed.apps.training.settings import StageSettings
+from testbed.apps.training.stage import Pending, TrainStage
+from testbed.wire.message import Kind, Message, WireError, error, float_values, parse, pong, wire_size
+
+MAX_MSG_BYTES = 1 << 30
+WEIGHT_COLS = 4096
+
+
+def weights_message(session: int, flat: torch.Tensor, hop: int) -> Message:
+    """Flat adapter weights as a zero-padded FLOAT64 [R, WEIGHT_COLS] TRAIN_WEIGHTS message."""
+    rows = max(1, -(-flat.numel() // WEIGHT_COLS))
+    arr = np.zeros(rows * WEIGHT_COLS, dtype="<f8")
+    arr[:flat.numel()] = flat.numpy()
+    return float_values(Kind.TRAIN_WEIGHTS, session, 0, arr.reshape(rows, WEIGHT_COLS), micro=hop)
+
+
+class StageServer:
+    def __init__(self, stage: TrainStage, s: StageSettings, ctx: zmq.Context | None = None) -> None:
+        if (s.next is None) != stage.is_last:
+            raise ValueError("the last stage, and only it, has no next hop")
+        self.stage, self.s = stage, s
+        self.ctx = ctx or zmq.Context.instance()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+        self.front.bind(s.bind)
+        self.back: zmq.Socket | None = None
+        if s.next:
+            self.back = self.ctx.socket(zmq.DEALER)
+            self.back.setsockopt(zmq.LINGER, 0)
+            self.back.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+            self.back.connect(s.next)
+        params = stage.adapters()
+        self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0) if params else None
+        self.ops = stage_ops(s.schedule, s.stage, s.stages, s.micro_batches)
+        self.hidden = int(stage.shard.config.hidden_size)
+        self.vocab = int(stage.shard.config.vocab_size)
+        self.upstream: bytes | None = None  # the ROUTER identity of the previous hop
+        self.session = 0
+        self.step = 0
+        self.k = 0  # next pass of self.ops
+        self.fwd: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, Pending] = {}
+        self.rows: list[np.ndarray] = []
+        self.row = np.zeros(tw.K)
+        self.t_step0: float | None = None
+        self.stats_asker: bytes | None = None
+        self.running = True
+
+    # ---- sending ---------------------------------------------------------------------------
+    def _up(self, msg: Message) -> float:
+        if self.upstream is None:
+            raise WireError("no upstream hop yet")
+        self.front.send_multipart([self.upstream, *msg.frames()], copy=False)
+        return time.monotonic()
+
+    def _fail(self, ident: bytes, session: int, step: int, text: str) -> None:
+        msg = error(session, step, f"stage {self.s.stage} (layers {self.s.start}:{self.s.end}): {text}")
+        self.front.send_multipart([ident, *msg.frames()], copy=False)
+
+    # ---- receiving --------------------------------------------------------------------------
+    def on_front(self) -> None:
+        frames = self.front.recv_multipart(copy=False)
+        t = time.monotonic()
+        ident = frames[0].bytes
+        try:
+            msg = parse(frames[1:])
+        except WireError as e:
+            self._fail(ident, 0, 0, f"malformed message: {e}")
+            return
+        try:
+            self._from_up(ident, msg, t)
+        except Exception as e:  # noqa: BLE001 - a bad request is answered, the node keeps serving
+            self._fail(ident, msg.session, msg.step, f"{type(e).__name__}: {e}")
+
+    def _from_up(self, ident: bytes, msg: Message, t: float) -> None:
+        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS):
+            if self.upstream is not None and ident != self.upstream:
+                raise WireError("this stage trains with one upstream hop")
+            if msg.step != self.step or not 0 <= msg.position_start < self.s.micro_batches:
+                raise WireError(f"step {msg.step} micro-batch {msg.position_start} out of turn "
+                                f"(at step {self.step})")
+            self.upstream, self.session = ident, msg.session
+            if self.t_step0 is None:
+                self.t_step0 = t
+            self.row[tw.F["bytes_from_up"]] += msg.nbytes
+            m = msg.position_start
+            if msg.kind == Kind.TRAIN_LABELS:
+                if self.back is not None:  # relayed to the stage with the loss
+                    self.back.send_multipart(msg.frames(), copy=False)
+                else:
+                    self.labels[m] = tw.labels(msg, self.vocab)
+            else:
+                self.row[tw.F["t_recv_fwd"]] += t
+                t0 = time.perf_counter()
+                self.fwd[m] = tw.decode(msg, self.hidden)
+                self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+        elif msg.kind == Kind.TRAIN_STATS:
+            if self.back is None:
+                self._reply_stats(ident, None)
+            else:
+                self.stats_asker = ident
+                self.back.send_multipart(msg.frames(), copy=False)
+        elif msg.kind == Kind.TRAIN_PULL:
+            if msg.position_start == self.s.stage:
+                from testbed.apps.training.lora import flatten
+
+                reply = weights_message(msg.session, flatten(self.stage.named_adapters), self.s.stage)
+                self.front.send_multipart([ident, *reply.frames()], copy=False)
+            elif self.back is not None and msg.position_start > self.s.stage:
+                self.stats_asker = ident
+                self.back.send_multipart(msg.frames(), copy=False)
+            else:
+                raise WireError(f"no hop {msg.position_start} downstream of stage {self.s.stage}")
+        elif msg.kind == Kind.PING:
+            self.front.send_multipart([ident, *pong([self.step, self.k]).frames()], copy=False)
+        else:
+            raise WireError(f"unexpected {msg.kind.name} from upstream")
+
+    def _reply_stats(self, ident: bytes, below: np.ndarray | None) -> None:
+        mine = np.stack(self.rows).reshape(1, -1) if self.rows else np.zeros((1, 0))
+        table = mine if below is None else np.concatenate([mine, below.reshape(below.shape[0], -1)])
+        self.front.send_multipart([ident, *float_values(Kind.TRAIN_STATS, self.session, self.step,
+                                                        table).frames()], copy=False)
+
+    def on_back(self) -> None:
+        assert self.back is not None
+        frames = self.back.recv_multipart(copy=False)
+        t = time.monotonic()
+        try:
+            msg = parse(frames)
+        except WireError as e:
+            print(f"train_stage: dropped a malformed message from downstream: {e}", file=sys.stderr)
+            return
+        if msg.kind == Kind.TRAIN_BACKWARD:
+            self.row[tw.F["bytes_from_down"]] += wire_size(frames)
+            self.row[tw.F["t_recv_bwd"]] += t
+            t0 = time.perf_counter()
+            self.grads[msg.position_start] = tw.decode(msg, self.hidden)
+            self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+        elif msg.kind == Kind.TRAIN_STATS and self.stats_asker is not None:
+            self._reply_stats(self.stats_asker, msg.tensor().numpy())
+        elif msg.kind in (Kind.TRAIN_WEIGHTS, Kind.ERROR) and (self.stats_asker or self.upstream):
+            ident = self.stats_asker if msg.kind == Kind.TRAIN_WEIGHTS else (self.upstream or self.stats_asker)
+            self.front.send_multipart([ident, *msg.frames()], copy=False)
+
+    # ---- the schedule -----------------------------------------------------------------------
+    def advance(self) -> None:
+        """Run every pass whose input is there, in schedule order; step the optimizer after the last."""
+        st, s, row = self.stage, self.s, self.row
+        while self.k < len(self.ops):
+            kind, m = self.ops[self.k]
+            if kind == "F":
+                if m not in self.fwd or (st.is_last and m not in self.labels):
+                    return
+                x = self.fwd.pop(m)
+                t0 = time.perf_counter()
+                scale = 1.0 / s.micro_batches  # micro-batches are equal shares of the batch
+                p = st.forward_micro(x, self.labels.pop(m, None), scale)
+                row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
+                self.pending[m] = p
+                if st.is_last:
+                    row[tw.F["loss"]] += p.loss * scale
+                else:
+                    t1 = time.perf_counter()
+                    msg = tw.encode(Kind.TRAIN_FORWARD, self.session, self.step, m, p.out, s.codec)
+                    row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                    assert self.back is not None
+                    self.back.send_multipart(msg.frames(), copy=False)
+                    row[tw.F["t_send_fwd"]] += time.monotonic()
+            else:
+                if not st.is_last and m not in self.grads:
+                    return
+                p = self.pending.pop(m)
+                t0 = time.perf_counter()
+                g = st.backward_micro(p, self.grads.pop(m, None))
+                row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
+                row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
+                assert g is not None
+                t1 = time.perf_counter()
+                msg = tw.encode(Kind.TRAIN_BACKWARD, self.session, self.step, m, g, s.grad_codec)
+                row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                row[tw.F["t_send_bwd"]] += self._up(msg)
+            self.k += 1
+        self._end_step()
+
+    def _end_step(self) -> None:
+        t0 = time.perf_counter()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3  # the update counts as backward
+        self.row[tw.F["step_ms"]] = (time.monotonic() - (self.t_step0 or time.monotonic())) * 1e3
+        self.rows.append(self.row)
+        self.row = np.zeros(tw.K)
+        self.stage.meter.reset_peak()
+        self.step += 1
+        self.k = 0
+        self.t_step0 = None
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        if self.back is not None:
+            poller.register(self.back, zmq.POLLIN)
+        while self.running:
+            events = dict(poller.poll(200))
+            if self.back is not None and events.get(self.back):
+                self.on_back()
+            if events.get(self.front):
+                self.on_front()
+            try:
+                self.advance()
+            except Exception as e:  # noqa: BLE001 - reported upstream; the run cannot go on
+                if self.upstream is not None:
+                    self._fail(self.upstream, self.session, self.step, f"{type(e).__name__}: {e}")
+                self.k, self.fwd, self.grads, self.pending = 0, {}, {}, {}
+
+    def close(self) -> None:
+        self.front.close(0)
+        if self.back is not None:
+            self.back.close(0)
