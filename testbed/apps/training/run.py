@@ -1,0 +1,241 @@
+"""``testbed train``: split LoRA fine-tuning across an emulated network (or in one process).
+
+The parent prepares the model, brings the topology up, starts one stage server per hop after the
+device (the last first) and the device's client, through the launcher (``testbed.apps.launch``):
+typed settings, ready lines, whole logs, CPU time, every program stopped on every way out.  The
+client's JSON line is the run's measurements; the parent adds what it knows (placement, scheme,
+CPU time per hop) and writes the record and the adapters under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.apps.launch import (
+    READY_TIMEOUT_S,
+    Launcher,
+    LaunchError,
+    NetHost,
+    Program,
+    Running,
+    default_logs_dir,
+)
+from testbed.apps.training.placement import Stage, parse_placement
+from testbed.apps.training.settings import ClientSettings, StageSettings
+from testbed.spec.topology import Topology
+
+BASE_PORT = 5700
+
+
+class TrainingError(LaunchError):
+    """The client failed or reported an error."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What ``testbed train`` trains: one record of these goes with every result."""
+
+    steps: int = 20
+    batch: int = 4
+    seq: int = 64
+    lr: float = 2e-3
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    seed: int = 0
+    micro_batches: int = 1
+    schedule: str = "gpipe"
+    codec: str = "fp32"
+    grad_codec: str = "fp32"
+    data: list[str] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("steps"), d.pop("batch"), d.pop("seq"), d.pop("data")
+        return d
+
+
+class Loopback:
+    """This machine's loopback as the 'network': every node is 127.0.0.1 and runs as a plain child."""
+
+    def __init__(self, topo: Topology | None = None) -> None:
+        self.topo = topo
+
+    def ip(self, node: str, peer: str | None = None) -> str:
+        return "127.0.0.1"
+
+    def popen(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+class _LoopHost:
+    def __init__(self, node: str) -> None:
+        self.name, self.cpu_limit = node, None
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on loopback right now (the kernel's choice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def model_layers(model_dir: Path) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
+def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, opt: TrainOptions,
+             adapter_dir: Path | None, timeout_s: float = 600.0) -> tuple[list[Program], Program]:
+    """The stage servers (the last first) and the client; ``addrs[i]``: where stage ``i`` listens."""
+    common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, **opt.fields())
+    servers = []
+    for i in range(len(stages) - 1, 0, -1):
+        st = stages[i]
+        settings = StageSettings(start=st.start, end=st.end, stage=i, bind=addrs[i],
+                                 next=addrs[i + 1] if i + 1 < len(stages) else None, **common)
+        servers.append(Program(f"stage{i}-{st.node}", "train_stage.py", settings, host_of(st.node)))
+    dev = stages[0]
+    client = ClientSettings(start=0, end=dev.end, stage=0, next=addrs[1], hops=[s.layers for s in stages],
+                            steps=opt.steps, batch=opt.batch, seq=opt.seq, data=list(opt.data),
+                            adapter_dir=str(adapter_dir) if adapter_dir else None, **common)
+    return servers, Program(f"client-{dev.node}", "train_client.py", client, host_of(dev.node), service=False)
+
+
+def client_result(run: Running) -> dict[str, Any]:
+    found = [line for _, line in run.lines if line.startswith("{")]
+    if not found:
+        raise TrainingError(f"{run.name} on {run.program.host.name} failed (exit code {run.returncode}); "
+                            f"its whole log: {run.log}\n{run.tail()}")
+    try:
+        res = json.loads(found[-1])
+    except ValueError:
+        raise TrainingError(f"{run.name} printed a broken result line; its whole log: {run.log}") from None
+    if "error" in res:
+        raise TrainingError(f"split training from {run.program.host.name} failed: {res['error']} "
+                            f"(log: {run.log})")
+    return res
+
+
+def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions, adapter_dir: Path | None,
+                   logs: Path, timeout_s: float = 3600.0, ports: list[int] | None = None) -> dict[str, Any]:
+    """Start the stage servers on ``net`` (an EmulatedNetwork that is up, or :class:`Loopback`), run
+    the client to its end, stop them all; the client's result with each hop's CPU time and threads."""
+    loop = isinstance(net, Loopback)
+    ports = ports or (free_ports(len(stages)) if loop else [BASE_PORT + i for i in range(len(stages))])
+    addrs = [""] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
+                    for i, s in enumerate(stages) if i > 0]
+    host_of = _LoopHost if loop else (lambda node: NetHost(net, node))
+    servers, client = programs(stages, addrs, host_of, model_dir, opt, adapter_dir)
+    with Launcher(logs, sharers=len(stages)) as run:
+        nodes = run.start(servers)
+        run.wait_ready(nodes, READY_TIMEOUT_S)
+        (c,) = run.start([client])
+        run.wait_exit([c], timeout_s)
+        result = client_result(c)
+    for hop, r in zip(result["per_hop"], [c, *reversed(nodes)], strict=True):
+        hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
+    return result
+
+
+def run_training(topo: Topology | None, placement: str | list[Stage], opt: TrainOptions, *,
+                 model: str | Path | None = None, local: bool = False, loopback: bool = False,
+                 shaper: str = "auto", runtime: str | None = None, out: Path | None = None,
+                 logs: Path | None = None) -> dict[str, Any]:
+    """Train across ``topo`` (or in this process with ``local``, or on loopback); the result record."""
+    from testbed.model.loading import prepare_model_dir
+
+    model_dir = prepare_model_dir(model)
+    n_layers = model_layers(model_dir)
+    stages = placement if isinstance(placement, list) else parse_placement(
+        placement, None if loopback or local else topo, n_layers)
+    out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    adapter_dir = out / "adapters"
+    logs = logs or out / "logs"
+    result: dict[str, Any] = {}
+    if local:
+        result = run_local_record(model_dir, n_layers, opt, adapter_dir)
+        network = "none"
+    elif loopback:
+        result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs)
+        network = "loopback"
+    else:
+        from testbed.net.network import EmulatedNetwork
+
+        assert topo is not None
+        with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
+            result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs)
+            network = f"emulated ({net.shaper})"
+    if not local:
+        for hop, st in zip(result["per_hop"], stages, strict=True):
+            hop["node"] = st.node
+    result.update(
+        scheme="local" if local else "sl", schedule=opt.schedule, micro_batches=opt.micro_batches,
+        clients=[stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
+        network=network, model=str(model_dir), options=asdict(opt), adapter_dir=str(adapter_dir),
+        predicted_step_ms=None, eval_ppl_before=None, eval_ppl_after=None,
+        logs=None if local else str(logs),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path) -> dict[str, Any]:
+    from testbed.apps.training.local import run_local, train_batches
+    from testbed.apps.training.lora import LoraSpec, save_adapters
+
+    spec = LoraSpec(rank=opt.rank, alpha=opt.alpha, targets=tuple(opt.targets))
+    batches = train_batches(model_dir, opt.data, opt.steps, opt.batch, opt.seq, opt.seed)
+    result, tensors = run_local(model_dir, n_layers, batches, spec, opt.lr, opt.seed, opt.micro_batches)
+    save_adapters(adapter_dir, tensors, spec, str(model_dir))
+    return result
+
+
+def train(args: argparse.Namespace) -> int:
+    """CLI handler of ``testbed train``."""
+    from testbed.apps.training.arguments import check
+    from testbed.spec.topology import load_topology
+
+    check(args)
+    topo = load_topology(args.topo)
+    opt = TrainOptions(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, rank=args.rank,
+                       alpha=args.alpha, targets=args.targets, seed=args.seed,
+                       micro_batches=args.micro_batches, schedule=args.schedule, codec=args.codec,
+                       grad_codec=args.grad_codec, data=args.data)
+    out = Path(args.out) if args.out else None
+    try:
+        result = run_training(topo, args.placement, opt, model=args.model, local=args.local,
+                              loopback=args.loopback, shaper=args.shaper, runtime=args.runtime, out=out)
+    except LaunchError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    losses = result["losses"]
+    print(f"{result['scheme']} {result['schedule']} M={result['micro_batches']}  {len(losses)} steps  "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  step {result['step_ms_mean']:.1f} ms  "
+          f"{result['tokens_per_s']:.0f} tokens/s  up {result['bytes_up_per_step']:.0f} B/step  "
+          f"down {result['bytes_down_per_step']:.0f} B/step")
+    for h in result["per_hop"]:
+        print(f"  {h.get('node', '-'):>10} {h['layers']:>6}  fwd {h.get('fwd_ms', 0):.1f} ms  "
+              f"bwd {h.get('bwd_ms', 0):.1f} ms  idle {h.get('idle_ms', 0):.1f} ms  "
+              f"peak activations {h['peak_act_bytes']} B")
+    print(f"adapters: {result['adapter_dir']}")
+    return 0
