@@ -1,6 +1,6 @@
 """The training device: the first layers and the data; drives every step, prints one JSON line.
 
-    python nodes/train_client.py --settings '{"model": DIR, "start": 0, "end": E, "next": "tcp://IP:PORT", ...}'
+    python nodes/train_client.py --settings '{"model": DIR, "end": E, "next": "tcp://IP:PORT", ...}'
 
 The settings are ``testbed.apps.training.settings.ClientSettings`` (checked on arrival: a bad one is
 one line on stderr and exit code 2).  Prints ``READY ...`` once the next stage answered, then the

@@ -1,6 +1,6 @@
 """One training stage server: layers START:END with LoRA adapters, forward and backward over ZeroMQ.
 
-    python nodes/train_stage.py --settings '{"bind": "tcp://IP:PORT", "model": DIR, "start": S, "end": E, ...}'
+    python nodes/train_stage.py --settings '{"bind": "tcp://IP:PORT", "model": DIR, "start": S, ...}'
 
 The settings are ``testbed.apps.training.settings.StageSettings`` (checked on arrival: a bad one is
 one line on stderr and exit code 2).  Prints ``READY ...`` once loaded and bound; exits cleanly on

@@ -129,7 +129,7 @@ class Message:
         if self.dtype == DType.FLOAT64:
             arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<f8").copy()
             return torch.from_numpy(arr).reshape(self.shape)
-        raise WireError(f"{self.dtype.name} payload is not an integer or float64 tensor")
+        raise WireError(f"{self.dtype.name} payload is not an integer tensor")
 
     def text(self) -> str:
         return bytes(memoryview(self.payload[0])).decode("utf-8", "replace") if self.payload else ""

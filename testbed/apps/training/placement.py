@@ -46,7 +46,8 @@ def parse_placement(text: str, topo: Topology | None = None, n_layers: int | Non
         raise SpecError(FIELD, stages[0].node, f"the device starts at layer 0, not {stages[0].start}")
     for prev, cur in zip(stages, stages[1:], strict=False):
         if cur.start != prev.end:
-            raise SpecError(FIELD, cur.node, f"starts at layer {cur.start} but {prev.node} ends at {prev.end}")
+            raise SpecError(FIELD, cur.node,
+                            f"starts at layer {cur.start} but {prev.node} ends at {prev.end}")
     if n_layers is not None and stages[-1].end != n_layers:
         raise SpecError(FIELD, stages[-1].node,
                         f"the last stage must end at layer {n_layers} (the model's layer count), "

@@ -26,7 +26,6 @@ from testbed.apps.launch import (
     NetHost,
     Program,
     Running,
-    default_logs_dir,
 )
 from testbed.apps.training.placement import Stage, parse_placement
 from testbed.apps.training.settings import ClientSettings, StageSettings

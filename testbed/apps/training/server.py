@@ -162,9 +162,11 @@ class StageServer:
             self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
         elif msg.kind == Kind.TRAIN_STATS and self.stats_asker is not None:
             self._reply_stats(self.stats_asker, msg.tensor().numpy())
-        elif msg.kind in (Kind.TRAIN_WEIGHTS, Kind.ERROR) and (self.stats_asker or self.upstream):
-            ident = self.stats_asker if msg.kind == Kind.TRAIN_WEIGHTS else (self.upstream or self.stats_asker)
-            self.front.send_multipart([ident, *msg.frames()], copy=False)
+        elif msg.kind in (Kind.TRAIN_WEIGHTS, Kind.ERROR):
+            asker = self.stats_asker if msg.kind == Kind.TRAIN_WEIGHTS else None
+            ident = asker or self.upstream or self.stats_asker
+            if ident is not None:
+                self.front.send_multipart([ident, *msg.frames()], copy=False)
 
     # ---- the schedule -----------------------------------------------------------------------
     def advance(self) -> None:

@@ -1,0 +1,54 @@
+"""A split training run inside the test process: stage servers in threads over loopback TCP."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from testbed.apps.training.client import TrainClient, summarize
+from testbed.apps.training.lora import LoraSpec
+from testbed.apps.training.run import free_ports
+from testbed.apps.training.server import StageServer
+from testbed.apps.training.settings import ClientSettings, StageSettings
+from testbed.apps.training.stage import TrainStage
+
+
+def split_run(model: Path, cuts: list[int], n_layers: int,
+              batches: list[tuple[torch.Tensor, torch.Tensor]], **kw) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Train over a chain device -> stages cut at ``cuts``; (summary, adapters by global name)."""
+    edges = [0, *cuts, n_layers]
+    hops = list(zip(edges[:-1], edges[1:], strict=True))
+    x0 = batches[0][0]
+    common = dict(model=str(model), stages=len(hops), seed=kw.pop("seed", 0), timeout_s=60.0, **kw)
+    spec = LoraSpec(rank=common.get("rank", 8), alpha=common.get("alpha", 16.0))
+    ports = free_ports(len(hops))
+    addr = [f"tcp://127.0.0.1:{p}" for p in ports]
+    servers, threads = [], []
+    try:
+        for i in range(len(hops) - 1, 0, -1):
+            s = StageSettings(start=hops[i][0], end=hops[i][1], stage=i, bind=addr[i],
+                              next=addr[i + 1] if i + 1 < len(hops) else None, **common)
+            srv = StageServer(TrainStage(model, s.start, s.end, spec, s.seed), s)
+            servers.append(srv)
+            threads.append(threading.Thread(target=srv.serve, daemon=True))
+            threads[-1].start()
+        cs = ClientSettings(start=0, end=hops[0][1], next=addr[1], hops=[f"{a}:{b}" for a, b in hops],
+                            steps=len(batches), batch=x0.shape[0], seq=x0.shape[1], **common)
+        client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed), cs)
+        try:
+            client.connect()
+            for step, (x, y) in enumerate(batches):
+                client.train_step(step, x, y)
+            summary = summarize(client, client.stats(), cs.hops)
+            return summary, client.pull_adapters(hops, spec)
+        finally:
+            client.close()
+    finally:
+        for srv in servers:
+            srv.running = False
+        for t in threads:
+            t.join(5)
+        for srv in servers:
+            srv.close()
