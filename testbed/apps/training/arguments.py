@@ -17,6 +17,7 @@ RANK = Range(ge=1, le=4096, integer=True)
 ALPHA = Range(gt=0, le=1e6)
 SEED = Range(ge=0, le=2**32 - 1, integer=True)
 MICRO = Range(ge=1, le=4096, integer=True)
+RATIO = Range(ge=0, le=1)
 
 
 def _list(text: str) -> list[str]:
@@ -46,7 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activations, downstream")
     p.add_argument("--grad-codec", type=flag_choice(CODECS), choices=CODECS, default="fp32",
                    help="activation gradients, upstream")
-    p.add_argument("--data", type=_list, default=[], metavar="FILE[,FILE...]", help="UTF-8 text to train on")
+    p.add_argument("--freeze-client", type=flag_number(RATIO), default=0.0,
+                   help="share of the device's layers without adapters (the lowest ones), 0..1")
+    p.add_argument("--freeze-server", type=flag_number(RATIO), default=0.0,
+                   help="share of the stage servers' layers without adapters (the lowest ones), 0..1")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity before and after")
+    p.add_argument("--data", type=_list, default=[], metavar="FILE[,FILE...]",
+                   help="UTF-8 text files or built-in corpora (fortunes:NAME, licenses:NAME) to train on; "
+                        "default: the first built-in corpus")
     p.add_argument("--local", action="store_true", help="the same training in one process (the reference)")
     p.add_argument("--loopback", action="store_true",
                    help="run the node programs on this machine's loopback, without the topology's links")

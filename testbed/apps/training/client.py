@@ -103,7 +103,7 @@ class TrainClient:
                 up += self._send(msg)
                 row[tw.F["t_send_fwd"]] += time.monotonic()
                 continue
-            while m not in grads:
+            while st.grad_out and m not in grads:  # a frozen device needs no gradient
                 msg, n, t = self._recv()
                 if msg.kind != Kind.TRAIN_BACKWARD or msg.step != step:
                     raise TrainError(f"expected a gradient of step {step}, got {msg.kind.name} "
@@ -114,7 +114,7 @@ class TrainClient:
                 grads[msg.position_start] = tw.decode(msg, self.hidden)
                 row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
             t0 = time.perf_counter()
-            st.backward_micro(pending.pop(m), grads.pop(m))
+            st.backward_micro(pending.pop(m), grads.pop(m, None))
             row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
             row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
         t0 = time.perf_counter()
@@ -122,6 +122,8 @@ class TrainClient:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
+        if not st.grad_out:  # no gradient came back: the step ends when the whole chain is done with it
+            self._barrier(step)
         row[tw.F["bytes_from_down"]] = down
         row[tw.F["step_ms"]] = (time.monotonic() - t_start) * 1e3
         st.meter.reset_peak()
@@ -130,10 +132,17 @@ class TrainClient:
         self.bytes_up.append(up)
         self.bytes_down.append(down)
 
+    def _barrier(self, step: int) -> Message:
+        """Every stage's statistics, once each is done with ``step``."""
+        ask = control(Kind.TRAIN_STATS, self.session)
+        ask.step = step
+        self._send(ask)
+        msg, _, _ = self._recv()
+        return msg
+
     def stats(self) -> np.ndarray:
         """Statistics of every stage server: [stages - 1, steps, K]."""
-        self._send(control(Kind.TRAIN_STATS, self.session))
-        msg, _, _ = self._recv()
+        msg = self._barrier(len(self.rows) - 1)
         if msg.kind != Kind.TRAIN_STATS:
             raise TrainError(f"expected statistics, got {msg.kind.name}")
         table = msg.tensor().numpy()

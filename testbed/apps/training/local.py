@@ -13,25 +13,54 @@ from pathlib import Path
 
 import torch
 
-from testbed.apps.training.batches import draw_batches, micro_batches
+from testbed.apps.training.batches import micro_batches
 from testbed.apps.training.lora import LoraSpec
 from testbed.apps.training.stage import TrainStage
 
 SHIPPED_TEXT = Path(__file__).resolve().parents[2] / "model" / "data" / "eval_text.txt"
+EVAL_TOKENS = 8192  # held-out tokens per client that the perplexity reads (a CPU-friendly bound)
+
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_ids(model_dir: str | Path, files: list[str]) -> torch.Tensor:
-    """The token ids of ``files`` (default: the text shipped with the testbed), concatenated."""
+def client_data(model_dir: str | Path, data: list[str], clients: int, batch: int, seq: int):
+    """Every client's training and held-out tokens (``testbed.apps.training.data``): ``data`` names
+    files or built-in corpora; empty: the default corpora."""
+    from testbed.apps.training.data import load_clients, parse_data
     from testbed.model.loading import load_tokenizer
 
     tok = load_tokenizer(Path(model_dir))
-    text = "\n".join(Path(f).read_text(encoding="utf-8") for f in (files or [str(SHIPPED_TEXT)]))
-    return torch.tensor(tok(text)["input_ids"], dtype=torch.int64)
+    return load_clients(parse_data(",".join(data) or None, clients), tok, clients, batch, seq)
 
 
-def train_batches(model_dir: str | Path, files: list[str], steps: int, batch: int, seq: int, seed: int
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return draw_batches(load_ids(model_dir, files), steps, batch, seq, seed)
+def take_batches(train: torch.Tensor, steps: int, batch: int, seq: int, seed: int, stream: int = 0) -> Pairs:
+    """The first ``steps`` seeded batches of ``train``: (inputs, targets) pairs."""
+    from testbed.apps.training.data import Batches
+
+    b = Batches(train, batch, seq, seed, stream)
+    return [(t.inputs.contiguous(), t.targets.contiguous()) for t in (b.next() for _ in range(steps))]
+
+
+def train_batches(model_dir: str | Path, data: list[str], steps: int, batch: int, seq: int, seed: int
+                  ) -> Pairs:
+    """The batches of a single client (the device of ``sl``)."""
+    (cd,) = client_data(model_dir, data, 1, batch, seq)
+    return take_batches(cd.train, steps, batch, seq, seed)
+
+
+def held_out_ppl(model_dir: str | Path, n_layers: int, spec: LoraSpec,
+                 adapters: dict[str, torch.Tensor] | None, heldout: dict[str, torch.Tensor], seq: int,
+                 max_tokens: int = EVAL_TOKENS) -> dict:
+    """Held-out perplexity of the base model (``adapters`` None) or with the adapters applied."""
+    from testbed.apps.training.evaluate import evaluate_clients
+
+    trainable = {int(n.split(".")[2]) for n in adapters} if adapters else set()
+    stage = TrainStage(model_dir, 0, n_layers, spec, 0, trainable)
+    with torch.no_grad():
+        for name, p in stage.named_adapters:
+            p.copy_((adapters or {})[name])
+    capped = {k: v[:max_tokens] for k, v in heldout.items()}
+    return evaluate_clients(stage._run, capped, seq)
 
 
 def run_local(model_dir: str | Path, n_layers: int, batches: list[tuple[torch.Tensor, torch.Tensor]],

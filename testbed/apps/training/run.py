@@ -32,6 +32,7 @@ from testbed.apps.training.settings import ClientSettings, StageSettings
 from testbed.spec.topology import Topology
 
 BASE_PORT = 5700
+UNSHAPED_BPS = 1e12  # a link without a rate limit (loopback, unshaped)
 
 
 class TrainingError(LaunchError):
@@ -55,11 +56,30 @@ class TrainOptions:
     codec: str = "fp32"
     grad_codec: str = "fp32"
     data: list[str] = field(default_factory=list)
+    freeze_client: float = 0.0  # share of the device's layers without adapters (the lowest ones)
+    freeze_server: float = 0.0  # share of the stage servers' layers without adapters
+    evaluate: bool = True  # held-out perplexity before and after
 
     def fields(self) -> dict[str, Any]:
+        """The options every node program's settings carry."""
         d = asdict(self)
-        d.pop("steps"), d.pop("batch"), d.pop("seq"), d.pop("data")
+        for k in ("steps", "batch", "seq", "data", "freeze_client", "freeze_server", "evaluate"):
+            d.pop(k)
         return d
+
+    def spec(self):
+        from testbed.apps.training.lora import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
+
+    def trainable(self, cut: int, n_layers: int) -> list[int] | None:
+        """Global indices of the layers with adapters (None: all), from the freezing ratios."""
+        if not self.freeze_client and not self.freeze_server:
+            return None
+        from testbed.apps.training.freeze import adapter_layers
+
+        return (adapter_layers(list(range(cut)), self.freeze_client)
+                + adapter_layers(list(range(cut, n_layers)), self.freeze_server))
 
 
 class Loopback:
@@ -102,7 +122,9 @@ def model_layers(model_dir: Path) -> int:
 def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, opt: TrainOptions,
              adapter_dir: Path | None, timeout_s: float = 600.0) -> tuple[list[Program], Program]:
     """The stage servers (the last first) and the client; ``addrs[i]``: where stage ``i`` listens."""
-    common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, **opt.fields())
+    trainable = opt.trainable(stages[0].end, stages[-1].end)
+    common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, trainable=trainable,
+                  **opt.fields())
     servers = []
     for i in range(len(stages) - 1, 0, -1):
         st = stages[i]
@@ -168,7 +190,7 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     logs = logs or out / "logs"
     result: dict[str, Any] = {}
     if local:
-        result = run_local_record(model_dir, n_layers, opt, adapter_dir)
+        result = run_local_record(model_dir, n_layers, opt, adapter_dir, stages[0].end)
         network = "none"
     elif loopback:
         result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs)
@@ -180,30 +202,81 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
             result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs)
             network = f"emulated ({net.shaper})"
+    predicted = None
     if not local:
         for hop, st in zip(result["per_hop"], stages, strict=True):
             hop["node"] = st.node
+        predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo)
     result.update(
         scheme="local" if local else "sl", schedule=opt.schedule, micro_batches=opt.micro_batches,
         clients=[stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
         network=network, model=str(model_dir), options=asdict(opt), adapter_dir=str(adapter_dir),
-        predicted_step_ms=None, eval_ppl_before=None, eval_ppl_after=None,
-        logs=None if local else str(logs),
+        trainable_layers=opt.trainable(stages[0].end, n_layers), predicted_step_ms=predicted,
+        logs=None if local else str(logs), **evaluation(model_dir, n_layers, opt, adapter_dir),
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path) -> dict[str, Any]:
+def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
+                     cut: int) -> dict[str, Any]:
     from testbed.apps.training.local import run_local, train_batches
-    from testbed.apps.training.lora import LoraSpec, save_adapters
+    from testbed.apps.training.lora import save_adapters
 
-    spec = LoraSpec(rank=opt.rank, alpha=opt.alpha, targets=tuple(opt.targets))
+    trainable = opt.trainable(cut, n_layers)
     batches = train_batches(model_dir, opt.data, opt.steps, opt.batch, opt.seq, opt.seed)
-    result, tensors = run_local(model_dir, n_layers, batches, spec, opt.lr, opt.seed, opt.micro_batches)
-    save_adapters(adapter_dir, tensors, spec, str(model_dir))
+    result, tensors = run_local(model_dir, n_layers, batches, opt.spec(), opt.lr, opt.seed, opt.micro_batches,
+                                set(trainable) if trainable is not None else None)
+    save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
     return result
+
+
+def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path) -> dict[str, Any]:
+    """Held-out perplexity, pooled and per client, of the base model and with the trained adapters."""
+    if not opt.evaluate:
+        return {"eval_ppl_before": None, "eval_ppl_after": None}
+    from safetensors.torch import load_file
+
+    from testbed.apps.training.local import client_data, held_out_ppl
+    from testbed.apps.training.lora import PEFT_PREFIX
+
+    heldout = {c.name: c.heldout for c in client_data(model_dir, opt.data, 1, opt.batch, opt.seq)}
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
+    before = held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq)
+    after = held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)
+    return {"eval_ppl_before": round(before["pooled"], 4), "eval_ppl_after": round(after["pooled"], 4),
+            "eval_per_client": {n: {"before": round(before["per_client"][n], 4),
+                                    "after": round(after["per_client"][n], 4)} for n in heldout},
+            "eval_tokens": after["tokens"]}
+
+
+def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float]:
+    """(rate a->b bit/s, rate b->a bit/s, one-way delay ms) of the direct link between a and b, if any."""
+    for lk in topo.links if topo is not None else []:
+        if {lk.a, lk.b} == {a, b}:
+            fwd, bwd = (lk.up, lk.down) if lk.a == a else (lk.down, lk.up)
+            rate = [x.bw_mbit * 1e6 if x.bw_mbit else UNSHAPED_BPS for x in (fwd, bwd)]
+            return rate[0], rate[1], fwd.delay_ms
+    return UNSHAPED_BPS, UNSHAPED_BPS, 0.0
+
+
+def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
+                    topo: Topology | None) -> float:
+    """The analytic model's step time (``testbed.apps.training.analytic``) from this run's measured
+    per-micro-batch compute and message sizes and the topology's link rates and delays."""
+    from testbed.apps.training import analytic
+
+    m = opt.micro_batches
+    model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
+    hops = []
+    for i in range(1, len(stages)):
+        up, down, delay = _link(topo, stages[i - 1].node, stages[i].node)
+        # one rate per hop in the model: the gradients' bytes are scaled to take their own direction's time
+        hops.append(analytic.Hop(int(per_hop[i]["bytes_up_per_step"] / m),
+                                 int(per_hop[i]["bytes_down_per_step"] / m * up / down), up, delay))
+    return round(analytic.predict(model_stages, hops, m, opt.schedule).step_ms, 3)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -216,7 +289,8 @@ def train(args: argparse.Namespace) -> int:
     opt = TrainOptions(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, rank=args.rank,
                        alpha=args.alpha, targets=args.targets, seed=args.seed,
                        micro_batches=args.micro_batches, schedule=args.schedule, codec=args.codec,
-                       grad_codec=args.grad_codec, data=args.data)
+                       grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
+                       freeze_server=args.freeze_server, evaluate=not args.no_eval)
     out = Path(args.out) if args.out else None
     try:
         result = run_training(topo, args.placement, opt, model=args.model, local=args.local,

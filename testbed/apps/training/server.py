@@ -59,9 +59,11 @@ class StageServer:
         self.session = 0
         self.step = 0
         self.k = 0  # next pass of self.ops
-        self.fwd: dict[int, torch.Tensor] = {}
-        self.labels: dict[int, torch.Tensor] = {}
-        self.grads: dict[int, torch.Tensor] = {}
+        # arrivals by (step, micro-batch): a device that needs no gradient runs ahead into later steps
+        self.fwd: dict[tuple[int, int], torch.Tensor] = {}
+        self.labels: dict[tuple[int, int], torch.Tensor] = {}
+        self.grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.deferred: list[tuple[bytes, Message]] = []  # TRAIN_STATS asked for a step not done yet
         self.pending: dict[int, Pending] = {}
         self.rows: list[np.ndarray] = []
         self.row = np.zeros(tw.K)
@@ -99,14 +101,14 @@ class StageServer:
         if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS):
             if self.upstream is not None and ident != self.upstream:
                 raise WireError("this stage trains with one upstream hop")
-            if msg.step != self.step or not 0 <= msg.position_start < self.s.micro_batches:
+            if msg.step < self.step or not 0 <= msg.position_start < self.s.micro_batches:
                 raise WireError(f"step {msg.step} micro-batch {msg.position_start} out of turn "
                                 f"(at step {self.step})")
             self.upstream, self.session = ident, msg.session
             if self.t_step0 is None:
                 self.t_step0 = t
             self.row[tw.F["bytes_from_up"]] += msg.nbytes
-            m = msg.position_start
+            m = (msg.step, msg.position_start)
             if msg.kind == Kind.TRAIN_LABELS:
                 if self.back is not None:  # relayed to the stage with the loss
                     self.back.send_multipart(msg.frames(), copy=False)
@@ -117,12 +119,11 @@ class StageServer:
                 t0 = time.perf_counter()
                 self.fwd[m] = tw.decode(msg, self.hidden)
                 self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
-        elif msg.kind == Kind.TRAIN_STATS:
-            if self.back is None:
-                self._reply_stats(ident, None)
+        elif msg.kind == Kind.TRAIN_STATS:  # answered once step ``msg.step`` is done here and below
+            if msg.step >= self.step:
+                self.deferred.append((ident, msg))
             else:
-                self.stats_asker = ident
-                self.back.send_multipart(msg.frames(), copy=False)
+                self._stats(ident, msg)
         elif msg.kind == Kind.TRAIN_PULL:
             if msg.position_start == self.s.stage:
                 from testbed.apps.training.lora import flatten
@@ -138,6 +139,13 @@ class StageServer:
             self.front.send_multipart([ident, *pong([self.step, self.k]).frames()], copy=False)
         else:
             raise WireError(f"unexpected {msg.kind.name} from upstream")
+
+    def _stats(self, ident: bytes, msg: Message) -> None:
+        if self.back is None:
+            self._reply_stats(ident, None)
+        else:
+            self.stats_asker = ident
+            self.back.send_multipart(msg.frames(), copy=False)
 
     def _reply_stats(self, ident: bytes, below: np.ndarray | None) -> None:
         mine = np.stack(self.rows).reshape(1, -1) if self.rows else np.zeros((1, 0))
@@ -158,7 +166,7 @@ class StageServer:
             self.row[tw.F["bytes_from_down"]] += wire_size(frames)
             self.row[tw.F["t_recv_bwd"]] += t
             t0 = time.perf_counter()
-            self.grads[msg.position_start] = tw.decode(msg, self.hidden)
+            self.grads[(msg.step, msg.position_start)] = tw.decode(msg, self.hidden)
             self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
         elif msg.kind == Kind.TRAIN_STATS and self.stats_asker is not None:
             self._reply_stats(self.stats_asker, msg.tensor().numpy())
@@ -173,7 +181,8 @@ class StageServer:
         """Run every pass whose input is there, in schedule order; step the optimizer after the last."""
         st, s, row = self.stage, self.s, self.row
         while self.k < len(self.ops):
-            kind, m = self.ops[self.k]
+            kind, micro = self.ops[self.k]
+            m = (self.step, micro)
             if kind == "F":
                 if m not in self.fwd or (st.is_last and m not in self.labels):
                     return
@@ -182,29 +191,29 @@ class StageServer:
                 scale = 1.0 / s.micro_batches  # micro-batches are equal shares of the batch
                 p = st.forward_micro(x, self.labels.pop(m, None), scale)
                 row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
-                self.pending[m] = p
+                self.pending[micro] = p
                 if st.is_last:
                     row[tw.F["loss"]] += p.loss * scale
                 else:
                     t1 = time.perf_counter()
-                    msg = tw.encode(Kind.TRAIN_FORWARD, self.session, self.step, m, p.out, s.codec)
+                    msg = tw.encode(Kind.TRAIN_FORWARD, self.session, self.step, micro, p.out, s.codec)
                     row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
                     assert self.back is not None
                     self.back.send_multipart(msg.frames(), copy=False)
                     row[tw.F["t_send_fwd"]] += time.monotonic()
             else:
-                if not st.is_last and m not in self.grads:
-                    return
-                p = self.pending.pop(m)
+                if not st.is_last and st.grad_out and m not in self.grads:
+                    return  # a stage with nothing trainable at or above it gets no gradient
+                p = self.pending.pop(micro)
                 t0 = time.perf_counter()
                 g = st.backward_micro(p, self.grads.pop(m, None))
                 row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
                 row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
-                assert g is not None
-                t1 = time.perf_counter()
-                msg = tw.encode(Kind.TRAIN_BACKWARD, self.session, self.step, m, g, s.grad_codec)
-                row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
-                row[tw.F["t_send_bwd"]] += self._up(msg)
+                if g is not None:
+                    t1 = time.perf_counter()
+                    msg = tw.encode(Kind.TRAIN_BACKWARD, self.session, self.step, micro, g, s.grad_codec)
+                    row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                    row[tw.F["t_send_bwd"]] += self._up(msg)
             self.k += 1
         self._end_step()
 
@@ -221,6 +230,10 @@ class StageServer:
         self.step += 1
         self.k = 0
         self.t_step0 = None
+        done = [(i, m) for i, m in self.deferred if m.step < self.step]
+        self.deferred = [(i, m) for i, m in self.deferred if m.step >= self.step]
+        for ident, msg in done:
+            self._stats(ident, msg)
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -238,7 +251,7 @@ class StageServer:
             except Exception as e:  # noqa: BLE001 - reported upstream; the run cannot go on
                 if self.upstream is not None:
                     self._fail(self.upstream, self.session, self.step, f"{type(e).__name__}: {e}")
-                self.k, self.fwd, self.grads, self.pending = 0, {}, {}, {}
+                self.k, self.fwd, self.grads, self.labels, self.pending = 0, {}, {}, {}, {}
 
     def close(self) -> None:
         self.front.close(0)

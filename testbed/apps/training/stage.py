@@ -60,6 +60,9 @@ class TrainStage(nn.Module):
         super().__init__()
         from testbed.model.shard import Shard
 
+        # the gradient of the input is needed only for adapters upstream; the output's, for any before end
+        self.grad_in = start > 0 and (trainable is None or any(t < start for t in trainable))
+        self.grad_out = trainable is None or any(t < end for t in trainable)
         self.shard = Shard.load(Path(model_dir), start, end)
         self.shard.train(False)  # no dropout anywhere: training is deterministic
         self.named_adapters = add_adapters(self.shard, spec, seed, trainable)
@@ -87,7 +90,7 @@ class TrainStage(nn.Module):
     def forward_micro(self, x: torch.Tensor, labels: torch.Tensor | None = None, scale: float = 1.0
                       ) -> Pending:
         """Forward one micro-batch keeping its graph; the last stage returns ``loss * scale``."""
-        inp = x if self.is_first else x.detach().requires_grad_(True)
+        inp = x if self.is_first else x.detach().requires_grad_(self.grad_in)
         held: list[int] = []
         with torch.enable_grad(), self.meter.hooks(held):
             out = self._run(inp)
@@ -101,10 +104,8 @@ class TrainStage(nn.Module):
 
     def backward_micro(self, p: Pending, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Backward one micro-batch (``grad``: of its output; None on the last stage); the gradient of
-        its input activations (None on the first stage)."""
-        if grad is None:
-            p.out.backward()
-        else:
-            p.out.backward(grad)
+        its input activations (None when nothing upstream trains, as on the first stage)."""
+        if self.grad_out:
+            p.out.backward() if grad is None else p.out.backward(grad)
         self.meter.release(p.held)
-        return None if self.is_first else p.inp.grad
+        return p.inp.grad if self.grad_in else None

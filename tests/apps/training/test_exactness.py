@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed.apps.training.batches import draw_batches
-from testbed.apps.training.local import load_ids, run_local
+from testbed.apps.training.local import SHIPPED_TEXT, run_local, train_batches
 from testbed.apps.training.lora import LoraSpec
 from tests.apps.training.threads import split_run
 
@@ -18,7 +17,7 @@ LR = 2e-2  # large, so that three steps move the adapters far from their start
 
 @pytest.fixture(scope="module")
 def batches(tiny4: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return draw_batches(load_ids(tiny4, []), steps=3, batch=4, seq=8, seed=5)
+    return train_batches(tiny4, [str(SHIPPED_TEXT)], steps=3, batch=4, seq=8, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +45,25 @@ def test_split_equals_local(tiny4: Path, batches, reference, cuts, micro, schedu
     assert moved > 1e-3  # the adapters were trained, so equal weights mean equal updates
     for name, t in ref_adapters.items():
         assert _rel(adapters[name], t) <= 1e-6, name
+
+
+@pytest.mark.parametrize(("trainable", "schedule"), [([3], "gpipe"), ([0, 3], "1f1b"), ([2], "1f1b")])
+def test_frozen_layers_equal_local(tiny4: Path, batches, trainable, schedule) -> None:
+    """Freezing: a device without adapters gets no gradient; the chain still equals the reference."""
+    ref, ref_adapters = run_local(tiny4, N_LAYERS, batches[:2], LoraSpec(), LR, 1, 2, set(trainable))
+    out, adapters = split_run(tiny4, [1, 2], N_LAYERS, batches[:2], micro_batches=2, schedule=schedule,
+                              lr=LR, seed=1, trainable=trainable)
+    assert out["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert sorted(adapters) == sorted(ref_adapters)
+    assert {int(n.split(".")[2]) for n in adapters} == set(trainable)
+    for name, t in ref_adapters.items():
+        assert _rel(adapters[name], t) <= 1e-6, name
+    hop1 = out["per_hop"][1]
+    if 0 in trainable:
+        assert hop1["bytes_down_per_step"] > 0
+    else:  # nothing to train on the device: no gradient goes up to it, its step waits for the chain
+        assert hop1["bytes_down_per_step"] == 0 and out["bytes_down_per_step"] == 0
+        assert out["per_hop"][0]["peak_act_bytes"] == 0
 
 
 def test_micro_batching_changes_nothing_but_rounding(reference) -> None:

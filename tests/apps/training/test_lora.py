@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from testbed.apps.training.batches import draw_batches
-from testbed.apps.training.local import load_ids
+from testbed.apps.training.local import SHIPPED_TEXT, train_batches
 from testbed.apps.training.lora import LoraSpec, adapter_layout, save_adapters
 from testbed.apps.training.stage import TrainStage
 from tests.apps.training.threads import split_run
@@ -39,7 +38,7 @@ def test_saved_adapters_load_in_peft_and_give_the_same_logits(tiny4: Path, tmp_p
     from transformers import LlamaForCausalLM
 
     spec = LoraSpec()
-    batches = draw_batches(load_ids(tiny4, []), steps=2, batch=2, seq=8, seed=0)
+    batches = train_batches(tiny4, [str(SHIPPED_TEXT)], steps=2, batch=2, seq=8, seed=0)
     _, adapters = split_run(tiny4, [2], 4, batches, lr=2e-2, seed=3)
     out = save_adapters(tmp_path / "ad", adapters, spec, str(tiny4))
     base = LlamaForCausalLM.from_pretrained(str(tiny4), dtype=torch.float32)

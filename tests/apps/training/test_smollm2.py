@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.apps.training.threads import split_run
-from testbed.apps.training.batches import draw_batches
-from testbed.apps.training.local import load_ids, run_local
+from testbed.apps.training.local import run_local, train_batches
 from testbed.apps.training.lora import LoraSpec
 from testbed.model.loading import default_model_dir
+from tests.apps.training.threads import split_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
 def test_smollm2_split_equals_local() -> None:
     model = default_model_dir()
-    batches = draw_batches(load_ids(model, []), steps=2, batch=2, seq=16, seed=0)
+    batches = train_batches(model, [], steps=2, batch=2, seq=16, seed=0)
     ref, ref_adapters = run_local(model, 30, batches, LoraSpec(), 2e-3, 0, 2)
     out, adapters = split_run(model, [4], 30, batches, micro_batches=2, schedule="1f1b", lr=2e-3, seed=0)
     assert out["losses"] == pytest.approx(ref["losses"], rel=1e-6)

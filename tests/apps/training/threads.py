@@ -23,6 +23,7 @@ def split_run(model: Path, cuts: list[int], n_layers: int,
     x0 = batches[0][0]
     common = dict(model=str(model), stages=len(hops), seed=kw.pop("seed", 0), timeout_s=60.0, **kw)
     spec = LoraSpec(rank=common.get("rank", 8), alpha=common.get("alpha", 16.0))
+    trainable = set(common["trainable"]) if common.get("trainable") is not None else None
     ports = free_ports(len(hops))
     addr = [f"tcp://127.0.0.1:{p}" for p in ports]
     servers, threads = [], []
@@ -30,13 +31,13 @@ def split_run(model: Path, cuts: list[int], n_layers: int,
         for i in range(len(hops) - 1, 0, -1):
             s = StageSettings(start=hops[i][0], end=hops[i][1], stage=i, bind=addr[i],
                               next=addr[i + 1] if i + 1 < len(hops) else None, **common)
-            srv = StageServer(TrainStage(model, s.start, s.end, spec, s.seed), s)
+            srv = StageServer(TrainStage(model, s.start, s.end, spec, s.seed, trainable), s)
             servers.append(srv)
             threads.append(threading.Thread(target=srv.serve, daemon=True))
             threads[-1].start()
         cs = ClientSettings(start=0, end=hops[0][1], next=addr[1], hops=[f"{a}:{b}" for a, b in hops],
                             steps=len(batches), batch=x0.shape[0], seq=x0.shape[1], **common)
-        client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed), cs)
+        client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed, trainable), cs)
         try:
             client.connect()
             for step, (x, y) in enumerate(batches):
