@@ -86,3 +86,9 @@ def test_train_across_topology_equals_local(tiny4: Path, tmp_path: Path) -> None
     for k in b:
         assert float((a[k] - b[k]).abs().max()) <= 1e-6 * max(1e-30, float(b[k].abs().max())), k
     assert json.loads((tmp_path / "split" / "result.json").read_text())["losses"] == res["losses"]
+    # held-out perplexity of the same base model, then of equal adapters
+    assert res["eval_ppl_before"] == ref["eval_ppl_before"]
+    assert res["eval_ppl_after"] == pytest.approx(ref["eval_ppl_after"], rel=1e-4)
+    assert res["eval_ppl_after"] != res["eval_ppl_before"]
+    # the analytic model sees the links' delays: 2 micro-batches x 2 directions over 15 + 25 ms links
+    assert 2 * 2 * (15 + 25) * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
