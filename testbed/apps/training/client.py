@@ -8,7 +8,6 @@ adapter weights over the chain and reports per-step losses, times, bytes and per
 
 from __future__ import annotations
 
-import secrets
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ class TrainClient:
     bytes_down: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.session = secrets.randbits(63) or 1
+        self.session = self.s.client  # the header's session field carries the client's index
         self.ctx = self.ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -124,6 +123,10 @@ class TrainClient:
         row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
         if not st.grad_out:  # no gradient came back: the step ends when the whole chain is done with it
             self._barrier(step)
+        k = s.aggregate_every
+        if k and (step + 1) % k == 0 and st.named_adapters:
+            sent, got = self._fedavg(step)
+            up, down = up + sent, down + got
         row[tw.F["bytes_from_down"]] = down
         row[tw.F["step_ms"]] = (time.monotonic() - t_start) * 1e3
         st.meter.reset_peak()
@@ -131,6 +134,23 @@ class TrainClient:
         self.step_ms.append(row[tw.F["step_ms"]])
         self.bytes_up.append(up)
         self.bytes_down.append(down)
+
+    def _fedavg(self, step: int) -> tuple[int, int]:
+        """Send this device's adapters to the aggregation node, take the average back; bytes each way."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        sent = self._send(weights_message(self.session, flatten(self.stage.named_adapters), 0, step))
+        msg, got, _ = self._recv()
+        if msg.kind != Kind.TRAIN_WEIGHTS or msg.step != step:
+            raise TrainError(f"expected the averaged adapters of step {step}, got {msg.kind.name}")
+        flat = msg.tensor().reshape(-1)
+        with torch.no_grad():
+            i = 0
+            for _, p in self.stage.named_adapters:
+                p.copy_(flat[i:i + p.numel()].reshape(p.shape).to(p.dtype))
+                i += p.numel()
+        return sent, got
 
     def _barrier(self, step: int) -> Message:
         """Every stage's statistics, once each is done with ``step``."""

@@ -93,3 +93,53 @@ def run_local(model_dir: str | Path, n_layers: int, batches: list[tuple[torch.Te
         "per_hop": [{"layers": f"0:{n_layers}", "peak_act_bytes": int(stage.meter.peak)}],
     }
     return result, {n: p.detach().clone() for n, p in stage.named_adapters}
+
+
+def run_local_clients(model_dir: str | Path, n_layers: int, cut: int, batches: list[Pairs], spec: LoraSpec,
+                      lr: float, seed: int, micro: int, trainable: set[int] | None = None,
+                      aggregate_every: int = 0) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """Several clients in this process: one device model (layers ``0:cut``) per client, one server
+    model (``cut:n_layers``); each step runs client 0's micro-batches, then client 1's, ... (the
+    order of the split run's first server), every loss scaled by 1/(C M); every ``aggregate_every``
+    steps the devices' adapters are replaced by their mean (FedAvg, equal weights).  Returns the
+    result fields and, per client, its adapters and the server's by global name."""
+    from testbed.apps.training.aggregate import fedavg
+
+    clients = len(batches)
+    devs = [TrainStage(model_dir, 0, cut, spec, seed, trainable) for _ in range(clients)]
+    server = TrainStage(model_dir, cut, n_layers, spec, seed, trainable)
+    opts = [torch.optim.AdamW(st.adapters(), lr=lr, weight_decay=0.0) if st.adapters() else None
+            for st in [*devs, server]]
+    scale = 1.0 / (clients * micro)
+    losses, step_ms = [], []
+    for step in range(len(batches[0])):
+        t0 = time.monotonic()
+        loss = 0.0
+        for dev, per_client in zip(devs, batches, strict=True):
+            x, y = per_client[step]
+            for xm, ym in zip(micro_batches(x, micro), micro_batches(y, micro), strict=True):
+                pd = dev.forward_micro(xm)
+                ps = server.forward_micro(pd.out, ym, scale)
+                loss += ps.loss * scale
+                dev.backward_micro(pd, server.backward_micro(ps))
+        for opt in opts:
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if aggregate_every and (step + 1) % aggregate_every == 0 and devs[0].named_adapters:
+            from testbed.apps.training.lora import flatten
+
+            mean = fedavg([{"flat": flatten(d.named_adapters)} for d in devs], [1.0] * clients)["flat"]
+            with torch.no_grad():
+                for d in devs:
+                    i = 0
+                    for _, p in d.named_adapters:
+                        p.copy_(mean[i:i + p.numel()].reshape(p.shape).to(p.dtype))
+                        i += p.numel()
+        step_ms.append((time.monotonic() - t0) * 1e3)
+        losses.append(loss)
+    result = {"losses": losses, "step_ms": [round(v, 3) for v in step_ms],
+              "step_ms_mean": round(statistics.fmean(step_ms), 3),
+              "step_ms_p50": round(statistics.median(step_ms), 3)}
+    srv = {n: p.detach().clone() for n, p in server.named_adapters}
+    return result, [{**{n: p.detach().clone() for n, p in d.named_adapters}, **srv} for d in devs]

@@ -52,6 +52,8 @@ class TrainFields:
     trainable: list[int] | None = None  # global layer indices with adapters (None: all of start:end)
     lr: float = 2e-3
     seed: int = 0
+    clients: int = 1  # devices training at once (the first stage server faces them all)
+    aggregate_every: int = 0  # FedAvg of the devices' adapters every K steps at the first server; 0: never
     threads: int = 1  # set by the launcher from its thread plan
     timeout_s: float = 600.0  # for any one message this program waits for
 
@@ -76,6 +78,10 @@ class TrainFields:
             yield "alpha", "must be > 0"
         if not self.targets or any(not _TARGET.match(t) for t in self.targets):
             yield "targets", "must be a non-empty list of module names (q_proj, v_proj, ...)"
+        if not 1 <= self.clients <= 256:
+            yield "clients", "must be in 1..256"
+        if not 0 <= self.aggregate_every <= MAX_STEPS:
+            yield "aggregate_every", f"must be in 0..{MAX_STEPS}"
         if not 0 < self.lr < 1:
             yield "lr", "must be in (0, 1)"
         if not 1 <= self.threads <= MAX_THREADS:
@@ -91,10 +97,12 @@ class StageSettings(TrainFields):
     """A stage server: layers ``start:end`` served on ``bind``; the last stage holds the head and loss."""
 
     bind: str = ""
+    also_bind: list[str] = field(default_factory=list)  # more addresses (devices on other links)
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        if not _ADDR.match(self.bind) or "0.0.0.0" in self.bind or "*" in self.bind:
-            yield "bind", "must be tcp://IP:PORT of this host"
+        for name, addr in [("bind", self.bind), *(("also_bind", a) for a in self.also_bind)]:
+            if not _ADDR.match(addr) or "0.0.0.0" in addr or "*" in addr:
+                yield name, "must be tcp://IP:PORT of this host"
         if self.stage < 1:
             yield "stage", "a stage server is stage 1 or later (the device is 0)"
         yield from super().problems()
@@ -104,6 +112,7 @@ class StageSettings(TrainFields):
 class ClientSettings(TrainFields):
     """The device: layers ``start:end`` with the embeddings, the data, the steps; reports one JSON line."""
 
+    client: int = 0  # this device's index among the clients
     hops: list[str] = field(default_factory=list)  # "S:E" of every stage, the device's first
     steps: int = 10
     batch: int = 4
@@ -116,6 +125,8 @@ class ClientSettings(TrainFields):
             yield "stage", "the device is stage 0 and starts at layer 0"
         if self.next is None:
             yield "next", "is required (the device's layers are not the whole model)"
+        if not 0 <= self.client < self.clients:
+            yield "client", f"must be in 0..{self.clients - 1}"
         if not 1 <= self.steps <= MAX_STEPS:
             yield "steps", f"must be in 1..{MAX_STEPS}"
         if not 1 <= self.batch <= 4096:

@@ -18,15 +18,43 @@ from testbed.apps.training.stage import TrainStage
 def split_run(model: Path, cuts: list[int], n_layers: int,
               batches: list[tuple[torch.Tensor, torch.Tensor]], **kw) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train over a chain device -> stages cut at ``cuts``; (summary, adapters by global name)."""
+    (out,) = split_run_clients(model, cuts, n_layers, [batches], **kw)
+    return out
+
+
+def split_run_clients(model: Path, cuts: list[int], n_layers: int,
+                      batches: list[list[tuple[torch.Tensor, torch.Tensor]]], **kw
+                      ) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """Every client (one list of batches each, in its own thread) trains over the same chain; per
+    client (summary, its adapters and the servers' by global name)."""
     edges = [0, *cuts, n_layers]
     hops = list(zip(edges[:-1], edges[1:], strict=True))
-    x0 = batches[0][0]
-    common = dict(model=str(model), stages=len(hops), seed=kw.pop("seed", 0), timeout_s=60.0, **kw)
+    x0 = batches[0][0][0]
+    common = dict(model=str(model), stages=len(hops), seed=kw.pop("seed", 0), timeout_s=60.0,
+                  clients=len(batches), **kw)
     spec = LoraSpec(rank=common.get("rank", 8), alpha=common.get("alpha", 16.0))
     trainable = set(common["trainable"]) if common.get("trainable") is not None else None
     ports = free_ports(len(hops))
     addr = [f"tcp://127.0.0.1:{p}" for p in ports]
     servers, threads = [], []
+    results: dict[int, tuple[dict, dict[str, torch.Tensor]]] = {}
+    errors: list[BaseException] = []
+
+    def client_run(c: int) -> None:
+        cs = ClientSettings(start=0, end=hops[0][1], next=addr[1], hops=[f"{a}:{b}" for a, b in hops],
+                            steps=len(batches[c]), batch=x0.shape[0], seq=x0.shape[1], client=c, **common)
+        client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed, trainable), cs)
+        try:
+            client.connect()
+            for step, (x, y) in enumerate(batches[c]):
+                client.train_step(step, x, y)
+            summary = summarize(client, client.stats(), cs.hops)
+            results[c] = summary, client.pull_adapters(hops, spec)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+        finally:
+            client.close()
+
     try:
         for i in range(len(hops) - 1, 0, -1):
             s = StageSettings(start=hops[i][0], end=hops[i][1], stage=i, bind=addr[i],
@@ -35,17 +63,14 @@ def split_run(model: Path, cuts: list[int], n_layers: int,
             servers.append(srv)
             threads.append(threading.Thread(target=srv.serve, daemon=True))
             threads[-1].start()
-        cs = ClientSettings(start=0, end=hops[0][1], next=addr[1], hops=[f"{a}:{b}" for a, b in hops],
-                            steps=len(batches), batch=x0.shape[0], seq=x0.shape[1], **common)
-        client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed, trainable), cs)
-        try:
-            client.connect()
-            for step, (x, y) in enumerate(batches):
-                client.train_step(step, x, y)
-            summary = summarize(client, client.stats(), cs.hops)
-            return summary, client.pull_adapters(hops, spec)
-        finally:
-            client.close()
+        runs = [threading.Thread(target=client_run, args=(c,)) for c in range(len(batches))]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(120)
+        if errors:
+            raise errors[0]
+        return [results[c] for c in range(len(batches))]
     finally:
         for srv in servers:
             srv.running = False
