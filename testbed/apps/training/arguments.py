@@ -18,6 +18,7 @@ ALPHA = Range(gt=0, le=1e6)
 SEED = Range(ge=0, le=2**32 - 1, integer=True)
 MICRO = Range(ge=1, le=4096, integer=True)
 RATIO = Range(ge=0, le=1)
+SCHEMES = ("sl", "sfl", "psl")
 
 
 def _list(text: str) -> list[str]:
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("topo")
     p.add_argument("--placement", required=True,
                    help="device first, then one stage per hop: phone=0:4,edge1=4:20,edge2=20:30")
+    p.add_argument("--scheme", type=flag_choice(SCHEMES), choices=SCHEMES, default="sl",
+                   help="sl: one device; sfl: devices in parallel, their adapters averaged (FedAvg) every "
+                        "--aggregate-every steps; psl: in parallel, never averaged")
+    p.add_argument("--clients", type=_list, default=[], metavar="NODE[,NODE...]",
+                   help="the devices (default: the first --placement entry, which may be a pattern: "
+                        "dev*=0:4)")
+    p.add_argument("--aggregate-every", type=flag_number(STEPS), default=1, metavar="K")
     p.add_argument("--steps", type=flag_number(STEPS), default=20)
     p.add_argument("--batch", type=flag_number(BATCH), default=4)
     p.add_argument("--seq", type=flag_number(SEQ), default=64, help="tokens per sequence")

@@ -203,11 +203,13 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
                "peak_act_bytes": int(r[:, f["peak_act_bytes"]].max())}
         if i > 0:
             prev = rows[i - 1]
+            shared = i == 1 and s.clients > 1  # the first server's receipts are all devices', sends ours
             # one-way times: sends and receipts on the machine's one monotonic clock, summed over
             # micro-batches (a message that waits while its receiver computes counts as in transfer)
             up = r[:, f["t_recv_fwd"]] - prev[:, f["t_send_fwd"]]
             down = prev[:, f["t_recv_bwd"]] - r[:, f["t_send_bwd"]]
-            hop.update(transfer_up_ms=_mean(up * 1e3), transfer_down_ms=_mean(down * 1e3),
+            hop.update(transfer_up_ms=None if shared else _mean(up * 1e3),
+                       transfer_down_ms=None if shared else _mean(down * 1e3),
                        bytes_up_per_step=_mean(r[:, f["bytes_from_up"]]),
                        bytes_down_per_step=_mean(prev[:, f["bytes_from_down"]]))
         per_hop.append(hop)

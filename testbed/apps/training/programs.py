@@ -51,12 +51,13 @@ def client_node(s: ClientSettings) -> int:
     import torch
 
     from testbed.apps.training.client import TrainClient, TrainError, summarize
-    from testbed.apps.training.local import train_batches
+    from testbed.apps.training.local import client_data, take_batches
     from testbed.apps.training.lora import save_adapters
     from testbed.apps.training.stage import TrainStage
 
     torch.set_num_threads(s.threads)
-    batches = train_batches(s.model, s.data, s.steps, s.batch, s.seq, s.seed)
+    mine = client_data(s.model, s.data, s.clients, s.batch, s.seq)[s.client]
+    batches = take_batches(mine.train, s.steps, s.batch, s.seq, s.seed, stream=s.client)
     client = TrainClient(TrainStage(s.model, s.start, s.end, _spec(s), s.seed, _trainable(s)), s)
     try:
         try:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from testbed.apps.launch import (
 )
 from testbed.apps.training.placement import Stage, parse_placement
 from testbed.apps.training.settings import ClientSettings, StageSettings
+from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
 
 BASE_PORT = 5700
@@ -59,12 +60,18 @@ class TrainOptions:
     freeze_client: float = 0.0  # share of the device's layers without adapters (the lowest ones)
     freeze_server: float = 0.0  # share of the stage servers' layers without adapters
     evaluate: bool = True  # held-out perplexity before and after
+    scheme: str = "sl"  # sl: one device; sfl: devices in parallel, FedAvg every K steps; psl: no averaging
+    clients: list[str] = field(default_factory=list)  # the devices (empty: the placement's first node)
+    aggregate_every: int = 1  # K of sfl
 
     def fields(self) -> dict[str, Any]:
         """The options every node program's settings carry."""
         d = asdict(self)
-        for k in ("steps", "batch", "seq", "data", "freeze_client", "freeze_server", "evaluate"):
+        for k in ("steps", "batch", "seq", "data", "freeze_client", "freeze_server", "evaluate", "scheme",
+                  "clients"):
             d.pop(k)
+        d["clients"] = max(1, len(self.clients))
+        d["aggregate_every"] = self.aggregate_every if self.scheme == "sfl" else 0
         return d
 
     def spec(self):
@@ -103,6 +110,23 @@ class _LoopHost:
         return subprocess.Popen(argv, start_new_session=True, **kw)
 
 
+def expand_clients(placement: str, clients: list[str], topo: Topology | None) -> tuple[list[str], str]:
+    """The devices and the placement with one of them first: ``--clients`` names them, or the first
+    entry's node is a pattern (``dev*=0:4``) matched against the topology's device nodes."""
+    import fnmatch
+
+    first, _, rest = placement.partition(",")
+    pattern, eq, layers = first.partition("=")
+    if not clients and any(ch in pattern for ch in "*?[") and topo is not None:
+        clients = sorted(n.name for n in topo.hosts()
+                         if n.role == "device" and fnmatch.fnmatch(n.name, pattern))
+        if not clients:
+            raise SpecError("--placement", pattern, f"matches no device of {topo.name}")
+    if not clients:
+        return [], placement
+    return clients, f"{clients[0]}{eq}{layers}" + (f",{rest}" if rest else "")
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` TCP ports free on loopback right now (the kernel's choice)."""
     socks = [socket.socket() for _ in range(n)]
@@ -120,22 +144,31 @@ def model_layers(model_dir: Path) -> int:
 
 
 def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, opt: TrainOptions,
-             adapter_dir: Path | None, timeout_s: float = 600.0) -> tuple[list[Program], Program]:
-    """The stage servers (the last first) and the client; ``addrs[i]``: where stage ``i`` listens."""
+             adapter_dir: Path | None, timeout_s: float = 600.0, client_addrs: list[str] | None = None
+             ) -> tuple[list[Program], list[Program]]:
+    """The stage servers (the last first) and the clients; ``addrs[i]``: where stage ``i`` listens,
+    ``client_addrs[c]``: where client ``c`` reaches stage 1 (default ``addrs[1]``)."""
+    nodes = opt.clients or [stages[0].node]
+    client_addrs = client_addrs or [addrs[1]] * len(nodes)
     trainable = opt.trainable(stages[0].end, stages[-1].end)
     common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, trainable=trainable,
                   **opt.fields())
     servers = []
     for i in range(len(stages) - 1, 0, -1):
         st = stages[i]
-        settings = StageSettings(start=st.start, end=st.end, stage=i, bind=addrs[i],
+        extra = sorted({a for a in client_addrs if a != addrs[1]}) if i == 1 else []
+        settings = StageSettings(start=st.start, end=st.end, stage=i, bind=addrs[i], also_bind=extra,
                                  next=addrs[i + 1] if i + 1 < len(stages) else None, **common)
         servers.append(Program(f"stage{i}-{st.node}", "train_stage.py", settings, host_of(st.node)))
-    dev = stages[0]
-    client = ClientSettings(start=0, end=dev.end, stage=0, next=addrs[1], hops=[s.layers for s in stages],
-                            steps=opt.steps, batch=opt.batch, seq=opt.seq, data=list(opt.data),
-                            adapter_dir=str(adapter_dir) if adapter_dir else None, **common)
-    return servers, Program(f"client-{dev.node}", "train_client.py", client, host_of(dev.node), service=False)
+    clients = []
+    for c, node in enumerate(nodes):
+        where = adapter_dir if len(nodes) == 1 or adapter_dir is None else adapter_dir / node
+        settings = ClientSettings(start=0, end=stages[0].end, stage=0, next=client_addrs[c], client=c,
+                                  hops=[s.layers for s in stages], steps=opt.steps, batch=opt.batch,
+                                  seq=opt.seq, data=list(opt.data),
+                                  adapter_dir=str(where) if where else None, **common)
+        clients.append(Program(f"client-{node}", "train_client.py", settings, host_of(node), service=False))
+    return servers, clients
 
 
 def client_result(run: Running) -> dict[str, Any]:
@@ -161,17 +194,45 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
     ports = ports or (free_ports(len(stages)) if loop else [BASE_PORT + i for i in range(len(stages))])
     addrs = [""] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
                     for i, s in enumerate(stages) if i > 0]
+    nodes = opt.clients or [stages[0].node]
+    client_addrs = [f"tcp://{net.ip(stages[1].node, n)}:{ports[1]}" for n in nodes]
     host_of = _LoopHost if loop else (lambda node: NetHost(net, node))
-    servers, client = programs(stages, addrs, host_of, model_dir, opt, adapter_dir)
-    with Launcher(logs, sharers=len(stages)) as run:
-        nodes = run.start(servers)
-        run.wait_ready(nodes, READY_TIMEOUT_S)
-        (c,) = run.start([client])
-        run.wait_exit([c], timeout_s)
-        result = client_result(c)
-    for hop, r in zip(result["per_hop"], [c, *reversed(nodes)], strict=True):
-        hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
-    return result
+    servers, clients = programs(stages, addrs, host_of, model_dir, opt, adapter_dir,
+                                client_addrs=client_addrs)
+    with Launcher(logs, sharers=len(stages) + len(clients) - 1) as run:
+        started = run.start(servers)
+        run.wait_ready(started, READY_TIMEOUT_S)
+        cs = run.start(clients)
+        run.wait_exit(cs, timeout_s)
+        results = [client_result(c) for c in cs]
+    for res, c in zip(results, cs, strict=True):
+        for hop, r in zip(res["per_hop"], [c, *reversed(started)], strict=True):
+            hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
+    return merge_clients(results, nodes)
+
+
+def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
+    """One record of several devices' results: the servers' figures (the same for all) from the
+    first, bytes summed over the devices per step, a step lasting until the slowest device is done."""
+    if len(results) == 1:
+        return results[0]
+    import statistics
+
+    first = dict(results[0])
+    step_ms = [max(v) for v in zip(*(r["step_ms"] for r in results), strict=True)]
+    up = [sum(v) for v in zip(*(r["bytes_up"] for r in results), strict=True)]
+    down = [sum(v) for v in zip(*(r["bytes_down"] for r in results), strict=True)]
+    tokens = first["tokens_per_s"] * sum(results[0]["step_ms"]) / 1e3 * len(results)
+    first.update(step_ms=step_ms, step_ms_mean=round(statistics.fmean(step_ms), 3),
+                 step_ms_p50=round(statistics.median(step_ms), 3), bytes_up=up, bytes_down=down,
+                 bytes_up_per_step=round(statistics.fmean(up), 3),
+                 bytes_down_per_step=round(statistics.fmean(down), 3),
+                 tokens_per_s=round(tokens / (sum(step_ms) / 1e3), 3) if sum(step_ms) else 0.0,
+                 per_client=[{"node": n, "step_ms_mean": r["step_ms_mean"],
+                              "bytes_up_per_step": r["bytes_up_per_step"],
+                              "bytes_down_per_step": r["bytes_down_per_step"], "device": r["per_hop"][0],
+                              "adapter_dir": r["adapter_dir"]} for r, n in zip(results, nodes, strict=True)])
+    return first
 
 
 def run_training(topo: Topology | None, placement: str | list[Stage], opt: TrainOptions, *,
@@ -183,8 +244,18 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
 
     model_dir = prepare_model_dir(model)
     n_layers = model_layers(model_dir)
-    stages = placement if isinstance(placement, list) else parse_placement(
-        placement, None if loopback or local else topo, n_layers)
+    check_topo = None if loopback or local else topo
+    if not isinstance(placement, list):
+        clients, placement = expand_clients(placement, opt.clients, topo)
+        opt = replace(opt, clients=clients)
+    stages = placement if isinstance(placement, list) else parse_placement(placement, check_topo, n_layers)
+    if opt.clients and check_topo is not None:
+        for node in opt.clients:  # every device must reach the first stage server
+            entries = [f"{node}={stages[0].layers}"] + [f"{s.node}={s.layers}" for s in stages[1:]]
+            parse_placement(",".join(entries), check_topo, n_layers)
+    if len(opt.clients) > 1 and opt.scheme == "sl":
+        raise SpecError("train", "--scheme", f"sl trains one device; give sfl or psl for "
+                        f"{len(opt.clients)} clients (got sl)")
     out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     adapter_dir = out / "adapters"
     logs = logs or out / "logs"
@@ -192,6 +263,8 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     if local:
         result = run_local_record(model_dir, n_layers, opt, adapter_dir, stages[0].end)
         network = "none"
+        if len(opt.clients) > 1:
+            result["per_client"] = [{"node": n, "adapter_dir": str(adapter_dir / n)} for n in opt.clients]
     elif loopback:
         result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs)
         network = "loopback"
@@ -208,11 +281,11 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
             hop["node"] = st.node
         predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo)
     result.update(
-        scheme="local" if local else "sl", schedule=opt.schedule, micro_batches=opt.micro_batches,
-        clients=[stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
+        scheme=opt.scheme, local=local, schedule=opt.schedule, micro_batches=opt.micro_batches,
+        clients=opt.clients or [stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
         network=network, model=str(model_dir), options=asdict(opt), adapter_dir=str(adapter_dir),
         trainable_layers=opt.trainable(stages[0].end, n_layers), predicted_step_ms=predicted,
-        logs=None if local else str(logs), **evaluation(model_dir, n_layers, opt, adapter_dir),
+        logs=None if local else str(logs), **evaluation(model_dir, n_layers, opt, adapter_dir, result),
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -221,35 +294,61 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
 
 def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
                      cut: int) -> dict[str, Any]:
-    from testbed.apps.training.local import run_local, train_batches
+    from testbed.apps.training.local import client_data, run_local, run_local_clients, take_batches
     from testbed.apps.training.lora import save_adapters
 
-    trainable = opt.trainable(cut, n_layers)
-    batches = train_batches(model_dir, opt.data, opt.steps, opt.batch, opt.seq, opt.seed)
-    result, tensors = run_local(model_dir, n_layers, batches, opt.spec(), opt.lr, opt.seed, opt.micro_batches,
-                                set(trainable) if trainable is not None else None)
-    save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
+    listed = opt.trainable(cut, n_layers)
+    trainable = set(listed) if listed is not None else None
+    nodes = opt.clients or ["device"]
+    data = client_data(model_dir, opt.data, len(nodes), opt.batch, opt.seq)
+    batches = [take_batches(d.train, opt.steps, opt.batch, opt.seq, opt.seed, stream=c)
+               for c, d in enumerate(data)]
+    if len(nodes) == 1:
+        result, tensors = run_local(model_dir, n_layers, batches[0], opt.spec(), opt.lr, opt.seed,
+                                    opt.micro_batches, trainable)
+        save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
+        return result
+    k = opt.aggregate_every if opt.scheme == "sfl" else 0
+    result, per_client = run_local_clients(model_dir, n_layers, cut, batches, opt.spec(), opt.lr, opt.seed,
+                                           opt.micro_batches, trainable, k)
+    for node, tensors in zip(nodes, per_client, strict=True):
+        save_adapters(adapter_dir / node, tensors, opt.spec(), str(model_dir))
     return result
 
 
-def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path) -> dict[str, Any]:
-    """Held-out perplexity, pooled and per client, of the base model and with the trained adapters."""
+def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
+               result: dict[str, Any]) -> dict[str, Any]:
+    """Held-out perplexity of the base model and with the trained adapters: per client (its own
+    held-out text, its own adapters) and pooled over the clients' tokens."""
     if not opt.evaluate:
         return {"eval_ppl_before": None, "eval_ppl_after": None}
+    import math
+
     from safetensors.torch import load_file
 
     from testbed.apps.training.local import client_data, held_out_ppl
     from testbed.apps.training.lora import PEFT_PREFIX
 
-    heldout = {c.name: c.heldout for c in client_data(model_dir, opt.data, 1, opt.batch, opt.seq)}
-    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
-    before = held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq)
-    after = held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)
-    return {"eval_ppl_before": round(before["pooled"], 4), "eval_ppl_after": round(after["pooled"], 4),
-            "eval_per_client": {n: {"before": round(before["per_client"][n], 4),
-                                    "after": round(after["per_client"][n], 4)} for n in heldout},
-            "eval_tokens": after["tokens"]}
+    nodes = opt.clients or ["device"]
+    data = client_data(model_dir, opt.data, len(nodes), opt.batch, opt.seq)
+    per: dict[str, dict[str, float]] = {}
+    sums = {"before": 0.0, "after": 0.0}
+    count = 0
+    for node, d in zip(nodes, data, strict=True):
+        where = adapter_dir if len(nodes) == 1 else adapter_dir / node
+        saved = load_file(str(where / "adapter_model.safetensors"))
+        adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
+        heldout = {node: d.heldout}
+        figures = {"before": held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq),
+                   "after": held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)}
+        tokens = figures["after"]["tokens"][node]
+        per[node] = {"text": d.name, "tokens": tokens}
+        for k, f in figures.items():
+            per[node][k] = round(f["pooled"], 4)
+            sums[k] += math.log(f["pooled"]) * tokens
+        count += tokens
+    return {"eval_ppl_before": round(math.exp(sums["before"] / count), 4),
+            "eval_ppl_after": round(math.exp(sums["after"] / count), 4), "eval_per_client": per}
 
 
 def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float]:
@@ -290,7 +389,8 @@ def train(args: argparse.Namespace) -> int:
                        alpha=args.alpha, targets=args.targets, seed=args.seed,
                        micro_batches=args.micro_batches, schedule=args.schedule, codec=args.codec,
                        grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
-                       freeze_server=args.freeze_server, evaluate=not args.no_eval)
+                       freeze_server=args.freeze_server, evaluate=not args.no_eval, scheme=args.scheme,
+                       clients=args.clients, aggregate_every=args.aggregate_every)
     out = Path(args.out) if args.out else None
     try:
         result = run_training(topo, args.placement, opt, model=args.model, local=args.local,

@@ -37,10 +37,11 @@ WEIGHT_COLS = 4096
 
 def weights_message(session: int, flat: torch.Tensor, hop: int, step: int = 0) -> Message:
     """Flat adapter weights as a zero-padded FLOAT64 [R, WEIGHT_COLS] TRAIN_WEIGHTS message."""
-    rows = max(1, -(-flat.numel() // WEIGHT_COLS))
-    arr = np.zeros(rows * WEIGHT_COLS, dtype="<f8")
+    cols = max(1, min(WEIGHT_COLS, flat.numel()))
+    rows = max(1, -(-flat.numel() // cols))
+    arr = np.zeros(rows * cols, dtype="<f8")
     arr[:flat.numel()] = flat.numpy()
-    return float_values(Kind.TRAIN_WEIGHTS, session, step, arr.reshape(rows, WEIGHT_COLS), micro=hop)
+    return float_values(Kind.TRAIN_WEIGHTS, session, step, arr.reshape(rows, cols), micro=hop)
 
 
 class StageServer:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.apps.training.run import TrainOptions, run_training
+from testbed.apps.training.run import TrainOptions, expand_clients, merge_clients, run_training
 from testbed.spec.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -49,6 +49,43 @@ def test_placement_checks_the_topology(tiny4: Path, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no such node"):
         run_training(load_topology(TOPO), "phone=0:1,edge9=1:4", TrainOptions(steps=1), model=tiny4,
                      out=tmp_path)
+
+
+def test_clients_from_a_pattern_or_a_list() -> None:
+    from testbed.spec.topology import load_topology
+
+    cell = load_topology(REPO / "topologies" / "cell-4.yaml")
+    assert expand_clients("dev*=0:4,mec=4:30", [], cell) == (["dev1", "dev2", "dev3", "dev4"],
+                                                              "dev1=0:4,mec=4:30")
+    assert expand_clients("dev*=0:4,mec=4:30", ["dev3", "dev2"], cell) == (["dev3", "dev2"],
+                                                                           "dev3=0:4,mec=4:30")
+    assert expand_clients("phone=0:4,mec=4:30", [], cell) == ([], "phone=0:4,mec=4:30")
+    with pytest.raises(SpecError, match="matches no device"):
+        expand_clients("cam*=0:4,mec=4:30", [], cell)
+
+
+def test_several_clients_need_a_parallel_scheme(tiny4: Path, tmp_path: Path) -> None:
+    from testbed.spec.topology import load_topology
+
+    cell = load_topology(REPO / "topologies" / "cell-4.yaml")
+    with pytest.raises(SpecError, match="sl trains one device"):
+        run_training(cell, "dev*=0:1,mec=1:4", TrainOptions(steps=1), model=tiny4, out=tmp_path)
+    with pytest.raises(SpecError, match="no such node"):  # every device is checked against the topology
+        run_training(cell, "dev1=0:1,mec=1:4", TrainOptions(steps=1, scheme="psl", clients=["dev1", "dev9"]),
+                     model=tiny4, out=tmp_path)
+
+
+def test_merge_clients_sums_bytes_and_waits_for_the_slowest() -> None:
+    def one(step_ms, up, node):
+        return {"losses": [1.0, 0.5], "step_ms": step_ms, "step_ms_mean": sum(step_ms) / 2, "bytes_up": up,
+                "bytes_down": [5, 5], "bytes_up_per_step": sum(up) / 2, "bytes_down_per_step": 5.0,
+                "tokens_per_s": 1000.0, "per_hop": [{"layers": "0:1", "node": node}], "adapter_dir": node}
+
+    merged = merge_clients([one([10.0, 30.0], [100, 100], "a"), one([20.0, 10.0], [50, 70], "b")], ["a", "b"])
+    assert merged["step_ms"] == [20.0, 30.0] and merged["bytes_up"] == [150, 170]
+    assert merged["bytes_down_per_step"] == 10.0 and merged["losses"] == [1.0, 0.5]
+    assert [c["node"] for c in merged["per_client"]] == ["a", "b"]
+    assert merged["per_client"][1]["adapter_dir"] == "b"
 
 
 @pytest.mark.root
