@@ -120,6 +120,8 @@ def read_text(path: str | Path, name: str | None = None) -> str:
     """The file's text, strictly UTF-8; a missing, unreadable or non-UTF-8 file is a SpecError."""
     label = name or str(path)
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise SpecError(label, FLAG, f"not a regular file {got(str(p))}")
     if not p.is_file():
         raise SpecError(label, FLAG, f"no such file {got(str(p))}")
     try:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from testbed.apps.training import data
+from testbed.apps.training.defaults import lora_config
 from testbed.apps.training.freeze import SmashedStore, adapter_layers, check_ratio, frozen_count
 from testbed.spec.errors import SpecError
 
@@ -28,17 +29,17 @@ def test_lowest_layers_of_each_side_are_frozen() -> None:
 
 
 def test_the_adapter_layers_are_what_peft_targets() -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     keep = adapter_layers(range(4), 0.5)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                             layers_to_transform=keep))
-    trained = {int(n.split("layers.")[1].split(".")[0])
-               for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == {2, 3}
+    model = get_peft_model(LlamaForCausalLM(cfg), lora_config(rank=2, targets=["q_proj", "v_proj"],
+                                                              layers=keep))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in names} == {2, 3}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
 
 
 def test_bad_ratios_are_one_line() -> None:
