@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from testbed.apps.training import defaults
 from testbed.apps.training.schedule import SCHEDULES
 from testbed.spec.check import Range, flag_choice, flag_number
 from testbed.spec.errors import SpecError
@@ -39,15 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the devices (default: the first --placement entry, which may be a pattern: "
                         "dev*=0:4)")
     p.add_argument("--aggregate-every", type=flag_number(STEPS), default=1, metavar="K")
-    p.add_argument("--steps", type=flag_number(STEPS), default=20)
-    p.add_argument("--batch", type=flag_number(BATCH), default=4)
-    p.add_argument("--seq", type=flag_number(SEQ), default=64, help="tokens per sequence")
-    p.add_argument("--lr", type=flag_number(LR), default=2e-3)
-    p.add_argument("--rank", type=flag_number(RANK), default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=flag_number(ALPHA), default=16.0, help="LoRA alpha")
-    p.add_argument("--targets", type=_list, default=["q_proj", "v_proj"],
-                   help="modules that get adapters, comma-separated (default q_proj,v_proj)")
-    p.add_argument("--seed", type=flag_number(SEED), default=0)
+    p.add_argument("--steps", type=flag_number(STEPS), default=defaults.STEPS)
+    p.add_argument("--batch", type=flag_number(BATCH), default=defaults.BATCH)
+    p.add_argument("--seq", type=flag_number(SEQ), default=defaults.SEQ, help="tokens per sequence")
+    p.add_argument("--lr", type=flag_number(LR), default=defaults.LR, help="AdamW learning rate")
+    p.add_argument("--rank", type=flag_number(RANK), default=defaults.RANK, help="LoRA rank")
+    p.add_argument("--alpha", type=flag_number(ALPHA), default=float(defaults.ALPHA), help="LoRA alpha")
+    p.add_argument("--targets", type=_list, default=list(defaults.TARGET_MODULES),
+                   help="modules that get adapters, comma-separated (default: every linear of a block)")
+    p.add_argument("--seed", type=flag_number(SEED), default=defaults.SEED)
     p.add_argument("--micro-batches", type=flag_number(MICRO), default=1,
                    help="micro-batches per step (must divide --batch)")
     p.add_argument("--schedule", type=flag_choice(SCHEDULES), choices=SCHEDULES, default="gpipe")

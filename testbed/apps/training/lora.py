@@ -17,21 +17,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")
+from testbed.apps.training import defaults
+
 PEFT_PREFIX = "base_model.model."  # how peft names a causal LM's tensors in adapter_model.safetensors
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rank: int = defaults.RANK
+    alpha: float = float(defaults.ALPHA)
+    targets: tuple[str, ...] = defaults.TARGET_MODULES
 
     def config(self):
         from peft import LoraConfig
 
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
-                          lora_dropout=0.0, bias="none")
+                          lora_dropout=defaults.DROPOUT, bias="none")
 
 
 def _seed(seed: int, name: str) -> int:

@@ -27,6 +27,7 @@ from testbed.apps.launch import (
     Program,
     Running,
 )
+from testbed.apps.training import defaults
 from testbed.apps.training.placement import Stage, parse_placement
 from testbed.apps.training.settings import ClientSettings, StageSettings
 from testbed.spec.errors import SpecError
@@ -44,14 +45,14 @@ class TrainingError(LaunchError):
 class TrainOptions:
     """What ``testbed train`` trains: one record of these goes with every result."""
 
-    steps: int = 20
-    batch: int = 4
-    seq: int = 64
-    lr: float = 2e-3
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    seed: int = 0
+    steps: int = defaults.STEPS
+    batch: int = defaults.BATCH
+    seq: int = defaults.SEQ
+    lr: float = defaults.LR
+    rank: int = defaults.RANK
+    alpha: float = float(defaults.ALPHA)
+    targets: list[str] = field(default_factory=lambda: list(defaults.TARGET_MODULES))
+    seed: int = defaults.SEED
     micro_batches: int = 1
     schedule: str = "gpipe"
     codec: str = "fp32"

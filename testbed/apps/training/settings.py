@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.apps.training import defaults
 from testbed.apps.training.schedule import SCHEDULES
 from testbed.spec.options import CODECS
 
@@ -46,12 +47,12 @@ class TrainFields:
     schedule: str = "gpipe"
     codec: str = "fp32"  # activations, downstream
     grad_codec: str = "fp32"  # activation gradients, upstream
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = defaults.RANK
+    alpha: float = float(defaults.ALPHA)
+    targets: list[str] = field(default_factory=lambda: list(defaults.TARGET_MODULES))
     trainable: list[int] | None = None  # global layer indices with adapters (None: all of start:end)
-    lr: float = 2e-3
-    seed: int = 0
+    lr: float = defaults.LR
+    seed: int = defaults.SEED
     clients: int = 1  # devices training at once (the first stage server faces them all)
     aggregate_every: int = 0  # FedAvg of the devices' adapters every K steps at the first server; 0: never
     threads: int = 1  # set by the launcher from its thread plan
@@ -114,9 +115,9 @@ class ClientSettings(TrainFields):
 
     client: int = 0  # this device's index among the clients
     hops: list[str] = field(default_factory=list)  # "S:E" of every stage, the device's first
-    steps: int = 10
-    batch: int = 4
-    seq: int = 64
+    steps: int = defaults.STEPS
+    batch: int = defaults.BATCH
+    seq: int = defaults.SEQ
     data: list[str] = field(default_factory=list)  # text files (empty: the shipped text)
     adapter_dir: str | None = None  # where the trained adapters are saved (peft's format)
 

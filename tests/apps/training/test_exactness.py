@@ -69,7 +69,7 @@ def test_frozen_layers_equal_local(tiny4: Path, batches, trainable, schedule) ->
 def test_micro_batching_changes_nothing_but_rounding(reference) -> None:
     """M micro-batches of 1/M-scaled losses are the same step as one batch (to float rounding)."""
     one, four = reference[1][0]["losses"], reference[4][0]["losses"]
-    assert one == pytest.approx(four, rel=1e-5)
+    assert one == pytest.approx(four, rel=1e-4)  # AdamW carries the rounding into later steps
 
 
 def test_lossy_codecs_cut_bytes_and_stay_close(tiny4: Path, batches, reference) -> None:

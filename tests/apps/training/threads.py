@@ -32,7 +32,8 @@ def split_run_clients(model: Path, cuts: list[int], n_layers: int,
     x0 = batches[0][0][0]
     common = dict(model=str(model), stages=len(hops), seed=kw.pop("seed", 0), timeout_s=60.0,
                   clients=len(batches), **kw)
-    spec = LoraSpec(rank=common.get("rank", 8), alpha=common.get("alpha", 16.0))
+    spec = LoraSpec()
+    spec = LoraSpec(rank=common.get("rank", spec.rank), alpha=common.get("alpha", spec.alpha))
     trainable = set(common["trainable"]) if common.get("trainable") is not None else None
     ports = free_ports(len(hops))
     addr = [f"tcp://127.0.0.1:{p}" for p in ports]
