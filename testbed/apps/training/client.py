@@ -41,6 +41,7 @@ class TrainClient:
     step_ms: list[float] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # the steps this device trained (sl: its turns)
 
     def __post_init__(self) -> None:
         self.session = self.s.client  # the header's session field carries the client's index
@@ -131,9 +132,39 @@ class TrainClient:
         row[tw.F["step_ms"]] = (time.monotonic() - t_start) * 1e3
         st.meter.reset_peak()
         self.rows.append(row)
+        self.steps.append(step)
         self.step_ms.append(row[tw.F["step_ms"]])
         self.bytes_up.append(up)
         self.bytes_down.append(down)
+
+    def take_turn(self, step: int) -> None:
+        """Before this device's turn at ``step``: the adapters the previous device handed on."""
+        pull = control(Kind.TRAIN_PULL, self.session)
+        pull.step = step - 1
+        sent = self._send(pull)
+        msg, got, _ = self._recv()
+        if msg.kind != Kind.TRAIN_WEIGHTS or msg.step != step - 1:
+            raise TrainError(f"expected the adapters of step {step - 1}, got {msg.kind.name}")
+        self._load(msg.tensor().reshape(-1))
+        self.pending_bytes = (sent, got)
+
+    def hand_on(self, step: int) -> None:
+        """After this device's turn: its adapters to the first server, for the next device."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        sent, got = getattr(self, "pending_bytes", (0, 0))
+        self.pending_bytes = (0, 0)
+        sent += self._send(weights_message(self.session, flatten(self.stage.named_adapters), 0, step))
+        self.bytes_up[-1] += sent
+        self.bytes_down[-1] += got
+
+    def _load(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            i = 0
+            for _, p in self.stage.named_adapters:
+                p.copy_(flat[i:i + p.numel()].reshape(p.shape).to(p.dtype))
+                i += p.numel()
 
     def _fedavg(self, step: int) -> tuple[int, int]:
         """Send this device's adapters to the aggregation node, take the average back; bytes each way."""
@@ -144,12 +175,7 @@ class TrainClient:
         msg, got, _ = self._recv()
         if msg.kind != Kind.TRAIN_WEIGHTS or msg.step != step:
             raise TrainError(f"expected the averaged adapters of step {step}, got {msg.kind.name}")
-        flat = msg.tensor().reshape(-1)
-        with torch.no_grad():
-            i = 0
-            for _, p in self.stage.named_adapters:
-                p.copy_(flat[i:i + p.numel()].reshape(p.shape).to(p.dtype))
-                i += p.numel()
+        self._load(msg.tensor().reshape(-1))
         return sent, got
 
     def _barrier(self, step: int) -> Message:
@@ -162,7 +188,7 @@ class TrainClient:
 
     def stats(self) -> np.ndarray:
         """Statistics of every stage server: [stages - 1, steps, K]."""
-        msg = self._barrier(len(self.rows) - 1)
+        msg = self._barrier(self.steps[-1])
         if msg.kind != Kind.TRAIN_STATS:
             raise TrainError(f"expected statistics, got {msg.kind.name}")
         table = msg.tensor().numpy()
@@ -190,7 +216,8 @@ class TrainClient:
 def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict:
     """Losses, step times, bytes and per-hop figures from the device's rows and the servers' table."""
     s = client.s
-    rows = np.concatenate([np.stack(client.rows)[None], servers])  # [stages, steps, K]
+    losses = [float(v) for v in servers[-1][:, tw.F["loss"]]]  # every step so far, this device's or not
+    rows = np.concatenate([np.stack(client.rows)[None], servers[:, client.steps]])  # [stages, steps, K]
     f = tw.F
     step_ms = [float(v) for v in client.step_ms]
     per_hop = []
@@ -216,7 +243,7 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
     tokens = s.batch * s.seq
     total_s = sum(step_ms) / 1e3
     return {
-        "losses": [float(v) for v in rows[-1][:, f["loss"]]],
+        "losses": losses, "steps": list(client.steps),
         "step_ms": [round(v, 3) for v in step_ms],
         "step_ms_mean": round(statistics.fmean(step_ms), 3),
         "step_ms_p50": round(statistics.median(step_ms), 3),

@@ -97,12 +97,17 @@ def run_local(model_dir: str | Path, n_layers: int, batches: list[tuple[torch.Te
 
 def run_local_clients(model_dir: str | Path, n_layers: int, cut: int, batches: list[Pairs], spec: LoraSpec,
                       lr: float, seed: int, micro: int, trainable: set[int] | None = None,
-                      aggregate_every: int = 0) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+                      aggregate_every: int = 0, turns: bool = False
+                      ) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """Several clients in this process: one device model (layers ``0:cut``) per client, one server
     model (``cut:n_layers``); each step runs client 0's micro-batches, then client 1's, ... (the
     order of the split run's first server), every loss scaled by 1/(C M); every ``aggregate_every``
     steps the devices' adapters are replaced by their mean (FedAvg, equal weights).  Returns the
-    result fields and, per client, its adapters and the server's by global name."""
+    result fields and, per client, its adapters and the server's by global name.
+
+    ``turns`` (sl with several devices): step s is device ``s % C``'s alone, on its next batch
+    (``batches[c]`` holds its turns' batches), starting from the adapters the previous device ended
+    with; each device keeps its own AdamW state; losses scaled by 1/M."""
     from testbed.apps.training.aggregate import fedavg
 
     clients = len(batches)
@@ -110,13 +115,22 @@ def run_local_clients(model_dir: str | Path, n_layers: int, cut: int, batches: l
     server = TrainStage(model_dir, cut, n_layers, spec, seed, trainable)
     opts = [torch.optim.AdamW(st.adapters(), lr=lr, weight_decay=0.0) if st.adapters() else None
             for st in [*devs, server]]
-    scale = 1.0 / (clients * micro)
+    scale = 1.0 / (micro if turns else clients * micro)
     losses, step_ms = [], []
-    for step in range(len(batches[0])):
+    steps = sum(len(b) for b in batches) if turns else len(batches[0])
+    for step in range(steps):
         t0 = time.monotonic()
         loss = 0.0
-        for dev, per_client in zip(devs, batches, strict=True):
-            x, y = per_client[step]
+        if turns:
+            c = step % clients
+            if step:
+                from testbed.apps.training.lora import flatten
+
+                _copy(devs[c], flatten(devs[(step - 1) % clients].named_adapters))
+            work = [(devs[c], batches[c][step // clients])]
+        else:
+            work = [(dev, per_client[step]) for dev, per_client in zip(devs, batches, strict=True)]
+        for dev, (x, y) in work:
             for xm, ym in zip(micro_batches(x, micro), micro_batches(y, micro), strict=True):
                 pd = dev.forward_micro(xm)
                 ps = server.forward_micro(pd.out, ym, scale)
@@ -130,16 +144,28 @@ def run_local_clients(model_dir: str | Path, n_layers: int, cut: int, batches: l
             from testbed.apps.training.lora import flatten
 
             mean = fedavg([{"flat": flatten(d.named_adapters)} for d in devs], [1.0] * clients)["flat"]
-            with torch.no_grad():
-                for d in devs:
-                    i = 0
-                    for _, p in d.named_adapters:
-                        p.copy_(mean[i:i + p.numel()].reshape(p.shape).to(p.dtype))
-                        i += p.numel()
+            for d in devs:
+                _copy(d, mean)
         step_ms.append((time.monotonic() - t0) * 1e3)
         losses.append(loss)
+    tokens = sum(b[0].numel() for per_client in batches for b, _ in per_client) if turns else \
+        sum(per_client[0][0].numel() for per_client in batches) * steps
     result = {"losses": losses, "step_ms": [round(v, 3) for v in step_ms],
               "step_ms_mean": round(statistics.fmean(step_ms), 3),
-              "step_ms_p50": round(statistics.median(step_ms), 3)}
+              "step_ms_p50": round(statistics.median(step_ms), 3),
+              "tokens_per_s": round(tokens / (sum(step_ms) / 1e3), 3),
+              "bytes_up": [0] * steps, "bytes_down": [0] * steps, "bytes_up_per_step": 0.0,
+              "bytes_down_per_step": 0.0,
+              "per_hop": [{"layers": f"0:{cut}", "peak_act_bytes": max(d.meter.peak for d in devs)},
+                          {"layers": f"{cut}:{n_layers}", "peak_act_bytes": server.meter.peak}]}
     srv = {n: p.detach().clone() for n, p in server.named_adapters}
     return result, [{**{n: p.detach().clone() for n, p in d.named_adapters}, **srv} for d in devs]
+
+
+def _copy(stage: TrainStage, flat: torch.Tensor) -> None:
+    """Set a stage's adapters from their flat concatenation (``lora.flatten``'s order)."""
+    with torch.no_grad():
+        i = 0
+        for _, p in stage.named_adapters:
+            p.copy_(flat[i:i + p.numel()].reshape(p.shape).to(p.dtype))
+            i += p.numel()

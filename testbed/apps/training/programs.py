@@ -57,14 +57,19 @@ def client_node(s: ClientSettings) -> int:
 
     torch.set_num_threads(s.threads)
     mine = client_data(s.model, s.data, s.clients, s.batch, s.seq)[s.client]
-    batches = take_batches(mine.train, s.steps, s.batch, s.seq, s.seed, stream=s.client)
+    turns = list(range(s.client, s.steps, s.clients)) if s.turns else list(range(s.steps))
+    batches = take_batches(mine.train, len(turns), s.batch, s.seq, s.seed, stream=s.client)
     client = TrainClient(TrainStage(s.model, s.start, s.end, _spec(s), s.seed, _trainable(s)), s)
     try:
         try:
             client.connect()
             announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
-            for step, (x, y) in enumerate(batches):
+            for step, (x, y) in zip(turns, batches, strict=True):
+                if s.turns and step > 0:
+                    client.take_turn(step)
                 client.train_step(step, x, y)
+                if s.turns:
+                    client.hand_on(step)
             out = summarize(client, client.stats(), list(s.hops))
             hops = [tuple(int(v) for v in h.split(":")) for h in s.hops]
             tensors = client.pull_adapters(hops, _spec(s))

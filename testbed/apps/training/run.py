@@ -73,6 +73,7 @@ class TrainOptions:
             d.pop(k)
         d["clients"] = max(1, len(self.clients))
         d["aggregate_every"] = self.aggregate_every if self.scheme == "sfl" else 0
+        d["turns"] = self.scheme == "sl" and len(self.clients) > 1
         return d
 
     def spec(self):
@@ -219,11 +220,18 @@ def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, 
         return results[0]
     import statistics
 
-    first = dict(results[0])
-    step_ms = [max(v) for v in zip(*(r["step_ms"] for r in results), strict=True)]
-    up = [sum(v) for v in zip(*(r["bytes_up"] for r in results), strict=True)]
-    down = [sum(v) for v in zip(*(r["bytes_down"] for r in results), strict=True)]
-    tokens = first["tokens_per_s"] * sum(results[0]["step_ms"]) / 1e3 * len(results)
+    steps = sorted({s for r in results for s in r.get("steps", range(len(r["step_ms"])))})
+    by_step: dict[str, list[list[float]]] = {k: [[] for _ in steps]
+                                             for k in ("step_ms", "bytes_up", "bytes_down")}
+    for r in results:
+        for i, s in enumerate(r.get("steps", range(len(r["step_ms"])))):
+            for k, lists in by_step.items():
+                lists[steps.index(s)].append(r[k][i])
+    first = dict(max(results, key=lambda r: len(r["losses"])))  # taking turns: the last device's
+    step_ms = [max(v) for v in by_step["step_ms"]]
+    up = [sum(v) for v in by_step["bytes_up"]]
+    down = [sum(v) for v in by_step["bytes_down"]]
+    tokens = sum(r["tokens_per_s"] * sum(r["step_ms"]) / 1e3 for r in results)
     first.update(step_ms=step_ms, step_ms_mean=round(statistics.fmean(step_ms), 3),
                  step_ms_p50=round(statistics.median(step_ms), 3), bytes_up=up, bytes_down=down,
                  bytes_up_per_step=round(statistics.fmean(up), 3),
@@ -254,9 +262,6 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         for node in opt.clients:  # every device must reach the first stage server
             entries = [f"{node}={stages[0].layers}"] + [f"{s.node}={s.layers}" for s in stages[1:]]
             parse_placement(",".join(entries), check_topo, n_layers)
-    if len(opt.clients) > 1 and opt.scheme == "sl":
-        raise SpecError("train", "--scheme", f"sl trains one device; give sfl or psl for "
-                        f"{len(opt.clients)} clients (got sl)")
     out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     adapter_dir = out / "adapters"
     logs = logs or out / "logs"
@@ -310,8 +315,11 @@ def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_
         save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
         return result
     k = opt.aggregate_every if opt.scheme == "sfl" else 0
+    turns = opt.scheme == "sl"
+    if turns:  # device c trains steps c, c + C, ...: its first batches
+        batches = [b[:len(range(c, opt.steps, len(nodes)))] for c, b in enumerate(batches)]
     result, per_client = run_local_clients(model_dir, n_layers, cut, batches, opt.spec(), opt.lr, opt.seed,
-                                           opt.micro_batches, trainable, k)
+                                           opt.micro_batches, trainable, k, turns)
     for node, tensors in zip(nodes, per_client, strict=True):
         save_adapters(adapter_dir / node, tensors, opt.spec(), str(model_dir))
     return result

@@ -64,7 +64,10 @@ class StageServer:
         params = stage.adapters()
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0) if params else None
         self.facing_clients = s.stage == 1  # the first server: one upstream per client
-        self.total = s.clients * s.micro_batches  # micro-batches per step over all clients
+        # micro-batches per step over all clients (taking turns: one client per step)
+        self.total = s.micro_batches if s.turns else s.clients * s.micro_batches
+        self.handoff: tuple[int, torch.Tensor] | None = None  # turns: the last device's adapters
+        self.waiting: list[tuple[bytes, Message]] = []  # turns: devices asking for them
         self.ops = stage_ops(s.schedule, s.stage, s.stages, self.total)
         self.hidden = int(stage.shard.config.hidden_size)
         self.vocab = int(stage.shard.config.vocab_size)
@@ -100,6 +103,11 @@ class StageServer:
             if not 0 <= c < self.s.clients or not 0 <= m < self.s.micro_batches:
                 raise WireError(f"client {c} micro-batch {m} outside "
                                 f"{self.s.clients} x {self.s.micro_batches}")
+            if self.s.turns:
+                if c != msg.step % self.s.clients:
+                    raise WireError(f"step {msg.step} is client {msg.step % self.s.clients}'s turn, "
+                                    f"not {c}'s")
+                return m
             return c * self.s.micro_batches + m
         if not 0 <= m < self.total:
             raise WireError(f"micro-batch {m} outside 0..{self.total - 1}")
@@ -149,6 +157,9 @@ class StageServer:
                 self.deferred.append((ident, msg))
             else:
                 self._stats(ident, msg)
+        elif msg.kind == Kind.TRAIN_PULL and msg.position_start == 0 and self.s.turns and self.facing_clients:
+            self.waiting.append((ident, msg))  # the device adapters of step msg.step, once handed on
+            self._hand_on()
         elif msg.kind == Kind.TRAIN_PULL:
             if msg.position_start == self.s.stage:
                 from testbed.apps.training.lora import flatten
@@ -162,10 +173,22 @@ class StageServer:
                 raise WireError(f"no hop {msg.position_start} downstream of stage {self.s.stage}")
         elif msg.kind == Kind.TRAIN_WEIGHTS and self.facing_clients and self.s.aggregate_every:
             self._aggregate(ident, msg)
+        elif msg.kind == Kind.TRAIN_WEIGHTS and self.facing_clients and self.s.turns:
+            self.handoff = (msg.step, msg.tensor().reshape(-1))
+            self._hand_on()
         elif msg.kind == Kind.PING:
             self._to(ident, pong([self.step, self.k]))
         else:
             raise WireError(f"unexpected {msg.kind.name} from upstream")
+
+    def _hand_on(self) -> None:
+        """Answer the devices waiting for the adapters of a step that has been handed on."""
+        if self.handoff is None:
+            return
+        step, flat = self.handoff
+        for ident, msg in [w for w in self.waiting if w[1].step == step]:
+            self._to(ident, weights_message(msg.session, flat, 0, step))
+        self.waiting = [w for w in self.waiting if w[1].step != step]
 
     def _aggregate(self, ident: bytes, msg: Message) -> None:
         """FedAvg of the clients' adapters: answered to all once every client's weights are in."""
@@ -228,7 +251,7 @@ class StageServer:
         while self.k < len(self.ops):
             kind, g = self.ops[self.k]
             key = (self.step, g)
-            c, m = divmod(g, s.micro_batches)
+            c, m = (self.step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
             if kind == "F":
                 if key not in self.fwd or (st.is_last and key not in self.labels):
                     return

@@ -55,6 +55,7 @@ class TrainFields:
     seed: int = defaults.SEED
     clients: int = 1  # devices training at once (the first stage server faces them all)
     aggregate_every: int = 0  # FedAvg of the devices' adapters every K steps at the first server; 0: never
+    turns: bool = False  # sl with several devices: step s is device s % clients's, adapters handed on
     threads: int = 1  # set by the launcher from its thread plan
     timeout_s: float = 600.0  # for any one message this program waits for
 

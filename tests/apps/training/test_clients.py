@@ -35,9 +35,30 @@ def test_clients_equal_local(tiny4: Path, batches, scheme_k, cuts, micro, schedu
         assert sorted(adapters) == sorted(want)
         for name, t in want.items():
             assert float((adapters[name] - t).abs().max()) <= 1e-6 * float(t.abs().max()), name
-    dev = [n for n in ref_adapters[0] if n.startswith("model.layers.0.") and ".lora_B." in n][0]
+    dev = next(n for n in ref_adapters[0] if n.startswith("model.layers.0.") and ".lora_B." in n)
     same = all(torch.equal(ref_adapters[0][dev], r[dev]) for r in ref_adapters)
     # SFL averaged the devices' adapters at the last step (3 steps, K = 1); PSL and K = 2 leave them apart
     assert same == (scheme_k == 1)
     if scheme_k:
         assert outs[0][0]["bytes_up_per_step"] > outs[0][0]["per_hop"][1]["bytes_up_per_step"] / 3
+
+
+@pytest.mark.parametrize(("cuts", "micro", "schedule"), [([1], 2, "1f1b"), ([1, 3], 1, "gpipe")])
+def test_turns_hand_the_adapters_on(tiny4: Path, batches, cuts, micro, schedule) -> None:
+    """sl with several devices: step s is device s % C's, starting from the adapters of step s - 1."""
+    turns = [batches[0][:2], batches[1][:1]]  # 3 steps: device 0, device 1, device 0 again
+    ref, ref_adapters = run_local_clients(tiny4, N_LAYERS, cuts[0], turns, LoraSpec(), LR, 1, micro,
+                                          turns=True)
+    outs = split_run_clients(tiny4, cuts, N_LAYERS, turns, micro_batches=micro, schedule=schedule, lr=LR,
+                             seed=1, turns=True)
+    assert len(ref["losses"]) == 3
+    last, adapters = outs[0]  # device 0 trained last: its record has every step's loss
+    assert last["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert last["steps"] == [0, 2] and outs[1][0]["steps"] == [1]
+    for name, t in ref_adapters[0].items():
+        assert float((adapters[name] - t).abs().max()) <= 1e-6 * float(t.abs().max()), name
+    # device 1 ended after step 1, device 0 went on from there
+    dev = next(n for n in ref_adapters[0] if n.startswith("model.layers.0.") and ".lora_B." in n)
+    assert not torch.equal(outs[1][1][dev], adapters[dev])
+    assert torch.equal(outs[1][1][dev], ref_adapters[1][dev]) or \
+        float((outs[1][1][dev] - ref_adapters[1][dev]).abs().max()) <= 1e-6

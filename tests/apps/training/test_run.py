@@ -64,12 +64,10 @@ def test_clients_from_a_pattern_or_a_list() -> None:
         expand_clients("cam*=0:4,mec=4:30", [], cell)
 
 
-def test_several_clients_need_a_parallel_scheme(tiny4: Path, tmp_path: Path) -> None:
+def test_every_client_is_checked(tiny4: Path, tmp_path: Path) -> None:
     from testbed.spec.topology import load_topology
 
     cell = load_topology(REPO / "topologies" / "cell-4.yaml")
-    with pytest.raises(SpecError, match="sl trains one device"):
-        run_training(cell, "dev*=0:1,mec=1:4", TrainOptions(steps=1), model=tiny4, out=tmp_path)
     with pytest.raises(SpecError, match="no such node"):  # every device is checked against the topology
         run_training(cell, "dev1=0:1,mec=1:4", TrainOptions(steps=1, scheme="psl", clients=["dev1", "dev9"]),
                      model=tiny4, out=tmp_path)
@@ -86,6 +84,12 @@ def test_merge_clients_sums_bytes_and_waits_for_the_slowest() -> None:
     assert merged["bytes_down_per_step"] == 10.0 and merged["losses"] == [1.0, 0.5]
     assert [c["node"] for c in merged["per_client"]] == ["a", "b"]
     assert merged["per_client"][1]["adapter_dir"] == "b"
+    # taking turns (sl): each step is one device's
+    a, b = one([10.0, 30.0], [100, 100], "a"), one([20.0], [50], "b")
+    a["steps"], b["steps"], b["losses"] = [0, 2], [1], [1.0, 0.5, 0.2]
+    merged = merge_clients([a, b], ["a", "b"])
+    assert merged["step_ms"] == [10.0, 20.0, 30.0] and merged["bytes_up"] == [100, 50, 100]
+    assert merged["losses"] == [1.0, 0.5, 0.2]
 
 
 @pytest.mark.root

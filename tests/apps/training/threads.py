@@ -41,14 +41,22 @@ def split_run_clients(model: Path, cuts: list[int], n_layers: int,
     results: dict[int, tuple[dict, dict[str, torch.Tensor]]] = {}
     errors: list[BaseException] = []
 
+    turns = common.get("turns", False)
+    total = sum(len(b) for b in batches) if turns else len(batches[0])
+
     def client_run(c: int) -> None:
         cs = ClientSettings(start=0, end=hops[0][1], next=addr[1], hops=[f"{a}:{b}" for a, b in hops],
-                            steps=len(batches[c]), batch=x0.shape[0], seq=x0.shape[1], client=c, **common)
+                            steps=total, batch=x0.shape[0], seq=x0.shape[1], client=c, **common)
         client = TrainClient(TrainStage(model, 0, hops[0][1], spec, cs.seed, trainable), cs)
+        mine = range(c, total, len(batches)) if turns else range(total)
         try:
             client.connect()
-            for step, (x, y) in enumerate(batches[c]):
+            for step, (x, y) in zip(mine, batches[c], strict=True):
+                if turns and step > 0:
+                    client.take_turn(step)
                 client.train_step(step, x, y)
+                if turns:
+                    client.hand_on(step)
             summary = summarize(client, client.stats(), cs.hops)
             results[c] = summary, client.pull_adapters(hops, spec)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
