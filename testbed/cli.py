@@ -15,6 +15,7 @@ import select
 import sys
 from typing import NoReturn
 
+from testbed.apps.training.arguments import add_arguments as train_arguments
 from testbed.spec import check
 from testbed.spec.check import flag_choice, flag_number
 from testbed.spec.errors import (
@@ -39,6 +40,7 @@ HANDLERS = {
     "generate": "testbed.model.commands:generate",
     "quant-eval": "testbed.model.commands:quant_eval",
     "infer": "testbed.apps.inference.run:infer",
+    "train": "testbed.apps.training.run:train",
     "run": "testbed.experiments.commands:run",
     "report": "testbed.report.commands:report",
     "images": "testbed.hosts.images:images",
@@ -165,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", default=None, metavar="FILE",
                    help="link changes, outages, kills applied during the run (README: Events)")
     _model_args(p)
+
+    p = sub.add_parser("train", help="split LoRA fine-tuning across the emulated network")
+    train_arguments(p)
+    _network_args(p)
 
     p = sub.add_parser("run", help="run an experiment suite")
     p.add_argument("suite")

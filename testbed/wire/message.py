@@ -47,6 +47,14 @@ class Kind(IntEnum):
     CLOSED = 5
     PING = 6
     PONG = 7
+    # ---- training (split LoRA fine-tuning): header step = training step, session = client,
+    # position_start = micro-batch index (TRAIN_PULL: the hop asked) ----
+    TRAIN_FORWARD = 16  # one micro-batch's activations, downstream (HIDDEN, the forward codec)
+    TRAIN_LABELS = 17  # its labels [B, T], relayed to the stage that holds the loss (INT64)
+    TRAIN_BACKWARD = 18  # gradient w.r.t. a stage's input activations, upstream (HIDDEN, the grad codec)
+    TRAIN_STATS = 19  # request (NONE); reply: one row of step statistics per stage (FLOAT64 [stages, K])
+    TRAIN_PULL = 20  # request (NONE): the adapter weights of hop ``position_start``
+    TRAIN_WEIGHTS = 21  # reply: those weights, flat in the adapters' order (FLOAT64, zero-padded [R, C])
 
 
 class DType(IntEnum):
@@ -54,6 +62,7 @@ class DType(IntEnum):
     INT64 = 1  # token ids, counters
     HIDDEN = 2  # float32 activations, encoded by ``codec``
     TEXT = 3  # utf-8 error text
+    FLOAT64 = 4  # float64 values: training statistics, losses, adapter weights
 
 
 # which payload type each kind may carry
@@ -65,6 +74,13 @@ _KIND_DTYPES = {
     Kind.CLOSED: {DType.NONE},
     Kind.PING: {DType.NONE},
     Kind.PONG: {DType.INT64},
+    # training
+    Kind.TRAIN_FORWARD: {DType.HIDDEN},
+    Kind.TRAIN_LABELS: {DType.INT64},
+    Kind.TRAIN_BACKWARD: {DType.HIDDEN},
+    Kind.TRAIN_STATS: {DType.NONE, DType.FLOAT64},
+    Kind.TRAIN_PULL: {DType.NONE},
+    Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
 }
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
@@ -104,11 +120,14 @@ class Message:
         return bool(self.flags & FLAG_KV_CACHE)
 
     def tensor(self) -> torch.Tensor:
-        """An INT64 payload (token ids, counters) as an int64 tensor.
+        """An INT64 payload (token ids, counters) as an int64 tensor, a FLOAT64 one as float64.
 
         Activations (HIDDEN) are decoded by their codec: ``testbed.model.codecs``."""
         if self.dtype == DType.INT64:
             arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<i8").copy()
+            return torch.from_numpy(arr).reshape(self.shape)
+        if self.dtype == DType.FLOAT64:
+            arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<f8").copy()
             return torch.from_numpy(arr).reshape(self.shape)
         raise WireError(f"{self.dtype.name} payload is not an integer tensor")
 
@@ -139,7 +158,7 @@ def _expected_sizes(dtype: DType, codec: str | None, shape: tuple[int, ...]) -> 
         if shape:
             raise WireError("an empty message has no shape")
         return []
-    if dtype == DType.INT64:
+    if dtype in (DType.INT64, DType.FLOAT64):
         return [8 * n]
     if dtype == DType.TEXT:
         if len(shape) != 1 or n > MAX_TEXT:
@@ -245,3 +264,31 @@ def control(kind: Kind, session: int = 0) -> Message:
 def pong(counters: list[int]) -> Message:
     arr = np.array(counters, dtype="<i8")
     return Message(Kind.PONG, 0, 0, 0, DType.INT64, None, 0, (len(counters),), [arr.tobytes()])
+
+
+# ---- training constructors ----------------------------------------------------------------
+
+def train_hidden(kind: Kind, session: int, step: int, micro: int, shape: Sequence[int], codec: str,
+                 frames: list[Frame]) -> Message:
+    """TRAIN_FORWARD (activations) or TRAIN_BACKWARD (their gradient), already encoded by ``codec``."""
+    if kind not in (Kind.TRAIN_FORWARD, Kind.TRAIN_BACKWARD):
+        raise WireError(f"{kind.name} does not carry activations")
+    msg = forward_hidden(session, step, micro, shape, codec, frames, False)
+    msg.kind = kind
+    return msg
+
+
+def train_labels(session: int, step: int, micro: int, labels: torch.Tensor) -> Message:
+    labels = labels.to(torch.int64).contiguous()
+    return Message(Kind.TRAIN_LABELS, session, step, micro, DType.INT64, None, 0, tuple(labels.shape),
+                   [memoryview(labels.numpy()).cast("B")])
+
+
+def float_values(kind: Kind, session: int, step: int, values: np.ndarray | Sequence[Sequence[float]],
+                 micro: int = 0) -> Message:
+    """A FLOAT64 message (TRAIN_STATS reply, TRAIN_WEIGHTS) of a 1- or 2-dimensional array."""
+    arr = np.ascontiguousarray(np.asarray(values, dtype="<f8"))
+    if arr.ndim not in (1, 2):
+        raise WireError("float64 payloads are 1- or 2-dimensional")
+    return Message(kind, session, step, micro, DType.FLOAT64, None, 0, tuple(arr.shape),
+                   [memoryview(arr).cast("B")])

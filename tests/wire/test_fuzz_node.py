@@ -55,7 +55,8 @@ def malformed(rng: random.Random) -> tuple[list[bytes], str]:
         h = _set(v[0], "<I", 32 + 4 * rng.randrange(3), rng.choice([1 << 20, 1 << 24, 0xFFFFFFFF]))
         return [h, *v[1:]], MALFORMED
     if kind == 5:  # unknown kind
-        return [_set(v[0], "<B", 5, rng.randint(8, 255)), *v[1:]], MALFORMED
+        unknown = [k for k in range(8, 256) if k not in set(Kind)]  # applications add kinds
+        return [_set(v[0], "<B", 5, rng.choice(unknown)), *v[1:]], MALFORMED
     if kind == 6:  # unknown dtype, codec or version
         off, val = rng.choice([(6, rng.randint(4, 255)), (7, rng.randint(5, 255)), (4, rng.randint(2, 255))])
         return [_set(v[0], "<B", off, val), *v[1:]], MALFORMED

@@ -1,0 +1,259 @@
+"""The device side of split training: its own stage, the data, the schedule, the measurements.
+
+Each step: the batch is split into micro-batches; the device runs its passes in its schedule's
+order (forwards send labels and activations downstream, backwards wait for the gradient of its
+output), then steps its optimizer.  At the end it gathers every stage's statistics rows and
+adapter weights over the chain and reports per-step losses, times, bytes and per-hop figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+
+from testbed.apps.training import wire as tw
+from testbed.apps.training.batches import micro_batches
+from testbed.apps.training.lora import LoraSpec, adapter_layout, unflatten
+from testbed.apps.training.schedule import stage_ops
+from testbed.apps.training.settings import ClientSettings
+from testbed.apps.training.stage import TrainStage
+from testbed.spec.errors import TestbedError
+from testbed.wire.message import Kind, Message, WireError, control, parse, train_labels, wire_size
+
+MAX_MSG_BYTES = 1 << 30
+
+
+class TrainError(TestbedError, RuntimeError):
+    """A stage answered with an error or did not answer in time."""
+
+
+@dataclass
+class TrainClient:
+    stage: TrainStage
+    s: ClientSettings
+    ctx: zmq.Context | None = None
+    rows: list[np.ndarray] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # the steps this device trained (sl: its turns)
+
+    def __post_init__(self) -> None:
+        self.session = self.s.client  # the header's session field carries the client's index
+        self.ctx = self.ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+        assert self.s.next is not None
+        self.sock.connect(self.s.next)
+        params = self.stage.adapters()
+        self.opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=0.0) if params else None
+        self.ops = stage_ops(self.s.schedule, 0, self.s.stages, self.s.micro_batches)
+        self.hidden = int(self.stage.shard.config.hidden_size)
+
+    # ---- messages -------------------------------------------------------------------------
+    def _send(self, msg: Message) -> int:
+        frames = msg.frames()
+        self.sock.send_multipart(frames, copy=False)
+        return wire_size(frames)
+
+    def _recv(self) -> tuple[Message, int, float]:
+        if not self.sock.poll(int(self.s.timeout_s * 1000)):
+            raise TrainError(f"no answer from {self.s.next} within {self.s.timeout_s:.0f} s")
+        frames = self.sock.recv_multipart(copy=False)
+        t = time.monotonic()
+        try:
+            msg = parse(frames)
+        except WireError as e:
+            raise TrainError(f"malformed message from the next stage: {e}") from None
+        if msg.kind == Kind.ERROR:
+            raise TrainError(msg.text())
+        return msg, wire_size(frames), t
+
+    def connect(self) -> None:
+        self._send(control(Kind.PING))
+        msg, _, _ = self._recv()
+        if msg.kind != Kind.PONG:
+            raise TrainError(f"expected PONG, got {msg.kind.name}")
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        s, st = self.s, self.stage
+        xs, ys = micro_batches(x, s.micro_batches), micro_batches(y, s.micro_batches)
+        row = np.zeros(tw.K)
+        up = down = 0
+        grads: dict[int, torch.Tensor] = {}
+        pending = {}
+        t_start = time.monotonic()
+        for kind, m in self.ops:
+            if kind == "F":
+                t0 = time.perf_counter()
+                p = st.forward_micro(xs[m])
+                row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
+                pending[m] = p
+                up += self._send(train_labels(self.session, step, m, ys[m]))
+                t1 = time.perf_counter()
+                msg = tw.encode(Kind.TRAIN_FORWARD, self.session, step, m, p.out, s.codec)
+                row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                up += self._send(msg)
+                row[tw.F["t_send_fwd"]] += time.monotonic()
+                continue
+            while st.grad_out and m not in grads:  # a frozen device needs no gradient
+                msg, n, t = self._recv()
+                if msg.kind != Kind.TRAIN_BACKWARD or msg.step != step:
+                    raise TrainError(f"expected a gradient of step {step}, got {msg.kind.name} "
+                                     f"of step {msg.step}")
+                down += n
+                row[tw.F["t_recv_bwd"]] += t
+                t1 = time.perf_counter()
+                grads[msg.position_start] = tw.decode(msg, self.hidden)
+                row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+            t0 = time.perf_counter()
+            st.backward_micro(pending.pop(m), grads.pop(m, None))
+            row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
+            row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
+        t0 = time.perf_counter()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
+        if not st.grad_out:  # no gradient came back: the step ends when the whole chain is done with it
+            self._barrier(step)
+        k = s.aggregate_every
+        if k and (step + 1) % k == 0 and st.named_adapters:
+            sent, got = self._fedavg(step)
+            up, down = up + sent, down + got
+        row[tw.F["bytes_from_down"]] = down
+        row[tw.F["step_ms"]] = (time.monotonic() - t_start) * 1e3
+        st.meter.reset_peak()
+        self.rows.append(row)
+        self.steps.append(step)
+        self.step_ms.append(row[tw.F["step_ms"]])
+        self.bytes_up.append(up)
+        self.bytes_down.append(down)
+
+    def take_turn(self, step: int) -> None:
+        """Before this device's turn at ``step``: the adapters the previous device handed on."""
+        pull = control(Kind.TRAIN_PULL, self.session)
+        pull.step = step - 1
+        sent = self._send(pull)
+        msg, got, _ = self._recv()
+        if msg.kind != Kind.TRAIN_WEIGHTS or msg.step != step - 1:
+            raise TrainError(f"expected the adapters of step {step - 1}, got {msg.kind.name}")
+        self._load(msg.tensor().reshape(-1))
+        self.pending_bytes = (sent, got)
+
+    def hand_on(self, step: int) -> None:
+        """After this device's turn: its adapters to the first server, for the next device."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        sent, got = getattr(self, "pending_bytes", (0, 0))
+        self.pending_bytes = (0, 0)
+        sent += self._send(weights_message(self.session, flatten(self.stage.named_adapters), 0, step))
+        self.bytes_up[-1] += sent
+        self.bytes_down[-1] += got
+
+    def _load(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            i = 0
+            for _, p in self.stage.named_adapters:
+                p.copy_(flat[i:i + p.numel()].reshape(p.shape).to(p.dtype))
+                i += p.numel()
+
+    def _fedavg(self, step: int) -> tuple[int, int]:
+        """Send this device's adapters to the aggregation node, take the average back; bytes each way."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        sent = self._send(weights_message(self.session, flatten(self.stage.named_adapters), 0, step))
+        msg, got, _ = self._recv()
+        if msg.kind != Kind.TRAIN_WEIGHTS or msg.step != step:
+            raise TrainError(f"expected the averaged adapters of step {step}, got {msg.kind.name}")
+        self._load(msg.tensor().reshape(-1))
+        return sent, got
+
+    def _barrier(self, step: int) -> Message:
+        """Every stage's statistics, once each is done with ``step``."""
+        ask = control(Kind.TRAIN_STATS, self.session)
+        ask.step = step
+        self._send(ask)
+        msg, _, _ = self._recv()
+        return msg
+
+    def stats(self) -> np.ndarray:
+        """Statistics of every stage server: [stages - 1, steps, K]."""
+        msg = self._barrier(self.steps[-1])
+        if msg.kind != Kind.TRAIN_STATS:
+            raise TrainError(f"expected statistics, got {msg.kind.name}")
+        table = msg.tensor().numpy()
+        return table.reshape(table.shape[0], -1, tw.K)
+
+    def pull_adapters(self, hops: list[tuple[int, int]], spec: LoraSpec) -> dict[str, torch.Tensor]:
+        """Adapter weights of every stage, the device's own included, by global name."""
+        out = {n: p.detach().clone() for n, p in self.stage.named_adapters}
+        for i, (start, end) in enumerate(hops[1:], start=1):
+            pull = control(Kind.TRAIN_PULL, self.session)
+            pull.position_start = i
+            self._send(pull)
+            msg, _, _ = self._recv()
+            if msg.kind != Kind.TRAIN_WEIGHTS or msg.position_start != i:
+                raise TrainError(f"expected the weights of hop {i}, got {msg.kind.name}")
+            trainable = set(self.s.trainable) if self.s.trainable is not None else None
+            layout = adapter_layout(self.stage.shard.config, start, end, spec, trainable)
+            out.update(unflatten(msg.tensor().reshape(-1), layout))
+        return out
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict:
+    """Losses, step times, bytes and per-hop figures from the device's rows and the servers' table."""
+    s = client.s
+    losses = [float(v) for v in servers[-1][:, tw.F["loss"]]]  # every step so far, this device's or not
+    rows = np.concatenate([np.stack(client.rows)[None], servers[:, client.steps]])  # [stages, steps, K]
+    f = tw.F
+    step_ms = [float(v) for v in client.step_ms]
+    per_hop = []
+    for i, layers in enumerate(hops):
+        r = rows[i]
+        busy = r[:, f["fwd_ms"]] + r[:, f["bwd_ms"]] + r[:, f["codec_ms"]]
+        hop = {"layers": layers, "fwd_ms": _mean(r[:, f["fwd_ms"]]), "bwd_ms": _mean(r[:, f["bwd_ms"]]),
+               "codec_ms": _mean(r[:, f["codec_ms"]]),
+               "idle_ms": _mean(np.maximum(0.0, np.asarray(step_ms) - busy)),
+               "peak_act_bytes": int(r[:, f["peak_act_bytes"]].max())}
+        if i > 0:
+            prev = rows[i - 1]
+            shared = i == 1 and s.clients > 1  # the first server's receipts are all devices', sends ours
+            # one-way times: sends and receipts on the machine's one monotonic clock, summed over
+            # micro-batches (a message that waits while its receiver computes counts as in transfer)
+            up = r[:, f["t_recv_fwd"]] - prev[:, f["t_send_fwd"]]
+            down = prev[:, f["t_recv_bwd"]] - r[:, f["t_send_bwd"]]
+            hop.update(transfer_up_ms=None if shared else _mean(up * 1e3),
+                       transfer_down_ms=None if shared else _mean(down * 1e3),
+                       bytes_up_per_step=_mean(r[:, f["bytes_from_up"]]),
+                       bytes_down_per_step=_mean(prev[:, f["bytes_from_down"]]))
+        per_hop.append(hop)
+    tokens = s.batch * s.seq
+    total_s = sum(step_ms) / 1e3
+    return {
+        "losses": losses, "steps": list(client.steps),
+        "step_ms": [round(v, 3) for v in step_ms],
+        "step_ms_mean": round(statistics.fmean(step_ms), 3),
+        "step_ms_p50": round(statistics.median(step_ms), 3),
+        "tokens_per_s": round(tokens * len(step_ms) / total_s, 3) if total_s > 0 else 0.0,
+        "bytes_up": list(client.bytes_up), "bytes_down": list(client.bytes_down),
+        "bytes_up_per_step": _mean(client.bytes_up), "bytes_down_per_step": _mean(client.bytes_down),
+        "per_hop": per_hop,
+    }
+
+
+def _mean(values) -> float:
+    v = np.asarray(values, dtype=float)
+    return round(float(v.mean()), 3) if v.size else 0.0

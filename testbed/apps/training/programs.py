@@ -1,0 +1,85 @@
+"""The two training node programs, as functions of their settings (``nodes/train_*.py`` call them).
+
+- :func:`stage_node`: load layers ``start:end`` with adapters, serve them (forward, backward,
+  optimizer) until stopped; prints its ready line once loaded and bound.
+- :func:`client_node`: the device: its layers, the data, every step; prints its ready line once the
+  next stage answered, then one JSON line with the measurements (or ``{"error": ...}``, exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from testbed.apps.launch import announce_ready
+from testbed.apps.training.settings import ClientSettings, StageSettings
+
+
+def _spec(s: StageSettings | ClientSettings):
+    from testbed.apps.training.lora import LoraSpec
+
+    return LoraSpec(rank=s.rank, alpha=s.alpha, targets=tuple(s.targets))
+
+
+def _trainable(s: StageSettings | ClientSettings) -> set[int] | None:
+    return set(s.trainable) if s.trainable is not None else None
+
+
+def stage_node(s: StageSettings) -> int:
+    import torch
+
+    from testbed.apps.training.server import StageServer
+    from testbed.apps.training.stage import TrainStage
+
+    torch.set_num_threads(s.threads)
+    server = StageServer(TrainStage(s.model, s.start, s.end, _spec(s), s.seed, _trainable(s)), s)
+
+    def stop(_sig: int, _frame: object) -> None:
+        server.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    announce_ready(f"{s.bind} stage={s.stage} layers={s.start}:{s.end} threads={s.threads}")
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0
+
+
+def client_node(s: ClientSettings) -> int:
+    import torch
+
+    from testbed.apps.training.client import TrainClient, TrainError, summarize
+    from testbed.apps.training.local import client_data, take_batches
+    from testbed.apps.training.lora import save_adapters
+    from testbed.apps.training.stage import TrainStage
+
+    torch.set_num_threads(s.threads)
+    mine = client_data(s.model, s.data, s.clients, s.batch, s.seq)[s.client]
+    turns = list(range(s.client, s.steps, s.clients)) if s.turns else list(range(s.steps))
+    batches = take_batches(mine.train, len(turns), s.batch, s.seq, s.seed, stream=s.client)
+    client = TrainClient(TrainStage(s.model, s.start, s.end, _spec(s), s.seed, _trainable(s)), s)
+    try:
+        try:
+            client.connect()
+            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            for step, (x, y) in zip(turns, batches, strict=True):
+                if s.turns and step > 0:
+                    client.take_turn(step)
+                client.train_step(step, x, y)
+                if s.turns:
+                    client.hand_on(step)
+            out = summarize(client, client.stats(), list(s.hops))
+            hops = [tuple(int(v) for v in h.split(":")) for h in s.hops]
+            tensors = client.pull_adapters(hops, _spec(s))
+        except TrainError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 1
+        if s.adapter_dir:
+            save_adapters(s.adapter_dir, tensors, _spec(s), s.model)
+        out["adapter_dir"] = s.adapter_dir
+        print(json.dumps(out), flush=True)
+        return 0
+    finally:
+        client.close()

@@ -1,0 +1,423 @@
+"""``testbed train``: split LoRA fine-tuning across an emulated network (or in one process).
+
+The parent prepares the model, brings the topology up, starts one stage server per hop after the
+device (the last first) and the device's client, through the launcher (``testbed.apps.launch``):
+typed settings, ready lines, whole logs, CPU time, every program stopped on every way out.  The
+client's JSON line is the run's measurements; the parent adds what it knows (placement, scheme,
+CPU time per hop) and writes the record and the adapters under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from testbed.apps.launch import (
+    READY_TIMEOUT_S,
+    Launcher,
+    LaunchError,
+    NetHost,
+    Program,
+    Running,
+)
+from testbed.apps.training import defaults
+from testbed.apps.training.placement import Stage, parse_placement
+from testbed.apps.training.settings import ClientSettings, StageSettings
+from testbed.spec.errors import SpecError
+from testbed.spec.topology import Topology
+
+BASE_PORT = 5700
+UNSHAPED_BPS = 1e12  # a link without a rate limit (loopback, unshaped)
+
+
+class TrainingError(LaunchError):
+    """The client failed or reported an error."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What ``testbed train`` trains: one record of these goes with every result."""
+
+    steps: int = defaults.STEPS
+    batch: int = defaults.BATCH
+    seq: int = defaults.SEQ
+    lr: float = defaults.LR
+    rank: int = defaults.RANK
+    alpha: float = float(defaults.ALPHA)
+    targets: list[str] = field(default_factory=lambda: list(defaults.TARGET_MODULES))
+    seed: int = defaults.SEED
+    micro_batches: int = 1
+    schedule: str = "gpipe"
+    codec: str = "fp32"
+    grad_codec: str = "fp32"
+    data: list[str] = field(default_factory=list)
+    freeze_client: float = 0.0  # share of the device's layers without adapters (the lowest ones)
+    freeze_server: float = 0.0  # share of the stage servers' layers without adapters
+    evaluate: bool = True  # held-out perplexity before and after
+    scheme: str = "sl"  # sl: one device; sfl: devices in parallel, FedAvg every K steps; psl: no averaging
+    clients: list[str] = field(default_factory=list)  # the devices (empty: the placement's first node)
+    aggregate_every: int = 1  # K of sfl
+
+    def fields(self) -> dict[str, Any]:
+        """The options every node program's settings carry."""
+        d = asdict(self)
+        for k in ("steps", "batch", "seq", "data", "freeze_client", "freeze_server", "evaluate", "scheme",
+                  "clients"):
+            d.pop(k)
+        d["clients"] = max(1, len(self.clients))
+        d["aggregate_every"] = self.aggregate_every if self.scheme == "sfl" else 0
+        d["turns"] = self.scheme == "sl" and len(self.clients) > 1
+        return d
+
+    def spec(self):
+        from testbed.apps.training.lora import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
+
+    def trainable(self, cut: int, n_layers: int) -> list[int] | None:
+        """Global indices of the layers with adapters (None: all), from the freezing ratios."""
+        if not self.freeze_client and not self.freeze_server:
+            return None
+        from testbed.apps.training.freeze import adapter_layers
+
+        return (adapter_layers(list(range(cut)), self.freeze_client)
+                + adapter_layers(list(range(cut, n_layers)), self.freeze_server))
+
+
+class Loopback:
+    """This machine's loopback as the 'network': every node is 127.0.0.1 and runs as a plain child."""
+
+    def __init__(self, topo: Topology | None = None) -> None:
+        self.topo = topo
+
+    def ip(self, node: str, peer: str | None = None) -> str:
+        return "127.0.0.1"
+
+    def popen(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+class _LoopHost:
+    def __init__(self, node: str) -> None:
+        self.name, self.cpu_limit = node, None
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+def expand_clients(placement: str, clients: list[str], topo: Topology | None) -> tuple[list[str], str]:
+    """The devices and the placement with one of them first: ``--clients`` names them, or the first
+    entry's node is a pattern (``dev*=0:4``) matched against the topology's device nodes."""
+    import fnmatch
+
+    first, _, rest = placement.partition(",")
+    pattern, eq, layers = first.partition("=")
+    if not clients and any(ch in pattern for ch in "*?[") and topo is not None:
+        clients = sorted(n.name for n in topo.hosts()
+                         if n.role == "device" and fnmatch.fnmatch(n.name, pattern))
+        if not clients:
+            raise SpecError("--placement", pattern, f"matches no device of {topo.name}")
+    if not clients:
+        return [], placement
+    return clients, f"{clients[0]}{eq}{layers}" + (f",{rest}" if rest else "")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on loopback right now (the kernel's choice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def model_layers(model_dir: Path) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
+def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, opt: TrainOptions,
+             adapter_dir: Path | None, timeout_s: float = 600.0, client_addrs: list[str] | None = None
+             ) -> tuple[list[Program], list[Program]]:
+    """The stage servers (the last first) and the clients; ``addrs[i]``: where stage ``i`` listens,
+    ``client_addrs[c]``: where client ``c`` reaches stage 1 (default ``addrs[1]``)."""
+    nodes = opt.clients or [stages[0].node]
+    client_addrs = client_addrs or [addrs[1]] * len(nodes)
+    trainable = opt.trainable(stages[0].end, stages[-1].end)
+    common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, trainable=trainable,
+                  **opt.fields())
+    servers = []
+    for i in range(len(stages) - 1, 0, -1):
+        st = stages[i]
+        extra = sorted({a for a in client_addrs if a != addrs[1]}) if i == 1 else []
+        settings = StageSettings(start=st.start, end=st.end, stage=i, bind=addrs[i], also_bind=extra,
+                                 next=addrs[i + 1] if i + 1 < len(stages) else None, **common)
+        servers.append(Program(f"stage{i}-{st.node}", "train_stage.py", settings, host_of(st.node)))
+    clients = []
+    for c, node in enumerate(nodes):
+        where = adapter_dir if len(nodes) == 1 or adapter_dir is None else adapter_dir / node
+        settings = ClientSettings(start=0, end=stages[0].end, stage=0, next=client_addrs[c], client=c,
+                                  hops=[s.layers for s in stages], steps=opt.steps, batch=opt.batch,
+                                  seq=opt.seq, data=list(opt.data),
+                                  adapter_dir=str(where) if where else None, **common)
+        clients.append(Program(f"client-{node}", "train_client.py", settings, host_of(node), service=False))
+    return servers, clients
+
+
+def client_result(run: Running) -> dict[str, Any]:
+    found = [line for _, line in run.lines if line.startswith("{")]
+    if not found:
+        raise TrainingError(f"{run.name} on {run.program.host.name} failed (exit code {run.returncode}); "
+                            f"its whole log: {run.log}\n{run.tail()}")
+    try:
+        res = json.loads(found[-1])
+    except ValueError:
+        raise TrainingError(f"{run.name} printed a broken result line; its whole log: {run.log}") from None
+    if "error" in res:
+        raise TrainingError(f"split training from {run.program.host.name} failed: {res['error']} "
+                            f"(log: {run.log})")
+    return res
+
+
+def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions, adapter_dir: Path | None,
+                   logs: Path, timeout_s: float = 3600.0, ports: list[int] | None = None) -> dict[str, Any]:
+    """Start the stage servers on ``net`` (an EmulatedNetwork that is up, or :class:`Loopback`), run
+    the client to its end, stop them all; the client's result with each hop's CPU time and threads."""
+    loop = isinstance(net, Loopback)
+    ports = ports or (free_ports(len(stages)) if loop else [BASE_PORT + i for i in range(len(stages))])
+    addrs = [""] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
+                    for i, s in enumerate(stages) if i > 0]
+    nodes = opt.clients or [stages[0].node]
+    client_addrs = [f"tcp://{net.ip(stages[1].node, n)}:{ports[1]}" for n in nodes]
+    host_of = _LoopHost if loop else (lambda node: NetHost(net, node))
+    servers, clients = programs(stages, addrs, host_of, model_dir, opt, adapter_dir,
+                                client_addrs=client_addrs)
+    with Launcher(logs, sharers=len(stages) + len(clients) - 1) as run:
+        started = run.start(servers)
+        run.wait_ready(started, READY_TIMEOUT_S)
+        cs = run.start(clients)
+        run.wait_exit(cs, timeout_s)
+        results = [client_result(c) for c in cs]
+    for res, c in zip(results, cs, strict=True):
+        for hop, r in zip(res["per_hop"], [c, *reversed(started)], strict=True):
+            hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
+    return merge_clients(results, nodes)
+
+
+def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
+    """One record of several devices' results: the servers' figures (the same for all) from the
+    first, bytes summed over the devices per step, a step lasting until the slowest device is done."""
+    if len(results) == 1:
+        return results[0]
+    import statistics
+
+    steps = sorted({s for r in results for s in r.get("steps", range(len(r["step_ms"])))})
+    by_step: dict[str, list[list[float]]] = {k: [[] for _ in steps]
+                                             for k in ("step_ms", "bytes_up", "bytes_down")}
+    for r in results:
+        for i, s in enumerate(r.get("steps", range(len(r["step_ms"])))):
+            for k, lists in by_step.items():
+                lists[steps.index(s)].append(r[k][i])
+    first = dict(max(results, key=lambda r: len(r["losses"])))  # taking turns: the last device's
+    step_ms = [max(v) for v in by_step["step_ms"]]
+    up = [sum(v) for v in by_step["bytes_up"]]
+    down = [sum(v) for v in by_step["bytes_down"]]
+    tokens = sum(r["tokens_per_s"] * sum(r["step_ms"]) / 1e3 for r in results)
+    first.update(step_ms=step_ms, step_ms_mean=round(statistics.fmean(step_ms), 3),
+                 step_ms_p50=round(statistics.median(step_ms), 3), bytes_up=up, bytes_down=down,
+                 bytes_up_per_step=round(statistics.fmean(up), 3),
+                 bytes_down_per_step=round(statistics.fmean(down), 3),
+                 tokens_per_s=round(tokens / (sum(step_ms) / 1e3), 3) if sum(step_ms) else 0.0,
+                 per_client=[{"node": n, "step_ms_mean": r["step_ms_mean"],
+                              "bytes_up_per_step": r["bytes_up_per_step"],
+                              "bytes_down_per_step": r["bytes_down_per_step"], "device": r["per_hop"][0],
+                              "adapter_dir": r["adapter_dir"]} for r, n in zip(results, nodes, strict=True)])
+    return first
+
+
+def run_training(topo: Topology | None, placement: str | list[Stage], opt: TrainOptions, *,
+                 model: str | Path | None = None, local: bool = False, loopback: bool = False,
+                 shaper: str = "auto", runtime: str | None = None, out: Path | None = None,
+                 logs: Path | None = None) -> dict[str, Any]:
+    """Train across ``topo`` (or in this process with ``local``, or on loopback); the result record."""
+    from testbed.model.loading import prepare_model_dir
+
+    model_dir = prepare_model_dir(model)
+    n_layers = model_layers(model_dir)
+    check_topo = None if loopback or local else topo
+    if not isinstance(placement, list):
+        clients, placement = expand_clients(placement, opt.clients, topo)
+        opt = replace(opt, clients=clients)
+    stages = placement if isinstance(placement, list) else parse_placement(placement, check_topo, n_layers)
+    if opt.clients and check_topo is not None:
+        for node in opt.clients:  # every device must reach the first stage server
+            entries = [f"{node}={stages[0].layers}"] + [f"{s.node}={s.layers}" for s in stages[1:]]
+            parse_placement(",".join(entries), check_topo, n_layers)
+    out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    adapter_dir = out / "adapters"
+    logs = logs or out / "logs"
+    result: dict[str, Any] = {}
+    if local:
+        result = run_local_record(model_dir, n_layers, opt, adapter_dir, stages[0].end)
+        network = "none"
+        if len(opt.clients) > 1:
+            result["per_client"] = [{"node": n, "adapter_dir": str(adapter_dir / n)} for n in opt.clients]
+    elif loopback:
+        result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs)
+        network = "loopback"
+    else:
+        from testbed.net.network import EmulatedNetwork
+
+        assert topo is not None
+        with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
+            result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs)
+            network = f"emulated ({net.shaper})"
+    predicted = None
+    if not local:
+        for hop, st in zip(result["per_hop"], stages, strict=True):
+            hop["node"] = st.node
+        predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo)
+    result.update(
+        scheme=opt.scheme, local=local, schedule=opt.schedule, micro_batches=opt.micro_batches,
+        clients=opt.clients or [stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
+        network=network, model=str(model_dir), options=asdict(opt), adapter_dir=str(adapter_dir),
+        trainable_layers=opt.trainable(stages[0].end, n_layers), predicted_step_ms=predicted,
+        logs=None if local else str(logs), **evaluation(model_dir, n_layers, opt, adapter_dir, result),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
+                     cut: int) -> dict[str, Any]:
+    from testbed.apps.training.local import client_data, run_local, run_local_clients, take_batches
+    from testbed.apps.training.lora import save_adapters
+
+    listed = opt.trainable(cut, n_layers)
+    trainable = set(listed) if listed is not None else None
+    nodes = opt.clients or ["device"]
+    data = client_data(model_dir, opt.data, len(nodes), opt.batch, opt.seq)
+    batches = [take_batches(d.train, opt.steps, opt.batch, opt.seq, opt.seed, stream=c)
+               for c, d in enumerate(data)]
+    if len(nodes) == 1:
+        result, tensors = run_local(model_dir, n_layers, batches[0], opt.spec(), opt.lr, opt.seed,
+                                    opt.micro_batches, trainable)
+        save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
+        return result
+    k = opt.aggregate_every if opt.scheme == "sfl" else 0
+    turns = opt.scheme == "sl"
+    if turns:  # device c trains steps c, c + C, ...: its first batches
+        batches = [b[:len(range(c, opt.steps, len(nodes)))] for c, b in enumerate(batches)]
+    result, per_client = run_local_clients(model_dir, n_layers, cut, batches, opt.spec(), opt.lr, opt.seed,
+                                           opt.micro_batches, trainable, k, turns)
+    for node, tensors in zip(nodes, per_client, strict=True):
+        save_adapters(adapter_dir / node, tensors, opt.spec(), str(model_dir))
+    return result
+
+
+def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
+               result: dict[str, Any]) -> dict[str, Any]:
+    """Held-out perplexity of the base model and with the trained adapters: per client (its own
+    held-out text, its own adapters) and pooled over the clients' tokens."""
+    if not opt.evaluate:
+        return {"eval_ppl_before": None, "eval_ppl_after": None}
+    import math
+
+    from safetensors.torch import load_file
+
+    from testbed.apps.training.local import client_data, held_out_ppl
+    from testbed.apps.training.lora import PEFT_PREFIX
+
+    nodes = opt.clients or ["device"]
+    data = client_data(model_dir, opt.data, len(nodes), opt.batch, opt.seq)
+    per: dict[str, dict[str, float]] = {}
+    sums = {"before": 0.0, "after": 0.0}
+    count = 0
+    for node, d in zip(nodes, data, strict=True):
+        where = adapter_dir if len(nodes) == 1 else adapter_dir / node
+        saved = load_file(str(where / "adapter_model.safetensors"))
+        adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
+        heldout = {node: d.heldout}
+        figures = {"before": held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq),
+                   "after": held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)}
+        tokens = figures["after"]["tokens"][node]
+        per[node] = {"text": d.name, "tokens": tokens}
+        for k, f in figures.items():
+            per[node][k] = round(f["pooled"], 4)
+            sums[k] += math.log(f["pooled"]) * tokens
+        count += tokens
+    return {"eval_ppl_before": round(math.exp(sums["before"] / count), 4),
+            "eval_ppl_after": round(math.exp(sums["after"] / count), 4), "eval_per_client": per}
+
+
+def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float]:
+    """(rate a->b bit/s, rate b->a bit/s, one-way delay ms) of the direct link between a and b, if any."""
+    for lk in topo.links if topo is not None else []:
+        if {lk.a, lk.b} == {a, b}:
+            fwd, bwd = (lk.up, lk.down) if lk.a == a else (lk.down, lk.up)
+            rate = [x.bw_mbit * 1e6 if x.bw_mbit else UNSHAPED_BPS for x in (fwd, bwd)]
+            return rate[0], rate[1], fwd.delay_ms
+    return UNSHAPED_BPS, UNSHAPED_BPS, 0.0
+
+
+def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
+                    topo: Topology | None) -> float:
+    """The analytic model's step time (``testbed.apps.training.analytic``) from this run's measured
+    per-micro-batch compute and message sizes and the topology's link rates and delays."""
+    from testbed.apps.training import analytic
+
+    m = opt.micro_batches
+    model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
+    hops = []
+    for i in range(1, len(stages)):
+        up, down, delay = _link(topo, stages[i - 1].node, stages[i].node)
+        # one rate per hop in the model: the gradients' bytes are scaled to take their own direction's time
+        hops.append(analytic.Hop(int(per_hop[i]["bytes_up_per_step"] / m),
+                                 int(per_hop[i]["bytes_down_per_step"] / m * up / down), up, delay))
+    return round(analytic.predict(model_stages, hops, m, opt.schedule).step_ms, 3)
+
+
+def train(args: argparse.Namespace) -> int:
+    """CLI handler of ``testbed train``."""
+    from testbed.apps.training.arguments import check
+    from testbed.spec.topology import load_topology
+
+    check(args)
+    topo = load_topology(args.topo)
+    opt = TrainOptions(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, rank=args.rank,
+                       alpha=args.alpha, targets=args.targets, seed=args.seed,
+                       micro_batches=args.micro_batches, schedule=args.schedule, codec=args.codec,
+                       grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
+                       freeze_server=args.freeze_server, evaluate=not args.no_eval, scheme=args.scheme,
+                       clients=args.clients, aggregate_every=args.aggregate_every)
+    out = Path(args.out) if args.out else None
+    try:
+        result = run_training(topo, args.placement, opt, model=args.model, local=args.local,
+                              loopback=args.loopback, shaper=args.shaper, runtime=args.runtime, out=out)
+    except LaunchError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    losses = result["losses"]
+    print(f"{result['scheme']} {result['schedule']} M={result['micro_batches']}  {len(losses)} steps  "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}  step {result['step_ms_mean']:.1f} ms  "
+          f"{result['tokens_per_s']:.0f} tokens/s  up {result['bytes_up_per_step']:.0f} B/step  "
+          f"down {result['bytes_down_per_step']:.0f} B/step")
+    for h in result["per_hop"]:
+        print(f"  {h.get('node', '-'):>10} {h['layers']:>6}  fwd {h.get('fwd_ms', 0):.1f} ms  "
+              f"bwd {h.get('bwd_ms', 0):.1f} ms  idle {h.get('idle_ms', 0):.1f} ms  "
+              f"peak activations {h['peak_act_bytes']} B")
+    print(f"adapters: {result['adapter_dir']}")
+    return 0

@@ -1,0 +1,333 @@
+"""The serving loop of one training stage: activations in from upstream, gradients back to it.
+
+Single-threaded and event-driven: every message is taken off the sockets as it comes and parked
+in a buffer; the stage runs its schedule's passes (``testbed.apps.training.schedule``) in order as
+soon as each one's input is there.  After the last pass of a step, the optimizer steps (each stage
+owns its adapters and their AdamW state).  Statistics rows, one per step, leave on request
+(TRAIN_STATS, answered once the step asked about is done here and downstream) and adapter weights
+on TRAIN_PULL; both are relayed along the chain.
+
+Several clients (``clients`` C > 1, the first stage server facing them all): a step carries the C
+clients' M micro-batches each, numbered ``g = c * M + m`` downstream of the first server and run in
+that order; every micro-batch's loss is scaled by 1/(C M), so the server-side adapters take one step
+on the mean over all clients' samples.  With ``aggregate_every`` K > 0 the first server is also the
+aggregation node: every K steps each client sends its adapters (TRAIN_WEIGHTS) and gets the FedAvg
+of all C back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+
+import numpy as np
+import torch
+import zmq
+
+from testbed.apps.training import wire as tw
+from testbed.apps.training.schedule import stage_ops
+from testbed.apps.training.settings import StageSettings
+from testbed.apps.training.stage import Pending, TrainStage
+from testbed.wire.message import Kind, Message, WireError, error, float_values, parse, pong, wire_size
+
+MAX_MSG_BYTES = 1 << 30
+WEIGHT_COLS = 4096
+
+
+def weights_message(session: int, flat: torch.Tensor, hop: int, step: int = 0) -> Message:
+    """Flat adapter weights as a zero-padded FLOAT64 [R, WEIGHT_COLS] TRAIN_WEIGHTS message."""
+    cols = max(1, min(WEIGHT_COLS, flat.numel()))
+    rows = max(1, -(-flat.numel() // cols))
+    arr = np.zeros(rows * cols, dtype="<f8")
+    arr[:flat.numel()] = flat.numpy()
+    return float_values(Kind.TRAIN_WEIGHTS, session, step, arr.reshape(rows, cols), micro=hop)
+
+
+class StageServer:
+    def __init__(self, stage: TrainStage, s: StageSettings, ctx: zmq.Context | None = None) -> None:
+        if (s.next is None) != stage.is_last:
+            raise ValueError("the last stage, and only it, has no next hop")
+        self.stage, self.s = stage, s
+        self.ctx = ctx or zmq.Context.instance()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+        for addr in [s.bind, *s.also_bind]:
+            self.front.bind(addr)
+        self.back: zmq.Socket | None = None
+        if s.next:
+            self.back = self.ctx.socket(zmq.DEALER)
+            self.back.setsockopt(zmq.LINGER, 0)
+            self.back.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+            self.back.connect(s.next)
+        params = stage.adapters()
+        self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0) if params else None
+        self.facing_clients = s.stage == 1  # the first server: one upstream per client
+        # micro-batches per step over all clients (taking turns: one client per step)
+        self.total = s.micro_batches if s.turns else s.clients * s.micro_batches
+        self.handoff: tuple[int, torch.Tensor] | None = None  # turns: the last device's adapters
+        self.waiting: list[tuple[bytes, Message]] = []  # turns: devices asking for them
+        self.ops = stage_ops(s.schedule, s.stage, s.stages, self.total)
+        self.hidden = int(stage.shard.config.hidden_size)
+        self.vocab = int(stage.shard.config.vocab_size)
+        self.ups: dict[int, bytes] = {}  # client index (0 past the first server) -> ROUTER identity
+        self.step = 0
+        self.k = 0  # next pass of self.ops
+        # arrivals by (step, g): a device that needs no gradient runs ahead into later steps
+        self.fwd: dict[tuple[int, int], torch.Tensor] = {}
+        self.labels: dict[tuple[int, int], torch.Tensor] = {}
+        self.grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.pending: dict[int, Pending] = {}
+        self.deferred: list[tuple[bytes, Message]] = []  # TRAIN_STATS asked for a step not done yet
+        self.askers: deque[bytes] = deque()  # who gets the next relayed reply from downstream
+        self.rounds: dict[int, dict[int, torch.Tensor]] = {}  # aggregation: step -> client -> weights
+        self.rows: list[np.ndarray] = []
+        self.row = np.zeros(tw.K)
+        self.t_step0: float | None = None
+        self.running = True
+
+    # ---- sending ---------------------------------------------------------------------------
+    def _to(self, ident: bytes, msg: Message) -> float:
+        self.front.send_multipart([ident, *msg.frames()], copy=False)
+        return time.monotonic()
+
+    def _fail(self, ident: bytes, session: int, step: int, text: str) -> None:
+        where = f"stage {self.s.stage} (layers {self.s.start}:{self.s.end})"
+        self._to(ident, error(session, step, f"{where}: {text}"))
+
+    def _g(self, msg: Message) -> int:
+        """The step-wide micro-batch number of an arrival from upstream."""
+        c, m = msg.session, msg.position_start
+        if self.facing_clients:
+            if not 0 <= c < self.s.clients or not 0 <= m < self.s.micro_batches:
+                raise WireError(f"client {c} micro-batch {m} outside "
+                                f"{self.s.clients} x {self.s.micro_batches}")
+            if self.s.turns:
+                if c != msg.step % self.s.clients:
+                    raise WireError(f"step {msg.step} is client {msg.step % self.s.clients}'s turn, "
+                                    f"not {c}'s")
+                return m
+            return c * self.s.micro_batches + m
+        if not 0 <= m < self.total:
+            raise WireError(f"micro-batch {m} outside 0..{self.total - 1}")
+        return m
+
+    # ---- receiving --------------------------------------------------------------------------
+    def on_front(self) -> None:
+        frames = self.front.recv_multipart(copy=False)
+        t = time.monotonic()
+        ident = frames[0].bytes
+        try:
+            msg = parse(frames[1:])
+        except WireError as e:
+            self._fail(ident, 0, 0, f"malformed message: {e}")
+            return
+        try:
+            self._from_up(ident, msg, t)
+        except Exception as e:  # noqa: BLE001 - a bad request is answered, the node keeps serving
+            self._fail(ident, msg.session, msg.step, f"{type(e).__name__}: {e}")
+
+    def _from_up(self, ident: bytes, msg: Message, t: float) -> None:
+        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS):
+            g = self._g(msg)
+            c = msg.session if self.facing_clients else 0
+            if self.ups.get(c, ident) != ident:
+                raise WireError(f"a second upstream hop for client {c}")
+            if msg.step < self.step:
+                raise WireError(f"step {msg.step} is over (at step {self.step})")
+            self.ups[c] = ident
+            if self.t_step0 is None:
+                self.t_step0 = t
+            self.row[tw.F["bytes_from_up"]] += msg.nbytes
+            key = (msg.step, g)
+            if msg.kind == Kind.TRAIN_LABELS:
+                if self.back is not None:  # relayed to the stage with the loss
+                    msg.session, msg.position_start = c, g
+                    self.back.send_multipart(msg.frames(), copy=False)
+                else:
+                    self.labels[key] = tw.labels(msg, self.vocab)
+            else:
+                self.row[tw.F["t_recv_fwd"]] += t
+                t0 = time.perf_counter()
+                self.fwd[key] = tw.decode(msg, self.hidden)
+                self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+        elif msg.kind == Kind.TRAIN_STATS:  # answered once step ``msg.step`` is done here and below
+            if msg.step >= self.step:
+                self.deferred.append((ident, msg))
+            else:
+                self._stats(ident, msg)
+        elif msg.kind == Kind.TRAIN_PULL and msg.position_start == 0 and self.s.turns and self.facing_clients:
+            self.waiting.append((ident, msg))  # the device adapters of step msg.step, once handed on
+            self._hand_on()
+        elif msg.kind == Kind.TRAIN_PULL:
+            if msg.position_start == self.s.stage:
+                from testbed.apps.training.lora import flatten
+
+                flat = flatten(self.stage.named_adapters)
+                self._to(ident, weights_message(msg.session, flat, self.s.stage))
+            elif self.back is not None and msg.position_start > self.s.stage:
+                self.askers.append(ident)
+                self.back.send_multipart(msg.frames(), copy=False)
+            else:
+                raise WireError(f"no hop {msg.position_start} downstream of stage {self.s.stage}")
+        elif msg.kind == Kind.TRAIN_WEIGHTS and self.facing_clients and self.s.aggregate_every:
+            self._aggregate(ident, msg)
+        elif msg.kind == Kind.TRAIN_WEIGHTS and self.facing_clients and self.s.turns:
+            self.handoff = (msg.step, msg.tensor().reshape(-1))
+            self._hand_on()
+        elif msg.kind == Kind.PING:
+            self._to(ident, pong([self.step, self.k]))
+        else:
+            raise WireError(f"unexpected {msg.kind.name} from upstream")
+
+    def _hand_on(self) -> None:
+        """Answer the devices waiting for the adapters of a step that has been handed on."""
+        if self.handoff is None:
+            return
+        step, flat = self.handoff
+        for ident, msg in [w for w in self.waiting if w[1].step == step]:
+            self._to(ident, weights_message(msg.session, flat, 0, step))
+        self.waiting = [w for w in self.waiting if w[1].step != step]
+
+    def _aggregate(self, ident: bytes, msg: Message) -> None:
+        """FedAvg of the clients' adapters: answered to all once every client's weights are in."""
+        from testbed.apps.training.aggregate import fedavg
+
+        if not 0 <= msg.session < self.s.clients:
+            raise WireError(f"weights of client {msg.session} of {self.s.clients}")
+        got = self.rounds.setdefault(msg.step, {})
+        got[msg.session] = msg.tensor().reshape(-1)
+        self.ups.setdefault(msg.session, ident)
+        if len(got) < self.s.clients:
+            return
+        del self.rounds[msg.step]
+        states = [{"flat": got[c]} for c in range(self.s.clients)]
+        mean = fedavg(states, [1.0] * self.s.clients)["flat"]  # equal batches: equal weights
+        for c in range(self.s.clients):
+            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, msg.step))
+
+    def _stats(self, ident: bytes, msg: Message) -> None:
+        if self.back is None:
+            self._reply_stats(ident, None, msg.session)
+        else:
+            self.askers.append(ident)
+            self.back.send_multipart(msg.frames(), copy=False)
+
+    def _reply_stats(self, ident: bytes, below: np.ndarray | None, session: int) -> None:
+        mine = np.stack(self.rows).reshape(1, -1) if self.rows else np.zeros((1, 0))
+        table = mine if below is None else np.concatenate([mine, below.reshape(below.shape[0], -1)])
+        self._to(ident, float_values(Kind.TRAIN_STATS, session, self.step, table))
+
+    def on_back(self) -> None:
+        assert self.back is not None
+        frames = self.back.recv_multipart(copy=False)
+        t = time.monotonic()
+        try:
+            msg = parse(frames)
+        except WireError as e:
+            print(f"train_stage: dropped a malformed message from downstream: {e}", file=sys.stderr)
+            return
+        if msg.kind == Kind.TRAIN_BACKWARD:
+            self.row[tw.F["bytes_from_down"]] += wire_size(frames)
+            self.row[tw.F["t_recv_bwd"]] += t
+            t0 = time.perf_counter()
+            self.grads[(msg.step, msg.position_start)] = tw.decode(msg, self.hidden)
+            self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+        elif msg.kind in (Kind.TRAIN_STATS, Kind.TRAIN_WEIGHTS) and self.askers:
+            ident = self.askers.popleft()
+            if msg.kind == Kind.TRAIN_STATS:
+                self._reply_stats(ident, msg.tensor().numpy(), msg.session)
+            else:
+                self._to(ident, msg)
+        elif msg.kind == Kind.ERROR:
+            for ident in dict.fromkeys([*self.askers, *self.ups.values()]):
+                self._to(ident, msg)
+
+    # ---- the schedule -----------------------------------------------------------------------
+    def advance(self) -> None:
+        """Run every pass whose input is there, in schedule order; step the optimizer after the last."""
+        st, s, row = self.stage, self.s, self.row
+        while self.k < len(self.ops):
+            kind, g = self.ops[self.k]
+            key = (self.step, g)
+            c, m = (self.step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
+            if kind == "F":
+                if key not in self.fwd or (st.is_last and key not in self.labels):
+                    return
+                x = self.fwd.pop(key)
+                t0 = time.perf_counter()
+                scale = 1.0 / self.total  # micro-batches are equal shares of the step's samples
+                p = st.forward_micro(x, self.labels.pop(key, None), scale)
+                row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
+                self.pending[g] = p
+                if st.is_last:
+                    row[tw.F["loss"]] += p.loss * scale
+                else:
+                    t1 = time.perf_counter()
+                    msg = tw.encode(Kind.TRAIN_FORWARD, c, self.step, g, p.out, s.codec)
+                    row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                    assert self.back is not None
+                    self.back.send_multipart(msg.frames(), copy=False)
+                    row[tw.F["t_send_fwd"]] += time.monotonic()
+            else:
+                if not st.is_last and st.grad_out and key not in self.grads:
+                    return  # a stage with nothing trainable at or above it gets no gradient
+                p = self.pending.pop(g)
+                t0 = time.perf_counter()
+                grad = st.backward_micro(p, self.grads.pop(key, None))
+                row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
+                row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
+                if grad is not None:
+                    t1 = time.perf_counter()
+                    if self.facing_clients:
+                        msg = tw.encode(Kind.TRAIN_BACKWARD, c, self.step, m, grad, s.grad_codec)
+                        ident = self.ups[c]
+                    else:
+                        msg = tw.encode(Kind.TRAIN_BACKWARD, c, self.step, g, grad, s.grad_codec)
+                        ident = self.ups[0]
+                    row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                    row[tw.F["t_send_bwd"]] += self._to(ident, msg)
+            self.k += 1
+        self._end_step()
+
+    def _end_step(self) -> None:
+        t0 = time.perf_counter()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3  # the update counts as backward
+        self.row[tw.F["step_ms"]] = (time.monotonic() - (self.t_step0 or time.monotonic())) * 1e3
+        self.rows.append(self.row)
+        self.row = np.zeros(tw.K)
+        self.stage.meter.reset_peak()
+        self.step += 1
+        self.k = 0
+        self.t_step0 = None
+        done = [(i, m) for i, m in self.deferred if m.step < self.step]
+        self.deferred = [(i, m) for i, m in self.deferred if m.step >= self.step]
+        for ident, msg in done:
+            self._stats(ident, msg)
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        if self.back is not None:
+            poller.register(self.back, zmq.POLLIN)
+        while self.running:
+            events = dict(poller.poll(200))
+            if self.back is not None and events.get(self.back):
+                self.on_back()
+            if events.get(self.front):
+                self.on_front()
+            try:
+                self.advance()
+            except Exception as e:  # noqa: BLE001 - reported upstream; the run cannot go on
+                for ident in self.ups.values():
+                    self._fail(ident, 0, self.step, f"{type(e).__name__}: {e}")
+                self.k, self.fwd, self.grads, self.labels, self.pending = 0, {}, {}, {}, {}
+
+    def close(self) -> None:
+        self.front.close(0)
+        if self.back is not None:
+            self.back.close(0)

@@ -1,0 +1,125 @@
+"""The pipeline model against a hand-traced timeline, known closed forms and the discrete-event run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from testbed.apps.training.analytic import (
+    SCHEDULES,
+    Hop,
+    Stage,
+    bubble_fraction,
+    peak_micro_batches,
+    predict,
+    schedule_ops,
+    simulate,
+    simulated_peaks,
+)
+
+
+def hop_ms(fwd_ms: float, bwd_ms: float, latency_ms: float = 0.0, rate: float = 1e9) -> Hop:
+    """A hop whose serialization takes the given times at ``rate``."""
+    return Hop(round(fwd_ms * rate / 8e3), round(bwd_ms * rate / 8e3), rate, latency_ms)
+
+
+def random_hop(rng: random.Random) -> Hop:
+    return hop_ms(rng.uniform(0, 30), rng.uniform(0, 30), rng.choice([0, 1, 5, 20]))
+
+
+def test_hand_traced_two_stages() -> None:
+    """P=2, M=2, f=(1,3), b=(2,4), link 0.5 ms forward / 0.25 ms back + 1 ms latency, traced on paper:
+    stage 1 ends its forwards at 8.5 (GPipe) and stage 0's last backward ends at 19.75 in both schedules."""
+    stages = [Stage(1, 2, activation_bytes=100), Stage(3, 4, activation_bytes=10, update_ms=0.5)]
+    hops = [hop_ms(0.5, 0.25, 1.0)]
+    for schedule in SCHEDULES:
+        for model in (predict, simulate):
+            r = model(stages, hops, 2, schedule)
+            assert r.step_ms == pytest.approx(19.75), (schedule, model.__name__)
+            assert r.stages[1].idle_ms == pytest.approx(19.75 - 14 - 0.5)
+            assert r.hop_transfer_ms[0] == pytest.approx((1.0, 0.5))
+    assert simulate(stages, hops, 2, "gpipe").stages[1].peak_activation_bytes == 20
+    assert simulate(stages, hops, 2, "1f1b").stages[1].peak_activation_bytes == 10
+    late = [Stage(1, 2, update_ms=0.5), Stage(3, 4)]  # the device's optimizer step ends the step
+    assert simulate(late, hops, 2, "gpipe").step_ms == pytest.approx(20.25)
+    assert predict(late, hops, 2, "1f1b").step_ms == pytest.approx(20.25)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(("p", "m"), [(1, 1), (1, 8), (2, 1), (2, 4), (3, 8), (4, 2), (4, 8), (5, 16)])
+def test_equal_stages_match_the_textbook_bubble(schedule: str, p: int, m: int) -> None:
+    f, b = 3.0, 5.0
+    stages = [Stage(f, b)] * p
+    hops = [Hop(0, 0, 1e9)] * (p - 1)  # free links
+    for model in (predict, simulate):
+        r = model(stages, hops, m, schedule)
+        assert r.step_ms == pytest.approx((m + p - 1) * (f + b), rel=1e-9)
+        assert r.bubble_fraction == pytest.approx(bubble_fraction(p, m), rel=1e-9, abs=1e-12)
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+
+
+def test_gpipe_closed_form_is_exact_for_any_stages_and_links() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        p, m = rng.randint(1, 5), rng.choice([1, 2, 3, 4, 8, 16])
+        stages = [Stage(rng.uniform(0.5, 20), rng.uniform(0.5, 40), update_ms=rng.uniform(0, 3))
+                  for _ in range(p)]
+        hops = [random_hop(rng) for _ in range(p - 1)]
+        a, s = predict(stages, hops, m, "gpipe"), simulate(stages, hops, m, "gpipe")
+        assert a.step_ms == pytest.approx(s.step_ms, rel=1e-9)
+        idle = [t.idle_ms for t in s.stages]
+        assert [t.idle_ms for t in a.stages] == pytest.approx(idle, rel=1e-9, abs=1e-9)
+
+
+def test_1f1b_model_is_a_close_lower_bound() -> None:
+    """The 1F1B closed form follows real dependency chains: never above the event run, and close to it."""
+    rng = random.Random(1)
+    errors = []
+    for _ in range(400):
+        p, m = rng.randint(1, 5), rng.choice([1, 2, 4, 8, 16])
+        stages = [Stage(rng.uniform(5, 20), rng.uniform(10, 40)) for _ in range(p)]
+        hops = [random_hop(rng) for _ in range(p - 1)]
+        a, s = predict(stages, hops, m, "1f1b").step_ms, simulate(stages, hops, m, "1f1b").step_ms
+        assert a <= s * (1 + 1e-9)
+        errors.append((s - a) / s)
+    errors.sort()
+    assert errors[-1] < 0.15 and errors[int(0.9 * len(errors))] < 0.07
+
+
+def test_link_bound_pipeline() -> None:
+    """A slow link is the bottleneck server: GPipe's forward wave advances one transfer per micro-batch."""
+    stages = [Stage(1, 1), Stage(1, 1)]
+    hops = [hop_ms(10, 0)]
+    for m in (1, 4, 8):
+        expect = (1 + 10 + 1 + (m - 1) * 10) + (1 + 1 + (m - 1) * 1)
+        assert predict(stages, hops, m, "gpipe").step_ms == pytest.approx(expect)
+        assert simulate(stages, hops, m, "gpipe").step_ms == pytest.approx(expect)
+        assert simulate(stages, hops, m, "1f1b").step_ms >= 10 * m  # the link carries every micro-batch
+
+
+def test_1f1b_order_and_peak_memory() -> None:
+    assert schedule_ops(0, 4, 6, "1f1b") == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("F", 4),
+                                             ("B", 1), ("F", 5), ("B", 2), ("B", 3), ("B", 4), ("B", 5)]
+    assert schedule_ops(3, 4, 3, "1f1b") == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert schedule_ops(1, 2, 2, "gpipe") == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    for p in range(1, 7):
+        for m in range(1, 11):
+            for schedule in SCHEDULES:
+                peaks = simulated_peaks(p, m, schedule)
+                assert peaks == [peak_micro_batches(s, p, m, schedule) for s in range(p)]
+            gp, ob = simulated_peaks(p, m, "gpipe"), simulated_peaks(p, m, "1f1b")
+            if m > p:  # the issue's memory criterion, per stage
+                assert all(o <= (p / m) * g * 1.1 for o, g in zip(ob, gp, strict=True))
+    stages = [Stage(1, 1, activation_bytes=1000)] * 4
+    r = simulate(stages, [Hop(1, 1, 1e9)] * 3, 8, "1f1b")
+    assert [t.peak_activation_bytes for t in r.stages] == [4000, 3000, 2000, 1000]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="schedule must be one of gpipe, 1f1b"):
+        predict([Stage(1, 1)], [], 2, "interleaved")
+    with pytest.raises(ValueError, match="2 stages need 1 hops, got 0"):
+        simulate([Stage(1, 1)] * 2, [], 2, "gpipe")
+    with pytest.raises(ValueError, match="at least one"):
+        predict([Stage(1, 1)], [], 0, "gpipe")
