@@ -14,12 +14,12 @@ from typing import Any
 from testbed.spec import check
 from testbed.spec.check import Checker
 from testbed.spec.errors import got
-from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS, TRACE_FORMATS
+from testbed.spec.options import ROLES, RUNTIMES, SECURITY, TCP_CCS, TRACE_FORMATS
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 from testbed.spec.traces import infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
-TOP_KEYS = ("name", "description", "tcp_cc", "nodes", "links")
+TOP_KEYS = ("name", "description", "tcp_cc", "security", "nodes", "links")
 NODE_KEYS = ("role", "cpu", "memory_mb", "runtime")
 LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format")
@@ -71,11 +71,13 @@ class _Parser(Checker):
         if not isinstance(name, str) or not name.strip():
             raise self.fail("name", f"must be a non-empty string {got(name)}")
         tcp_cc = self.choice(doc.get("tcp_cc", "cubic"), "tcp_cc", TCP_CCS)
+        security = self.choice(doc.get("security", "none"), "security", SECURITY)
         if "nodes" not in doc:
             raise self.fail("nodes", "missing (a mapping of node name -> {role: ...})")
         nodes = self.nodes(doc["nodes"])
         links = self.links(doc.get("links", []), nodes)
-        topo = Topology(name=name, source=self.source, nodes=nodes, links=links, tcp_cc=tcp_cc)
+        topo = Topology(name=name, source=self.source, nodes=nodes, links=links, tcp_cc=tcp_cc,
+                        security=security)
         self.check_cells(topo)
         self.check_connected(topo)
         return topo
