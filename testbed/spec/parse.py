@@ -6,6 +6,7 @@ the bounds of each number are those of ``testbed.spec.check`` (shared with suite
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -183,7 +184,7 @@ class _Parser(Checker):
         if body.get("bw_mbit") is not None:
             raise self.fail(f"{field}.bw_mbit", f"cannot be combined with a trace (the trace sets the rate) "
                                                 f"{got(body['bw_mbit'])}")
-        path = Path(raw).expanduser()
+        path = Path(os.path.expanduser(raw))  # unlike Path.expanduser, ~nosuchuser stays as written
         if not path.is_absolute():
             path = self.source.resolve().parent / path
         path = path.resolve()

@@ -35,3 +35,34 @@ def test_corpus_input(path: Path) -> None:
             targets.TARGETS[path.parent.name](data)
         except SpecError as e:
             assert "\n" not in str(e)
+
+
+# ---- what the fuzzers found, each fixed in the parser ----------------------------------------------
+
+def _refusal(name: str, data: bytes) -> str:
+    with pytest.raises(SpecError) as e:
+        targets.TARGETS[name](data)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_key_with_a_line_break_stays_one_line() -> None:
+    """suite: ``roles: {"devic\\nrol"}`` printed the key raw, breaking the one-line error."""
+    text = _refusal("suite", (CORPUS / "suite" / "crash-newline-in-key").read_bytes())
+    assert "roles.devicyaml\\nrol: unknown key" in text
+
+
+def test_a_home_of_an_unknown_user_is_a_missing_file() -> None:
+    """topology: ``trace: ~hi`` raised RuntimeError (no user ``hi``) from Path.expanduser."""
+    text = _refusal("topology", (CORPUS / "topology" / "crash-unknown-user-home").read_bytes())
+    assert text.endswith("~hi: trace file not found")
+
+
+def test_trace_periods_and_packet_counts_are_bounded() -> None:
+    """csv: ``0,8`` then a row at 88888 s asked for 59 million opportunities (an out-of-memory stop);
+    periods beyond 7 days are refused in both formats (a report bins them in 100 ms steps)."""
+    oom = _refusal("trace", (CORPUS / "trace" / "crash-csv-long-period-oom").read_bytes())
+    assert "more than 10000000 delivery opportunities per period (got 59258666" in oom
+    assert "the period must be <= 604800 s (7 days)" in _refusal("trace", b"\x010,8\n1e6,1\n")
+    assert "line 2: the last timestamp (the period) must be <= 604800000 ms" in \
+        _refusal("trace", b"\x001\n9223372036854775807\n")
