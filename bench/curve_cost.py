@@ -11,7 +11,8 @@ layers 0:4, the edge 4:30, fp32 activations, KV cache on), three ways:
 3. ``network`` (root): the quick point itself over the emulated topology (uplink 20 Mbit/s),
    ``testbed infer``'s path end to end (keys written by the launcher), rounds alternating.
 
-    .venv/bin/python bench/curve_cost.py [--tokens 32] [--rounds 5] [--skip-network]
+    .venv/bin/python bench/curve_cost.py [--tokens 32] [--rounds 5] [--network-rounds 3] [--skip-network]
+                                         [--only message|loopback|network]
 """
 
 from __future__ import annotations
@@ -148,14 +149,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--network-rounds", type=int, default=3)
+    ap.add_argument("--only", choices=("message", "loopback", "network"), help="run one part only")
     ap.add_argument("--skip-network", action="store_true")
     args = ap.parse_args()
     model = default_model_dir()
     print(f"load average {os.getloadavg()[0]:.1f} at start")
-    message(args.rounds)
-    loopback(model, args.tokens, args.rounds)
-    if not args.skip_network:
-        network(model, args.tokens, max(3, args.rounds // 2 + 1))
+    if args.only in (None, "message"):
+        message(args.rounds)
+    if args.only in (None, "loopback"):
+        loopback(model, args.tokens, args.rounds)
+    if args.only == "network" or (args.only is None and not args.skip_network):
+        network(model, args.tokens, args.network_rounds)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -130,11 +130,14 @@ def suite(data: bytes) -> None:
 
 
 def _trace(data: bytes, fmt: str) -> None:
-    from testbed.spec.traces import load_trace
+    from testbed.spec import traces
 
     path = scratch() / f"fuzz-trace.{fmt}"
     path.write_bytes(data)
-    tr = load_trace(path, fmt)
+    # parsed traces are cached by content (up to 32, each up to 80 MB of opportunities): a run of
+    # millions of distinct inputs would fill memory with them
+    traces._parse_cached.cache_clear()
+    tr = traces.load_trace(path, fmt)
     # what the shapers and reports ask of a loaded trace
     tr.mean_mbit()
     tr.rate_bins_mbit(100.0)
