@@ -131,18 +131,24 @@ def network(model: Path, tokens: int, rounds: int) -> None:
     layers = int(load_config(model).num_hidden_layers)
     placement = f"phone=0:{CUT},mec={CUT}:{layers}"
     tpot: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}  # CPU ms per token, both programs together
     for r in range(rounds):
         for mode in (MODES if r % 2 else MODES[::-1]):
             topo = parse_topology({**data, "security": "curve" if mode == "curve" else "none"}, src)
             logs = Path(tempfile.mkdtemp(prefix=f"curve-bench-{mode}-"))
             res = run_split_inference(topo, placement, PROMPT, max_new_tokens=tokens, model=model, logs=logs)
             tpot[mode].append(res["tpot_ms"])
+            cpu[mode].append(sum(h["cpu_ms"] for h in res["per_hop"]) / len(res["tokens"]))
     print(f"emulated network, quick point ({placement}, uplink 20 Mbit/s), {tokens} tokens, "
           f"TPOT ms (median, min-max of {rounds} alternating rounds):")
     for mode in MODES:
         print(f"  {mode:6} {spread(tpot[mode])}")
     print(f"  curve / plain: {statistics.median(tpot['curve']) / statistics.median(tpot['plain']):.3f}"
           "  (goal <= 1.05)")
+    print("  CPU ms per token, driver and shard node together (ready line to stop; load-insensitive):")
+    for mode in MODES:
+        print(f"  {mode:6} {spread(cpu[mode])}")
+    print(f"  curve / plain: {statistics.median(cpu['curve']) / statistics.median(cpu['plain']):.3f}")
 
 
 def main() -> None:

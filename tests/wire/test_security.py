@@ -25,6 +25,7 @@ from testbed.apps.launch import decode_settings, encode_settings
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
+from testbed.spec.commands import summary
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import parse_topology
 from testbed.wire import message as m
@@ -67,6 +68,8 @@ def test_topology_security_field(tmp_path: Path) -> None:
     assert _topology(tmp_path).security == "none"  # off by default
     topo = _topology(tmp_path, security="curve")
     assert topo.security == "curve" and topo.to_dict()["security"] == "curve"
+    assert summary(topo).endswith("tcp_cc cubic, security curve")  # testbed validate says so
+    assert summary(_topology(tmp_path)).endswith("tcp_cc cubic")
     with pytest.raises(SpecError, match=r"t.yaml: security: must be one of none, curve \(got 'tls'\)"):
         _topology(tmp_path, security="tls")
 
