@@ -15,7 +15,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from testbed.wire.payload import Frame, bytes_per_token, frame_sizes, outliers, tokens_hidden, unpack
+from testbed.wire.payload import (
+    Frame,
+    WireError,
+    bytes_per_token,
+    frame_sizes,
+    outliers,
+    tokens_hidden,
+    unpack,
+)
 
 
 class Codec(Protocol):
@@ -92,7 +100,7 @@ class Int8OutlierCodec(_Layout):
         tokens, hidden = tokens_hidden(shape)
         k = outliers(hidden)
         if k and idx.size and int(idx.max()) >= hidden:
-            raise ValueError("outlier channel index out of range")
+            raise WireError("outlier channel index out of range")
         out = q.reshape(tokens, hidden).astype(np.float32) * scale.reshape(tokens, 1)
         if k:
             np.put_along_axis(out, idx.reshape(tokens, k).astype(np.int64),

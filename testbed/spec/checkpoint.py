@@ -7,6 +7,7 @@ otherwise be found out only when the first shard loads, after the network is up.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from testbed.spec.errors import SpecError
@@ -31,7 +32,7 @@ def check_model_path(path: str | Path, source: str | Path | None = None, field: 
 
     The error names ``source`` (the file or flag that named the model; default: the path itself).
     """
-    p = Path(path).expanduser()
+    p = Path(os.path.expanduser(path))  # ~nosuchuser stays as written (Path.expanduser raises)
     where, what = (p, "") if source is None else (source, f"{p}: ")
     if p.is_dir():
         missing = missing_files(p)

@@ -14,14 +14,15 @@ from testbed.spec.traces import Trace, load_trace
 
 
 def summary(topo: Topology) -> str:
-    """One line: name, node counts per role, links, traces, congestion control."""
+    """One line: name, node counts per role, links, traces, congestion control, security if on."""
     roles = Counter(n.role for n in topo.nodes.values())
     parts = ", ".join(f"{roles[r]} {r}" for r in ROLES if roles[r])
     traces = len(topo.traces())
     extra = f", {traces} trace{'s' if traces != 1 else ''}" if traces else ""
     links = len(topo.links)
     return (f"{topo.source}: OK: {topo.name}: {len(topo.nodes)} nodes ({parts}), "
-            f"{links} link{'s' if links != 1 else ''}{extra}, tcp_cc {topo.tcp_cc}")
+            f"{links} link{'s' if links != 1 else ''}{extra}, tcp_cc {topo.tcp_cc}"
+            + (f", security {topo.security}" if topo.security != "none" else ""))
 
 
 def trace_summary(trace: Trace) -> str:

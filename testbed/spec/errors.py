@@ -48,7 +48,9 @@ class SpecError(TestbedError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.field}: {self.message}"
+        # one line even when a bad key or path holds a line break (it is shown escaped)
+        text = f"{self.file}: {self.field}: {self.message}"
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def got(value: object) -> str:

@@ -14,3 +14,4 @@ TCP_CCS = ("cubic", "reno", "bbr")  # congestion control of a topology's hosts
 TRACE_FORMATS = ("mahimahi", "csv")  # channel trace files
 BASELINES = ("on-device", "edge-offload", "cloud-offload")  # the placements every suite compares
 SWEEP_MODES = ("cartesian", "zip")  # how a suite combines its swept parameters
+SECURITY = ("none", "curve")  # node traffic: plain ZeroMQ, or CurveZMQ with per-run keys

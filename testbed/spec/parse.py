@@ -6,6 +6,7 @@ the bounds of each number are those of ``testbed.spec.check`` (shared with suite
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,12 +16,12 @@ from testbed.spec import check
 from testbed.spec.check import Checker
 from testbed.spec.errors import got
 from testbed.spec.events import parse_events
-from testbed.spec.options import ROLES, RUNTIMES, TCP_CCS, TRACE_FORMATS
+from testbed.spec.options import ROLES, RUNTIMES, SECURITY, TCP_CCS, TRACE_FORMATS
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 from testbed.spec.traces import infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
-TOP_KEYS = ("name", "description", "tcp_cc", "nodes", "links", "events")
+TOP_KEYS = ("name", "description", "tcp_cc", "security", "nodes", "links", "events")
 NODE_KEYS = ("role", "cpu", "memory_mb", "runtime")
 LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format",
@@ -75,11 +76,13 @@ class _Parser(Checker):
         if not isinstance(name, str) or not name.strip():
             raise self.fail("name", f"must be a non-empty string {got(name)}")
         tcp_cc = self.choice(doc.get("tcp_cc", "cubic"), "tcp_cc", TCP_CCS)
+        security = self.choice(doc.get("security", "none"), "security", SECURITY)
         if "nodes" not in doc:
             raise self.fail("nodes", "missing (a mapping of node name -> {role: ...})")
         nodes = self.nodes(doc["nodes"])
         links = self.links(doc.get("links", []), nodes)
-        topo = Topology(name=name, source=self.source, nodes=nodes, links=links, tcp_cc=tcp_cc)
+        topo = Topology(name=name, source=self.source, nodes=nodes, links=links, tcp_cc=tcp_cc,
+                        security=security)
         self.check_cells(topo)
         self.check_connected(topo)
         if doc.get("events") is not None:
@@ -188,7 +191,7 @@ class _Parser(Checker):
         if body.get("bw_mbit") is not None:
             raise self.fail(f"{field}.bw_mbit", f"cannot be combined with a trace (the trace sets the rate) "
                                                 f"{got(body['bw_mbit'])}")
-        path = Path(raw).expanduser()
+        path = Path(os.path.expanduser(raw))  # unlike Path.expanduser, ~nosuchuser stays as written
         if not path.is_absolute():
             path = self.source.resolve().parent / path
         path = path.resolve()

@@ -78,6 +78,7 @@ class Topology:
     links: list[LinkSpec]
     tcp_cc: str = "cubic"
     events: list[Any] = field(default_factory=list)  # testbed.spec.events.Event, sorted by time
+    security: str = "none"  # "curve": CurveZMQ between nodes, with per-run keys
 
     def hosts(self) -> list[NodeSpec]:
         """Nodes that run processes (everything but cells)."""
@@ -110,6 +111,7 @@ class Topology:
             "name": self.name,
             "source": str(self.source),
             "tcp_cc": self.tcp_cc,
+            "security": self.security,
             "nodes": {n.name: asdict(n) for n in self.nodes.values()},
             "links": [{"between": [lk.a, lk.b], "up": lk.up.to_dict(), "down": lk.down.to_dict()}
                       for lk in self.links],

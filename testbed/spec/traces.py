@@ -42,6 +42,10 @@ MBIT_MS_PER_PACKET = MTU_BYTES * 8 / 1000.0  # one packet per ms = 12 Mbit/s
 FORMATS = TRACE_FORMATS
 # a trace's rate may drop to 0 (an outage); its upper bound is a link's
 TRACE_BW_MBIT = check.Range(ge=0, le=check.BW_MBIT.le, note=check.BW_MBIT.note)
+# what one period may hold: the replay keeps every delivery opportunity of a period in memory (8 bytes
+# each) and reports bin it in 100 ms steps; a longer or denser trace is a typo (ms for s), not a channel
+MAX_PERIOD_MS = 7 * 86400 * 1000.0
+MAX_OPPORTUNITIES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,9 @@ def _parse_mahimahi(data: bytes) -> Trace:
     if period <= 0:
         raise _TraceLineError(lineno(stamps.size - 1),
                               "no delivery opportunity: the last timestamp (the period) must be > 0 (got 0)")
+    if period > MAX_PERIOD_MS:
+        raise _TraceLineError(lineno(stamps.size - 1), f"the last timestamp (the period) must be <= "
+                                                       f"{MAX_PERIOD_MS:.0f} ms (7 days) (got {stamps[-1]})")
     mean = stamps.size * MBIT_MS_PER_PACKET / period
     if mean > TRACE_BW_MBIT.le:
         bound = f"{TRACE_BW_MBIT.le:g} Mbit/s ({TRACE_BW_MBIT.note})"
@@ -242,6 +249,9 @@ def _parse_csv(data: bytes) -> Trace:
         period = 1000.0
     else:
         period = (2 * steps[-1].t_s - steps[-2].t_s) * 1000.0
+    if period > MAX_PERIOD_MS:
+        raise _TraceLineError(None, f"the period must be <= {MAX_PERIOD_MS / 1000:.0f} s (7 days) "
+                                    f"(got {period / 1000:g} s: the last time_s plus the step before it)")
     trace = Trace(path=Path(), format="csv", period_ms=period, opportunities_ms=np.empty(0), steps=steps)
     trace.opportunities_ms = _csv_opportunities(trace)
     if trace.opportunities_ms.size == 0:
@@ -286,6 +296,10 @@ def _csv_opportunities(trace: Trace) -> np.ndarray:
     total = int(math.floor(credit[-1] + 1e-9))
     if total == 0:
         return np.empty(0)
+    if total > MAX_OPPORTUNITIES:
+        raise _TraceLineError(None, f"more than {MAX_OPPORTUNITIES} delivery opportunities per period "
+                                    f"(got {total}: {trace.period_ms / 1000:g} s of rate steps): "
+                                    "shorten the trace or lower its rates")
     n = np.arange(1, total + 1, dtype=np.float64)
     k = np.clip(np.searchsorted(credit, n - 1e-9, side="left") - 1, 0, len(rates) - 1)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -14,6 +14,7 @@ import signal
 
 from testbed.apps.inference.settings import DriverSettings, ShardSettings
 from testbed.apps.launch import announce_ready
+from testbed.wire import security
 
 
 def shard_node(s: ShardSettings) -> int:
@@ -25,7 +26,8 @@ def shard_node(s: ShardSettings) -> int:
     torch.set_num_threads(s.threads)
     shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
     shard.eval()
-    server = ShardServer(shard, s.bind, s.next, idle_timeout=s.idle_timeout_s)
+    server = ShardServer(shard, s.bind, s.next, idle_timeout=s.idle_timeout_s,
+                         ctx=security.context(s.curve_keys))
 
     def stop(_sig: int, _frame: object) -> None:
         server.running = False
@@ -59,7 +61,7 @@ def driver(s: DriverSettings) -> int:
         ids = torch.as_tensor(format_prompt(tok, s.prompt), dtype=torch.int64).reshape(1, -1)
     stop = eos_ids(tok, shard.config if shard else None) if s.stop_at_eos else set()
     client = SplitClient(shard, s.next, codec=s.codec, kv_cache=s.kv_cache, timeout_s=s.timeout_s,
-                         layers=list(s.hops))
+                         layers=list(s.hops), ctx=security.context(s.curve_keys))
     try:
         try:
             client.connect()

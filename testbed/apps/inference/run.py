@@ -33,6 +33,7 @@ from testbed.apps.launch import (
 from testbed.net.events import EventScheduler
 from testbed.omp import describe
 from testbed.spec.topology import Topology
+from testbed.wire.security import run_key_files
 
 BASE_PORT = 5600
 
@@ -46,9 +47,11 @@ def model_layers(model_dir: Path) -> int:
 
 
 def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, model_dir: Path, quant: str,
-                  idle_timeout_s: float = 60.0, threads: int | None = None) -> Program:
+                  idle_timeout_s: float = 60.0, threads: int | None = None,
+                  curve_keys: str | None = None) -> Program:
     settings = ShardSettings(bind=bind, model=str(model_dir), start=stage.start, end=stage.end,
-                             next=next_addr, quant=quant, idle_timeout_s=idle_timeout_s)
+                             next=next_addr, quant=quant, idle_timeout_s=idle_timeout_s,
+                             curve_keys=curve_keys)
     return Program(f"shard-{stage.node}", "shard_node.py", settings, host, threads=threads)
 
 
@@ -62,12 +65,13 @@ def shard_programs(stages: list[Stage], addrs: list[str | None], host_of: Callab
 
 def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model_dir: Path, prompt: str,
                    max_new_tokens: int, quant: str, codec: str, kv_cache: bool,
-                   prompt_ids: list[int] | None = None, timeout_s: float = 300.0) -> Program:
+                   prompt_ids: list[int] | None = None, timeout_s: float = 300.0,
+                   curve_keys: str | None = None) -> Program:
     first = stages[0]
     settings = DriverSettings(model=str(model_dir), start=first.start, end=first.end, next=next_addr,
                               hops=[s.layers for s in stages], prompt=prompt, prompt_ids=prompt_ids,
                               max_new_tokens=max_new_tokens, codec=codec, quant=quant, kv_cache=kv_cache,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, curve_keys=curve_keys)
     return Program(f"driver-{first.node}", "driver.py", settings, host, service=False)
 
 
@@ -134,9 +138,12 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     ports = ports or [BASE_PORT + i for i in range(len(stages))]
     addrs: list[str | None] = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
                                         for i, s in enumerate(stages) if i > 0]
-    shards = shard_programs(stages, addrs, lambda node: NetHost(net, node), model_dir, quant)
+    node_keys, device_keys = run_key_files(net.topo.security, logs)
+    shards = shard_programs(stages, addrs, lambda node: NetHost(net, node), model_dir, quant,
+                            curve_keys=node_keys)
     drv = driver_program(NetHost(net, stages[0].node), stages, addrs[1] if len(stages) > 1 else None,
-                         model_dir, prompt, max_new_tokens, quant, codec, kv_cache, prompt_ids)
+                         model_dir, prompt, max_new_tokens, quant, codec, kv_cache, prompt_ids,
+                         curve_keys=device_keys)
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)

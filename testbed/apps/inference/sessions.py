@@ -28,6 +28,7 @@ from testbed.apps.inference.run import (
 )
 from testbed.apps.launch import READY_TIMEOUT_S, Launcher, LaunchError, NetHost, default_logs_dir
 from testbed.net.events import EventScheduler
+from testbed.wire.security import run_key_files
 
 
 @dataclass
@@ -70,11 +71,14 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
     if downstream and len({net.ip(downstream[0].node, c[0].node) for c in chains}) > 1:
         raise InferenceError(f"the devices reach {downstream[0].node} on different addresses: "
                              "parallel devices must share one segment (a cell)")
-    shards = shard_programs(chains[0], addrs, lambda node: NetHost(net, node), model_dir, req.quant)
-    drivers = [driver_program(NetHost(net, c[0].node), c, addrs[1] if downstream else None, model_dir,
-                              req.prompt, req.max_new_tokens, req.quant, req.codec, req.kv_cache)
-               for c in chains]
     logs = logs or default_logs_dir("run")
+    node_keys, device_keys = run_key_files(net.topo.security, logs)
+    shards = shard_programs(chains[0], addrs, lambda node: NetHost(net, node), model_dir, req.quant,
+                            curve_keys=node_keys)
+    drivers = [driver_program(NetHost(net, c[0].node), c, addrs[1] if downstream else None, model_dir,
+                              req.prompt, req.max_new_tokens, req.quant, req.codec, req.kv_cache,
+                              curve_keys=device_keys)
+               for c in chains]
     with Launcher(logs, sharers=len(shards) + len(drivers)) as run:
         t_start = time.monotonic()
         started = run.start(shards + drivers)

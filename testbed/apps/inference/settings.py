@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.spec.options import CODECS, QUANTS
+from testbed.wire.security import key_file_problem
 
 MAX_THREADS = 1024
 MAX_TOKENS = 100_000
@@ -42,6 +43,8 @@ def _common(s: ShardSettings | DriverSettings) -> Iterator[tuple[str, str]]:
         yield "threads", f"must be in 1..{MAX_THREADS}"
     if s.start < 0:
         yield "start", "must be >= 0"
+    if (problem := key_file_problem(s.curve_keys)) is not None:
+        yield "curve_keys", problem
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ShardSettings:
     quant: str = "none"
     threads: int = 1  # set by the launcher from its thread plan
     idle_timeout_s: float = 60.0
+    curve_keys: str | None = None  # the run's keys file (``security: curve``; testbed.wire.security)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.bind, "bind", wildcard_ok=False)
@@ -86,6 +90,7 @@ class DriverSettings:
     stop_at_eos: bool = True
     threads: int = 1  # set by the launcher from its thread plan
     timeout_s: float = 300.0  # for each reply of the next hop
+    curve_keys: str | None = None  # the run's keys file (``security: curve``; testbed.wire.security)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")

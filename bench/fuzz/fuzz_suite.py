@@ -1,0 +1,6 @@
+"""Fuzz the suite target (bench/fuzz/targets.py): `python bench/fuzz/fuzz_suite.py -atheris_runs=1000000`."""
+
+from fuzz_main import main
+
+if __name__ == "__main__":
+    main("suite")
