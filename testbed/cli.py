@@ -42,6 +42,7 @@ HANDLERS = {
     "run": "testbed.experiments.commands:run",
     "report": "testbed.report.commands:report",
     "images": "testbed.hosts.images:images",
+    "serve-bench": "testbed.apps.caching.serving:serve_bench",
 }
 DEBUG_ENV = "TESTBED_DEBUG"  # set to 1: full error text and tracebacks
 
@@ -177,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("images", help="build the node container image offline")
     p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("serve-bench", help="LoRA serving at an edge: tokens/s vs distinct adapters per batch")
+    count = flag_number(check.Range(ge=1, le=256, integer=True))
+    p.add_argument("--adapters", type=count, default=8)
+    p.add_argument("--batch", type=count, default=8)
+    p.add_argument("--rank", type=count, default=8)
+    p.add_argument("--tokens", type=count, default=16, help="new tokens per request")
+    p.add_argument("--repeats", type=count, default=3)
+    p.add_argument("--threads", type=count, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    backends = ("stacked", "peft")  # testbed.apps.caching.serving.BACKENDS (not imported: torch)
+    p.add_argument("--backend", type=flag_choice(backends), choices=backends, default="stacked")
+    p.add_argument("--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M)")
+    p.add_argument("--json", action="store_true")
     return ap
 
 

@@ -418,14 +418,17 @@ def serve_bench(args) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = bench_setup(prepare_model_dir(args.model), args.adapters, args.rank, args.seed, DEFAULT_PROMPTS)
+    setup = bench_setup(prepare_model_dir(args.model), args.adapters, args.rank, args.seed, DEFAULT_PROMPTS,
+                        args.backend)
     top = min(args.adapters, args.batch)
     counts = sorted({1, top} | {2 ** k for k in range(int(math.log2(top)) + 1)})
+    measure(setup, batch_of(setup, min(2, args.batch), 1), 2, 1)  # warm-up: first calls allocate
     rows = []
     for d in counts:
         m = measure(setup, batch_of(setup, args.batch, d), args.tokens, args.repeats)
         rows.append({"distinct_adapters": d, **m})
-    out = {"batch": args.batch, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
+    out = {"backend": args.backend, "batch": args.batch, "adapters": args.adapters, "rank": args.rank,
+           "tokens": args.tokens,
            "threads": torch.get_num_threads(), "memory": setup.server.memory(), "rows": rows,
            "generated_adapters": True}
     if args.json:

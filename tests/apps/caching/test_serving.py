@@ -3,6 +3,7 @@ of different lengths) gives each request exactly the tokens of its merged model,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,18 @@ def test_adapters_come_and_go_on_the_stacked_backend(tiny: Path):
     broken = {k: v for k, v in state.items() if "lora_B" not in k or "layers.0.self_attn.q_proj" not in k}
     with pytest.raises(ValueError, match="lora_A and lora_B"):
         server.add_adapter("b", cfg, broken)
+
+
+def test_serve_bench_json(tiny: Path, capsys):
+    from testbed.cli import main
+
+    assert main(["serve-bench", "--adapters", "3", "--batch", "4", "--tokens", "3", "--repeats", "1",
+                 "--model", str(tiny), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["distinct_adapters"] for r in out["rows"]] == [1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 for r in out["rows"])
+    mem = out["memory"]
+    assert mem["adapters"] == 3 and mem["total_bytes"] == mem["base_bytes"] + mem["adapter_bytes"] > 0
+    assert out["generated_adapters"] is True
+    assert main(["serve-bench", "--batch", "0"]) == 2
+    assert "serve-bench: --batch: must be an integer >= 1 (got 0)" in capsys.readouterr().err
