@@ -507,16 +507,16 @@ def synthetic_catalogue(adapters: int, partial: int, base: str = "smollm2", seed
     state = _shape_state(shape)
     sizes: dict[str, int] = {}
 
-    def ref(owner: str, name: str, numel: int, per: int, part: str) -> BlockRef:
+    def ref(owner: str, name: str, numel: int, per: int, part: str, kind: str = "tensor") -> BlockRef:
         h = block_hash(f"{seed}:{owner}:{name}".encode())
-        size = numel * per + SAFETENSORS_OVERHEAD
+        size = numel * per + (SAFETENSORS_OVERHEAD if kind == "tensor" else 0)
         sizes[h] = size
-        return BlockRef(name, h, size, "tensor", part)
+        return BlockRef(name, h, size, kind, part)
 
     fp32_name = "smollm2-135m" if base == "smollm2" else "tiny"
     int4_name = f"{fp32_name}-int4"
     tok_bytes = 3_522_871 if base == "smollm2" else 20_000  # the shipped tokenizer.json's size
-    files = [ref("files", n, 1, tok_bytes if n == "tokenizer.json" else 1_000, "base")
+    files = [ref("files", n, 1, tok_bytes if n == "tokenizer.json" else 1_000, "base", "file")
              for n in FILE_NAMES[:3]]
     fp32 = files + [ref(fp32_name, n, math.prod(s), per, "base") for n, (s, per) in sorted(state.items())]
     int4 = list(files)

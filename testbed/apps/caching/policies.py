@@ -220,6 +220,9 @@ class _WholeModel(Policy):
     def _victim(self, edge: str) -> int:
         return next(iter(self.cached[edge]))  # least recently used
 
+    def _is_hit(self, edge: str, m: int) -> bool:
+        return m in self.cached[edge]  # block-unaware: a model is cached as a whole or not at all
+
     def _serve(self, edge: str, m: int) -> Plan:
         cached, refs = self.cached[edge], self.refs[edge]
         self.last[edge][m] = self.requests
