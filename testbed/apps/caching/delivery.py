@@ -188,6 +188,8 @@ class BlockServer:
             self.sock.send_multipart([frames[0], *self.handle(frames[1:])], copy=False)
 
     def start(self) -> BlockServer:
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(target=self.serve, name="block-server", daemon=True)
         self._thread.start()
         return self
