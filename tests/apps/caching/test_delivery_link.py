@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[3]
 PEER = Path(__file__).with_name("block_peer.py")
-RATE, DELAY = 20.0, 10.0  # Mbit/s each way, ms one way (RTT 20 ms)
+RATE, DELAY = 20.0, 20.0  # Mbit/s each way, ms one way (RTT 40 ms)
 CHUNK = 64 * 1024
 
 
@@ -84,9 +84,11 @@ def test_goodput_near_the_link_rate_and_a_corrupt_chunk_fetched_again(tmp_path: 
           f"{rep['bound_s']:.2f} s; credit {rep['credit']}")
     assert rep["corrupt_chunks"] == 1 and sent["sent"][f"{big}:{5 * CHUNK}"] == 2
     assert sum(sent["sent"].values()) == rep["chunks"] + 1
-    # TCP/IP headers take ~3.5 % of a shaped IP byte; the rest is start-up and this machine's load
-    assert 0.80 * RATE <= rep["goodput_mbit"] <= RATE
-    assert 0.80 <= rep["bound_ratio"] <= 1.0
+    # One chunk at a time would reach ~40 % of the rate here (64 KiB take 26 ms, plus a 40 ms round
+    # trip); the credit window keeps the pipe full.  TCP/IP headers take ~3.5 % of a shaped IP byte;
+    # the rest is start-up and this shared machine's load (bench/delivery_goodput.py has the figures).
+    assert 0.60 * RATE <= rep["goodput_mbit"] <= RATE
+    assert 0.60 <= rep["bound_ratio"] <= 1.0
 
 
 def test_outage_resumes_without_fetching_verified_chunks_again(tmp_path: Path):
