@@ -39,6 +39,7 @@ class BatchResult:
     seconds: float
     new_tokens: int  # tokens generated over all rows (up to each row's end of sequence)
     distinct_adapters: int
+    cpu_seconds: float = 0.0  # CPU time of this process (all its threads) while decoding
 
     @property
     def tokens_per_s(self) -> float:
@@ -304,7 +305,7 @@ class AdapterServer:
         eos = eos or set()
         out: list[list[int]] = [[] for _ in requests]
         done = [False] * len(requests)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cache = DynamicCache()
         step_ids, step_pos = ids, positions
         try:
@@ -324,8 +325,8 @@ class AdapterServer:
         finally:
             if self.stacked is not None:
                 self.stacked.selection = None
-        seconds = time.perf_counter() - t0
-        return BatchResult(out, seconds, sum(map(len, out)), len(set(names)))
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return BatchResult(out, seconds, sum(map(len, out)), len(set(names)), cpu)
 
 
 def merged_model(base, config, state: dict[str, torch.Tensor]):
@@ -387,18 +388,19 @@ def batch_of(setup: BenchSetup, batch: int, distinct: int) -> list[Request]:
 
 def measure(setup: BenchSetup, requests: list[Request], tokens: int, repeats: int,
             one_by_one: bool = False) -> dict:
-    """tokens/s of ``requests`` in one batch (or one request after another), median of ``repeats``."""
-    rates = []
+    """tokens/s of ``requests`` in one batch (or one request after another), median of ``repeats``;
+    also tokens per CPU-second of this process (on a machine shared with other busy processes,
+    wall-clock rates measure the others' load as much as this code)."""
+    rates, cpu_rates = [], []
     for _ in range(repeats):
-        if one_by_one:
-            results = [setup.server.generate([r], tokens) for r in requests]
-            n, s = sum(r.new_tokens for r in results), sum(r.seconds for r in results)
-        else:
-            res = setup.server.generate(requests, tokens)
-            n, s = res.new_tokens, res.seconds
-        rates.append(n / s)
+        results = [setup.server.generate([r], tokens) for r in requests] if one_by_one else \
+            [setup.server.generate(requests, tokens)]
+        n = sum(r.new_tokens for r in results)
+        rates.append(n / sum(r.seconds for r in results))
+        cpu_rates.append(n / max(1e-9, sum(r.cpu_seconds for r in results)))
     return {"tokens_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "repeats": repeats}
+            "tokens_per_cpu_s": statistics.median(cpu_rates), "cpu_min": min(cpu_rates),
+            "cpu_max": max(cpu_rates), "repeats": repeats}
 
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
