@@ -49,11 +49,13 @@ def role_serve(root: Path, bind: str) -> int:
 
 
 def role_fetch(endpoint: str, name: str) -> int:
-    from testbed.apps.caching.delivery import BlockFetcher
+    from testbed.apps.caching.delivery import BlockFetcher, credit_for
 
     print("start", time.time(), flush=True)
+    factor = float(os.environ.get("BENCH_CREDIT_FACTOR", "0")) or None
+    credit = credit_for(RATE, 2 * DELAY, CHUNK, factor) if factor else None
     with BlockFetcher(endpoint, lambda h, b: None, chunk_bytes=CHUNK, rate_mbit=RATE, rtt_ms=2 * DELAY,
-                      give_up_s=60) as f:
+                      credit=credit, give_up_s=60) as f:
         rep = f.fetch([name])
     print(json.dumps(rep.to_dict()), flush=True)
     return 0
