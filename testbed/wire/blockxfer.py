@@ -6,6 +6,8 @@ says the sender does not hold the block, ``ERROR`` carries a short text.  As for
 messages (``testbed.wire.message``), nothing received is unpickled: the header is unpacked with
 ``struct`` and every field is checked before a payload is used.
 
+Every message carries ``seq``: a request's number, which its reply echoes.
+
 Kind       fields used                                 payload
 ---------  ------------------------------------------  --------------------------------------
 META_REQ   digest, chunk_bytes                         none
@@ -34,8 +36,8 @@ MAX_CHUNK = 1 << 24  # 16 MiB
 MAX_BLOCK = 1 << 36  # 64 GiB: far above any tensor of the models we cache
 MAX_TEXT = 4096
 
-# magic, version, kind, flags, digest, offset, total, length, chunk_bytes
-HEADER = struct.Struct("<4sBBH32sQQII")
+# magic, version, kind, flags, digest, offset, total, length, chunk_bytes, seq
+HEADER = struct.Struct("<4sBBH32sQQIIQ")
 
 
 class Kind(IntEnum):
@@ -59,6 +61,7 @@ class BlockMessage:
     length: int = 0
     chunk_bytes: int = 0
     payload: Frame = b""
+    seq: int = 0  # a request's number, echoed by its reply (replies come in the order asked)
 
     @property
     def hexdigest(self) -> str:
@@ -66,7 +69,7 @@ class BlockMessage:
 
     def frames(self) -> list[Frame]:
         out: list[Frame] = [HEADER.pack(MAGIC, VERSION, int(self.kind), 0, self.digest, self.offset,
-                                        self.total, self.length, self.chunk_bytes)]
+                                        self.total, self.length, self.chunk_bytes, self.seq)]
         if self.kind in _HAS_PAYLOAD:
             out.append(self.payload)
         return out
@@ -91,7 +94,7 @@ def parse(frames: Sequence[Frame]) -> BlockMessage:
     head = memoryview(frames[0]).cast("B")
     if head.nbytes != HEADER.size:
         raise WireError(f"header is {head.nbytes} bytes, expected {HEADER.size}")
-    magic, version, kind, flags, digest, offset, total, length, chunk = HEADER.unpack(head)
+    magic, version, kind, flags, digest, offset, total, length, chunk, seq = HEADER.unpack(head)
     if magic != MAGIC:
         raise WireError("bad magic")
     if version != VERSION:
@@ -132,7 +135,7 @@ def parse(frames: Sequence[Frame]) -> BlockMessage:
             raise WireError("MISSING: only the digest may be set")
     elif kind == Kind.ERROR and (size > MAX_TEXT or length != size):
         raise WireError("ERROR: bad text length")
-    return BlockMessage(kind, digest, offset, total, length, chunk, payload)
+    return BlockMessage(kind, digest, offset, total, length, chunk, payload, seq)
 
 
 # ---- constructors -------------------------------------------------------------------------

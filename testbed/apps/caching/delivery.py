@@ -153,29 +153,34 @@ class BlockServer:
         except WireError as e:
             self.stats.bad_requests += 1
             return bx.error(bytes(bx.DIGEST_BYTES), f"bad request: {e}").frames()
+        reply = self._reply(msg)
+        reply.seq = msg.seq
+        return reply.frames()
+
+    def _reply(self, msg: bx.BlockMessage) -> bx.BlockMessage:
         if msg.kind not in (bx.Kind.META_REQ, bx.Kind.CHUNK_REQ):
             self.stats.bad_requests += 1
-            return bx.error(msg.digest, f"{msg.kind.name} is not a request").frames()
+            return bx.error(msg.digest, f"{msg.kind.name} is not a request")
         try:
             data = self._block(msg.digest)
         except DeliveryError as e:
-            return bx.error(msg.digest, str(e)).frames()
+            return bx.error(msg.digest, str(e))
         if data is None:
             self.stats.missing += 1
-            return bx.missing(msg.digest).frames()
+            return bx.missing(msg.digest)
         if msg.kind == bx.Kind.META_REQ:
             key = (msg.digest, msg.chunk_bytes)
             if key not in self._digests:
                 self._digests[key] = chunk_digests(data, msg.chunk_bytes)
             self.stats.meta_sent += 1
-            return bx.meta(msg.digest, len(data), msg.chunk_bytes, self._digests[key]).frames()
+            return bx.meta(msg.digest, len(data), msg.chunk_bytes, self._digests[key])
         if msg.offset >= len(data):
-            return bx.error(msg.digest, f"offset {msg.offset} beyond the block's {len(data)} bytes").frames()
+            return bx.error(msg.digest, f"offset {msg.offset} beyond the block's {len(data)} bytes")
         view = memoryview(data)[msg.offset:msg.offset + min(msg.length, msg.chunk_bytes)]
         self.stats.chunks_sent += 1
         self.stats.chunk_bytes_sent += view.nbytes
         payload = self.chunk_payload(msg.hexdigest, msg.offset, view)
-        return bx.chunk(msg.digest, msg.offset, len(data), msg.chunk_bytes, payload).frames()
+        return bx.chunk(msg.digest, msg.offset, len(data), msg.chunk_bytes, payload)
 
     def serve(self, stop: threading.Event | None = None, poll_ms: int = 100) -> None:
         """Answer requests until ``stop`` is set (this object's own event by default)."""
@@ -360,21 +365,26 @@ class BlockFetcher:
                 off = idx * self.chunk_bytes
                 msg = bx.chunk_request(digest, off, min(self.chunk_bytes, blk.size - off), self.chunk_bytes)
             seq += 1
+            msg.seq = seq
             inflight[key] = seq
             inflight.move_to_end(key)
             self.sock.send_multipart(msg.frames(), copy=False)
 
-        def answered(key: tuple[bytes, int]) -> bool:
-            """Take ``key`` off the in-flight list; requests sent before it are lost: queue them."""
-            if key not in inflight:
-                return False
-            mine = inflight.pop(key)
-            lost = [k for k, s in inflight.items() if s < mine]
+        def answered(key: tuple[bytes, int], mine: int) -> None:
+            """The reply to request ``mine`` (for ``key``) came: take ``key`` off the in-flight list;
+            requests sent before ``mine`` and still unanswered are lost (replies come in the order
+            asked): queue them again.  A probe keeps its key in flight with the probe's number, so the
+            reply to the original request loses nothing else."""
+            inflight.pop(key, None)
+            lost = []
+            for k, s in inflight.items():
+                if s >= mine:
+                    break
+                lost.append(k)
             for k in reversed(lost):
                 del inflight[k]
                 queue.appendleft(k)
                 rep.rerequested += 1
-            return True
 
         try:
             while pending:
@@ -417,7 +427,7 @@ class BlockFetcher:
                 if msg.kind == bx.Kind.MISSING:
                     raise DeliveryError(f"the sender holds no block {blk.hex}")
                 if msg.kind == bx.Kind.META:
-                    answered((msg.digest, -1))
+                    answered((msg.digest, -1), msg.seq)
                     if blk.size is not None:
                         rep.duplicates += 1
                         continue
@@ -439,7 +449,7 @@ class BlockFetcher:
                     if blk.size is None or msg.total != blk.size or msg.chunk_bytes != self.chunk_bytes:
                         rep.duplicates += 1
                         continue
-                    answered((msg.digest, idx))  # a late reply to a request thought lost still counts
+                    answered((msg.digest, idx), msg.seq)  # a late reply to a request thought lost counts
                     if blk.remaining < 0 or blk.have[idx]:
                         rep.duplicates += 1
                         continue

@@ -54,6 +54,9 @@ def test_wire_rejects_malformed_messages():
     d = hashlib.sha256(b"x").digest()
     good = bx.chunk(d, CHUNK, 3 * CHUNK, CHUNK, bytes(CHUNK)).frames()
     assert bx.parse(good).offset == CHUNK
+    req = bx.chunk_request(d, CHUNK, CHUNK, CHUNK)
+    req.seq = 2**40 + 7  # a request's number travels whole and comes back in its reply
+    assert bx.parse(req.frames()).seq == 2**40 + 7
     with pytest.raises(WireError, match="bytes at"):
         bx.parse([good[0], bytes(CHUNK - 1)])
     with pytest.raises(WireError, match="offset"):
