@@ -1,13 +1,16 @@
 """Multi-tenant LoRA serving at an edge: one base model in memory, many adapters, mixed batches.
 
 The base is loaded once; each adapter (peft's LoRA format: a ``LoraConfig`` and its
-``lora_A``/``lora_B`` tensors) is added to the same ``PeftModel``.  A batch of requests for
-different adapters decodes together: every forward gets ``adapter_names=[one per row]``, so
-the base layers run once for the whole batch and each LoRA layer adds its low-rank update to the
-rows of its requests (peft's mixed-adapter batches, the idea of S-LoRA/Punica).  A batch whose
-requests all use one adapter takes peft's plain path with that adapter active.  Decoding is
-greedy with a KV cache; prompts of different lengths are left-padded with an attention mask
-and per-row positions, so each row computes what it would alone.  With fp32 weights the tokens
+``lora_A``/``lora_B`` tensors) is added by name.  A batch of requests for different adapters
+decodes together: the base layers run once for the whole batch and each adapted layer adds every
+row's own low-rank update (the idea of S-LoRA/Punica).  Two backends:
+
+* ``stacked`` (``StackedLora``, default): every adapter's A and B stacked per layer; a mixed batch
+  gathers each row's pair and runs two batched matmuls (BGMV), whatever the number of adapters;
+* ``peft``: peft's ``PeftModel`` with ``adapter_names=[one per row]`` (its mixed-adapter batches).
+
+Decoding is greedy with a KV cache; prompts of different lengths are left-padded with an attention
+mask and per-row positions, so each row computes what it would alone.  With fp32 weights the tokens
 equal those of the model with the adapter merged into the base (``merged_model``; tested).
 """
 
