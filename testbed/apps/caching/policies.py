@@ -62,12 +62,22 @@ class Units:
     model_units: list[np.ndarray]  # unit ids of each model
     unit_models: list[np.ndarray]  # model ids of each unit
     model_bytes: np.ndarray  # each model's bytes (its units' sizes)
+    # the same as plain Python ints: the per-request paths avoid numpy scalars (10x slower to handle)
+    mu: list[list[int]] = field(default_factory=list)  # model -> unit ids
+    us: list[int] = field(default_factory=list)  # unit -> bytes
+    mb: list[int] = field(default_factory=list)  # model -> bytes
+
+    def __post_init__(self) -> None:
+        self.mu = [[int(u) for u in us] for us in self.model_units]
+        self.us = [int(x) for x in self.size]
+        self.mb = [int(x) for x in self.model_bytes]
 
     def blocks(self, units: Sequence[int]) -> list[str]:
         return [h for u in units for h in self.unit_blocks[u]]
 
     def bytes_of(self, units) -> int:
-        return int(sum(int(self.size[u]) for u in units))
+        us = self.us
+        return sum(us[u] for u in units)
 
     def units(self, model: str) -> np.ndarray:
         return self.model_units[self.index[model]]
@@ -180,22 +190,23 @@ class Policy(ABC):
     # helpers -------------------------------------------------------------------------------------------
     def _is_hit(self, edge: str, m: int) -> bool:
         present = self._present[edge]
-        return all(int(u) in present for u in self.u.model_units[m])
+        return all(u in present for u in self.u.mu[m])
 
     def _present_bytes(self, edge: str, m: int) -> int:
         present = self._present[edge]
-        return int(sum(int(self.u.size[u]) for u in self.u.model_units[m] if int(u) in present))
+        us = self.u.us
+        return sum(us[u] for u in self.u.mu[m] if u in present)
 
     def _apply(self, edge: str, plan: Plan) -> None:
         present = self._present[edge]
         for u in plan.evict:
             if u in present:
                 present.remove(u)
-                self._used[edge] -= int(self.u.size[u])
+                self._used[edge] -= self.u.us[u]
         for u in plan.store:
             if u not in present:
                 present.add(u)
-                self._used[edge] += int(self.u.size[u])
+                self._used[edge] += self.u.us[u]
         assert self._used[edge] <= self.capacity, (self.name, edge, self._used[edge], self.capacity)
 
     @abstractmethod
@@ -228,18 +239,17 @@ class _WholeModel(Policy):
         self.last[edge][m] = self.requests
         if m in cached:
             cached.move_to_end(m)
-            return Plan(hit=True, present_bytes=int(self.u.model_bytes[m]))
-        units = [int(u) for u in self.u.model_units[m]]
+            return Plan(hit=True, present_bytes=self.u.mb[m])
+        units = list(self.u.mu[m])
         for u in units:  # held first, so that evicting another model never takes a unit this one needs
             refs[u] = refs.get(u, 0) + 1
         evict: list[int] = []
-        need = int(self.u.model_bytes[m])
+        need = self.u.mb[m]
         while self.charged[edge] + need > self.capacity:
             v = self._victim(edge)
             del cached[v]
-            self.charged[edge] -= int(self.u.model_bytes[v])
-            for u in self.u.model_units[v]:
-                u = int(u)
+            self.charged[edge] -= self.u.mb[v]
+            for u in self.u.mu[v]:
                 refs[u] -= 1
                 if refs[u] == 0:
                     del refs[u]
@@ -283,7 +293,7 @@ class BlockLRU(Policy):
 
     def _serve(self, edge: str, m: int) -> Plan:
         cached, refs, present = self.cached[edge], self.refs[edge], self._present[edge]
-        units = [int(u) for u in self.u.model_units[m]]
+        units = list(self.u.mu[m])
         present_bytes = self._present_bytes(edge, m)
         hit = all(u in present for u in units)
         if m in cached:
@@ -303,14 +313,13 @@ class BlockLRU(Policy):
             if v == m:  # only the requested model left: cannot happen when capacity >= its bytes
                 break
             del cached[v]
-            for u in self.u.model_units[v]:
-                u = int(u)
+            for u in self.u.mu[v]:
                 refs[u] -= 1
                 if refs[u] == 0:
                     del refs[u]
                     if u in present:
                         evict.append(u)
-                        used -= int(self.u.size[u])
+                        used -= self.u.us[u]
         return Plan(hit=False, fetch=missing, store=missing, evict=evict, present_bytes=present_bytes)
 
 
@@ -321,7 +330,7 @@ class _Proactive(Policy):
 
     def _serve(self, edge: str, m: int) -> Plan:
         present = self._present[edge]
-        units = [int(u) for u in self.u.model_units[m]]
+        units = list(self.u.mu[m])
         missing = [u for u in units if u not in present]
         present_bytes = self._present_bytes(edge, m)
         if not missing:
@@ -330,14 +339,14 @@ class _Proactive(Policy):
         free = self.capacity - self._used[edge]
         store = []
         for u in missing:
-            if int(self.u.size[u]) <= free:
+            if self.u.us[u] <= free:
                 store.append(u)
-                free -= int(self.u.size[u])
+                free -= self.u.us[u]
         return Plan(hit=False, fetch=missing, store=store, present_bytes=present_bytes)
 
     def _place(self, edge: str) -> set[int]:
         chosen = self._solve(self.counts[edge])
-        return {int(u) for m in chosen for u in self.u.model_units[m]}
+        return {u for m in chosen for u in self.u.mu[m]}
 
     @abstractmethod
     def _solve(self, popularity: np.ndarray) -> list[int]: ...
@@ -373,13 +382,11 @@ def placement_value(units: Units, popularity: np.ndarray, models: Sequence[int])
 
 
 def _greedy(units: Units, popularity: np.ndarray, capacity: int, by_ratio: bool) -> list[int]:
-    cand = np.flatnonzero(popularity > 0)
-    if cand.size == 0:
+    gain = np.asarray(popularity, dtype=np.float64)
+    alive = gain > 0
+    if not alive.any():
         return []
-    pos = {int(m): i for i, m in enumerate(cand)}
-    marginal = units.model_bytes[cand].astype(np.float64)
-    gain = popularity[cand].astype(np.float64)
-    alive = np.ones(cand.size, dtype=bool)
+    marginal = units.model_bytes.astype(np.float64)
     chosen_units: set[int] = set()
     chosen: list[int] = []
     left = float(capacity)
@@ -387,21 +394,16 @@ def _greedy(units: Units, popularity: np.ndarray, capacity: int, by_ratio: bool)
         ok = alive & (marginal <= left)
         if not ok.any():
             break
-        score = gain / np.maximum(marginal, 1.0) if by_ratio else gain + 1e-12 / np.maximum(marginal, 1.0)
-        i = int(np.argmax(np.where(ok, score, -np.inf)))
-        m = int(cand[i])
+        # most popularity per marginal byte; or most popular first (ties: the smaller marginal)
+        score = gain / np.maximum(marginal, 1.0) if by_ratio else gain - marginal * 1e-18
+        m = int(np.argmax(np.where(ok, score, -np.inf)))
         chosen.append(m)
-        alive[i] = False
-        left -= marginal[i]
-        for u in units.model_units[m]:
-            u = int(u)
-            if u in chosen_units:
-                continue
-            chosen_units.add(u)
-            for other in units.unit_models[u]:  # this unit is now free for every other candidate
-                j = pos.get(int(other))
-                if j is not None:
-                    marginal[j] -= float(units.size[u])
+        alive[m] = False
+        left -= marginal[m]
+        for u in units.mu[m]:
+            if u not in chosen_units:  # this unit is now free for every model that contains it
+                chosen_units.add(u)
+                marginal[units.unit_models[u]] -= units.us[u]
     return chosen
 
 
