@@ -52,10 +52,14 @@ class CacheNetwork:
     repo_path: dict[str, PathInfo]  # edge -> path repository -> edge
     peer_path: dict[tuple[str, str], PathInfo] = field(default_factory=dict)  # (from, to), edges only
 
+    _peers: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
     def peers(self, edge: str) -> list[str]:
         """The edges ``edge`` can fetch from, nearest (lowest RTT) first."""
-        ps = [(p.rtt_ms, a) for (a, b), p in self.peer_path.items() if b == edge]
-        return [a for _, a in sorted(ps)]
+        if edge not in self._peers:
+            ps = [(p.rtt_ms, a) for (a, b), p in self.peer_path.items() if b == edge]
+            self._peers[edge] = [a for _, a in sorted(ps)]
+        return self._peers[edge]
 
 
 def _graph(topo: Topology) -> dict[str, list[tuple[str, float, float]]]:

@@ -35,6 +35,7 @@ Public API: ``Units``/``units_of``, ``Plan``, ``Policy`` (``request``, ``placeme
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -62,12 +63,31 @@ class Units:
     model_units: list[np.ndarray]  # unit ids of each model
     unit_models: list[np.ndarray]  # model ids of each unit
     model_bytes: np.ndarray  # each model's bytes (its units' sizes)
+    # the same as plain Python ints: the per-request paths avoid numpy scalars (10x slower to handle)
+    mu: list[list[int]] = field(default_factory=list)  # model -> unit ids
+    us: list[int] = field(default_factory=list)  # unit -> bytes
+    mb: list[int] = field(default_factory=list)  # model -> bytes
+
+    def __post_init__(self) -> None:
+        self.mu = [[int(u) for u in us] for us in self.model_units]
+        self.us = [int(x) for x in self.size]
+        self.mb = [int(x) for x in self.model_bytes]
+
+    @functools.cached_property
+    def incidence(self):
+        """Sparse models x units matrix, 1 where a model holds a unit."""
+        from scipy.sparse import csr_matrix
+
+        rows = np.repeat(np.arange(len(self.model_units)), [len(us) for us in self.model_units])
+        cols = np.concatenate(self.model_units) if self.model_units else np.zeros(0, dtype=np.int64)
+        return csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(self.model_units), len(self.size)))
 
     def blocks(self, units: Sequence[int]) -> list[str]:
         return [h for u in units for h in self.unit_blocks[u]]
 
     def bytes_of(self, units) -> int:
-        return int(sum(int(self.size[u]) for u in units))
+        us = self.us
+        return sum(us[u] for u in units)
 
     def units(self, model: str) -> np.ndarray:
         return self.model_units[self.index[model]]
@@ -180,22 +200,23 @@ class Policy(ABC):
     # helpers -------------------------------------------------------------------------------------------
     def _is_hit(self, edge: str, m: int) -> bool:
         present = self._present[edge]
-        return all(int(u) in present for u in self.u.model_units[m])
+        return all(u in present for u in self.u.mu[m])
 
     def _present_bytes(self, edge: str, m: int) -> int:
         present = self._present[edge]
-        return int(sum(int(self.u.size[u]) for u in self.u.model_units[m] if int(u) in present))
+        us = self.u.us
+        return sum(us[u] for u in self.u.mu[m] if u in present)
 
     def _apply(self, edge: str, plan: Plan) -> None:
         present = self._present[edge]
         for u in plan.evict:
             if u in present:
                 present.remove(u)
-                self._used[edge] -= int(self.u.size[u])
+                self._used[edge] -= self.u.us[u]
         for u in plan.store:
             if u not in present:
                 present.add(u)
-                self._used[edge] += int(self.u.size[u])
+                self._used[edge] += self.u.us[u]
         assert self._used[edge] <= self.capacity, (self.name, edge, self._used[edge], self.capacity)
 
     @abstractmethod
@@ -228,18 +249,17 @@ class _WholeModel(Policy):
         self.last[edge][m] = self.requests
         if m in cached:
             cached.move_to_end(m)
-            return Plan(hit=True, present_bytes=int(self.u.model_bytes[m]))
-        units = [int(u) for u in self.u.model_units[m]]
+            return Plan(hit=True, present_bytes=self.u.mb[m])
+        units = list(self.u.mu[m])
         for u in units:  # held first, so that evicting another model never takes a unit this one needs
             refs[u] = refs.get(u, 0) + 1
         evict: list[int] = []
-        need = int(self.u.model_bytes[m])
+        need = self.u.mb[m]
         while self.charged[edge] + need > self.capacity:
             v = self._victim(edge)
             del cached[v]
-            self.charged[edge] -= int(self.u.model_bytes[v])
-            for u in self.u.model_units[v]:
-                u = int(u)
+            self.charged[edge] -= self.u.mb[v]
+            for u in self.u.mu[v]:
                 refs[u] -= 1
                 if refs[u] == 0:
                     del refs[u]
@@ -283,7 +303,7 @@ class BlockLRU(Policy):
 
     def _serve(self, edge: str, m: int) -> Plan:
         cached, refs, present = self.cached[edge], self.refs[edge], self._present[edge]
-        units = [int(u) for u in self.u.model_units[m]]
+        units = list(self.u.mu[m])
         present_bytes = self._present_bytes(edge, m)
         hit = all(u in present for u in units)
         if m in cached:
@@ -303,14 +323,13 @@ class BlockLRU(Policy):
             if v == m:  # only the requested model left: cannot happen when capacity >= its bytes
                 break
             del cached[v]
-            for u in self.u.model_units[v]:
-                u = int(u)
+            for u in self.u.mu[v]:
                 refs[u] -= 1
                 if refs[u] == 0:
                     del refs[u]
                     if u in present:
                         evict.append(u)
-                        used -= int(self.u.size[u])
+                        used -= self.u.us[u]
         return Plan(hit=False, fetch=missing, store=missing, evict=evict, present_bytes=present_bytes)
 
 
@@ -321,7 +340,7 @@ class _Proactive(Policy):
 
     def _serve(self, edge: str, m: int) -> Plan:
         present = self._present[edge]
-        units = [int(u) for u in self.u.model_units[m]]
+        units = list(self.u.mu[m])
         missing = [u for u in units if u not in present]
         present_bytes = self._present_bytes(edge, m)
         if not missing:
@@ -330,14 +349,14 @@ class _Proactive(Policy):
         free = self.capacity - self._used[edge]
         store = []
         for u in missing:
-            if int(self.u.size[u]) <= free:
+            if self.u.us[u] <= free:
                 store.append(u)
-                free -= int(self.u.size[u])
+                free -= self.u.us[u]
         return Plan(hit=False, fetch=missing, store=store, present_bytes=present_bytes)
 
     def _place(self, edge: str) -> set[int]:
         chosen = self._solve(self.counts[edge])
-        return {int(u) for m in chosen for u in self.u.model_units[m]}
+        return {u for m in chosen for u in self.u.mu[m]}
 
     @abstractmethod
     def _solve(self, popularity: np.ndarray) -> list[int]: ...
@@ -372,46 +391,87 @@ def placement_value(units: Units, popularity: np.ndarray, models: Sequence[int])
     return float(sum(popularity[m] for m in models)) / total if total > 0 else 0.0
 
 
-def _greedy(units: Units, popularity: np.ndarray, capacity: int, by_ratio: bool) -> list[int]:
-    cand = np.flatnonzero(popularity > 0)
-    if cand.size == 0:
+def _greedy(units: Units, popularity: np.ndarray, capacity: int, by_ratio: bool,
+            start: Sequence[int] = (), banned: int | None = None) -> list[int]:
+    """One greedy run; ``start``: models placed first (in order), ``banned``: a model never picked."""
+    gain = np.asarray(popularity, dtype=np.float64)
+    alive = gain > 0
+    if banned is not None:
+        alive[banned] = False
+    chosen = list(start)
+    chosen_units = {u for m in chosen for u in units.mu[m]}
+    left = float(capacity - units.bytes_of(chosen_units))
+    if left < 0:
         return []
-    pos = {int(m): i for i, m in enumerate(cand)}
-    marginal = units.model_bytes[cand].astype(np.float64)
-    gain = popularity[cand].astype(np.float64)
-    alive = np.ones(cand.size, dtype=bool)
-    chosen_units: set[int] = set()
-    chosen: list[int] = []
-    left = float(capacity)
+    # what each model would still add, given the start (one sparse product instead of a loop)
+    missing = units.size.astype(np.float64)
+    missing[list(chosen_units)] = 0.0
+    marginal = units.incidence @ missing
+    alive[chosen] = False
     while True:
         ok = alive & (marginal <= left)
         if not ok.any():
             break
-        score = gain / np.maximum(marginal, 1.0) if by_ratio else gain + 1e-12 / np.maximum(marginal, 1.0)
-        i = int(np.argmax(np.where(ok, score, -np.inf)))
-        m = int(cand[i])
+        # most popularity per marginal byte; or most popular first (ties: the smaller marginal)
+        score = gain / np.maximum(marginal, 1.0) if by_ratio else gain - marginal * 1e-18
+        m = int(np.argmax(np.where(ok, score, -np.inf)))
         chosen.append(m)
-        alive[i] = False
-        left -= marginal[i]
-        for u in units.model_units[m]:
-            u = int(u)
-            if u in chosen_units:
-                continue
-            chosen_units.add(u)
-            for other in units.unit_models[u]:  # this unit is now free for every other candidate
-                j = pos.get(int(other))
-                if j is not None:
-                    marginal[j] -= float(units.size[u])
+        alive[m] = False
+        left -= marginal[m]
+        for u in units.mu[m]:
+            if u not in chosen_units:  # this unit is now free for every model that contains it
+                chosen_units.add(u)
+                marginal[units.unit_models[u]] -= units.us[u]
     return chosen
 
 
-def greedy_placement(units: Units, popularity: np.ndarray, capacity: int) -> list[int]:
-    """TrimCaching-style greedy: add the model with the most popularity per marginal byte while it fits;
-    also run a most-popular-first greedy and keep the better of the two (the usual guard that gives the
-    ratio greedy its bound on knapsack-like problems).  Returns model ids."""
-    a = _greedy(units, popularity, capacity, by_ratio=True)
-    b = _greedy(units, popularity, capacity, by_ratio=False)
-    return a if placement_value(units, popularity, a) >= placement_value(units, popularity, b) else b
+GREEDY_TRIES = 6  # first picks tried, and models tried out of the placement (fewer on big instances)
+BIG_INSTANCE = 200  # models with requests above which GREEDY_TRIES drops to 2
+
+
+def greedy_placement(units: Units, popularity: np.ndarray, capacity: int,
+                     tries: int | None = None) -> list[int]:
+    """TrimCaching-style greedy: add the model with the most popularity per marginal byte (bytes of its
+    units not chosen yet) while it fits.  A pure ratio greedy undervalues a family of models (a base and
+    its adapters are cheap together, dear one by one) and lets cheap models fill the room a big popular
+    one needed, so two cheap corrections follow, each a few more greedy runs:
+
+    * partial enumeration: the greedy also runs from each of the ``tries`` most popular models as a forced
+      first pick, and a most-popular-first greedy runs too; the best placement is kept;
+    * exchange: each of the ``tries`` chosen models holding the most bytes no other chosen model needs is
+      taken out, alone or for one of the ``tries`` most popular models left out, and the rest refilled
+      greedily; an improvement is kept and the exchange repeated once.
+
+    Returns model ids."""
+    pop = np.asarray(popularity, dtype=np.float64)
+    if tries is None:
+        tries = GREEDY_TRIES if int((pop > 0).sum()) <= BIG_INSTANCE else 2
+
+    def value(r: list[int]) -> float:
+        return placement_value(units, pop, r)
+
+    runs = [_greedy(units, pop, capacity, by_ratio=True), _greedy(units, pop, capacity, by_ratio=False)]
+    top_all = [int(m) for m in np.argsort(-pop, kind="stable") if pop[m] > 0]
+    top = top_all[:tries]
+    runs += [_greedy(units, pop, capacity, by_ratio=True, start=[m]) for m in top]
+    best = max(runs, key=value)
+    for _ in range(2):
+        holders: dict[int, int] = {}
+        for m in best:
+            for u in units.mu[m]:
+                holders[u] = holders.get(u, 0) + 1
+        alone = {m: sum(units.us[u] for u in units.mu[m] if holders[u] == 1) for m in best}
+        out = sorted(best, key=lambda m: -alone[m])[:tries]
+        chosen = set(best)
+        into = [None] + [m for m in top_all if m not in chosen][:tries]
+        cands = [_greedy(units, pop, capacity, True, banned=x,
+                         start=[m for m in best if m != x] + ([] if y is None else [y]))
+                 for x in out for y in into]
+        better = max(cands, key=value, default=best)
+        if value(better) <= value(best):
+            break
+        best = better
+    return best
 
 
 def milp_placement(units: Units, popularity: np.ndarray, capacity: int,

@@ -105,10 +105,16 @@ def sources(net: CacheNetwork, policy: Policy, edge: str,
             units: Sequence[int]) -> dict[str | None, list[int]]:
     """Where each unit comes from: the nearest connected edge holding it, else ``None`` (the repository)."""
     out: dict[str | None, list[int]] = {}
-    peers = [(p, policy.present(p)) for p in net.peers(edge)]
-    for u in units:
-        src = next((p for p, held in peers if u in held), None)
-        out.setdefault(src, []).append(u)
+    left = set(units)
+    for p in net.peers(edge):
+        if not left:
+            break
+        got = left & policy.present(p)
+        if got:
+            out[p] = [u for u in units if u in got]  # keep the plan's order
+            left -= got
+    if left:
+        out[None] = [u for u in units if u in left]
     return out
 
 
@@ -136,7 +142,7 @@ def replay(units: Units, net: CacheNetwork, policy: Policy, requests: Sequence[R
         plan = policy.request(req.edge, req.model)
         metrics.evicted(plan.evict)
         fetch = _deliver(net, model, policy, metrics, req.edge, plan.fetch, False) if plan.fetch else None
-        mbytes = int(units.model_bytes[units.index[req.model]])
+        mbytes = units.mb[units.index[req.model]]
         ttft = model.ttft_ms(fetch or 0.0, mbytes, net.device_path[req.device])
         metrics.request(req, plan, mbytes, fetch, ttft)
         for edge, p in policy.placement().items():
