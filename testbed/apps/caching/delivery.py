@@ -21,7 +21,6 @@ The sender takes ``read_block(hexdigest) -> bytes | None`` and the receiver
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import threading
@@ -507,16 +506,3 @@ class BlockFetcher:
         blk.remaining = -1  # done: late replies for it are duplicates
         return 1
 
-
-def serve_dir(bind: str, root: Path, stop: threading.Event | None = None) -> None:
-    """A sender of the blocks in ``root`` (one file per block, named by its hex digest)."""
-    def read(h: str) -> bytes | None:
-        with contextlib.suppress(FileNotFoundError):
-            return (root / h).read_bytes()
-        return None
-
-    server = BlockServer(bind, read)
-    try:
-        server.serve(stop)
-    finally:
-        server.sock.close(linger=0)
