@@ -154,7 +154,7 @@ def main() -> None:
     if "hit" in only:
         hit_ratios(seeds, 2000 if q else 10_000, args.catalogue)
     if "milp" in only:
-        greedy_vs_milp(seeds, 2000 if q else 10_000)
+        greedy_vs_milp(seeds, 2000 if q else 5_000)
     if "handover" in only:
         handover_bytes()
     if "speed" in only:

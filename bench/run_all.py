@@ -27,6 +27,7 @@ BENCHES: dict[str, list[str]] = {
     "split_codecs": [],
     "split_overhead": [],
     "runtime_docker": [],
+    "caching_policies": [],
 }
 
 

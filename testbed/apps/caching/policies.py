@@ -21,9 +21,11 @@ Policies (``testbed.spec.options.CACHE_POLICIES``):
   the missing units; a shared unit is counted once and removed only when no cached model needs it.
 * ``trimcaching``: TrimCaching-style proactive placement (parameter-sharing model placement, ICDCS 2024):
   every ``window`` requests, per edge (= per cell), from that cell's request counts so far, a greedy picks
-  models by popularity per *marginal* byte (shared units already chosen cost nothing), keeping the better
-  of that and a popularity-only greedy.  Between placements a miss is served by fetching the missing units,
-  kept only where they fit in free space.  Before the first placement it behaves like that too.
+  models by popularity per *marginal* byte (shared units already chosen cost nothing; see
+  ``greedy_placement``).  The edge prefetches what the placement adds and evicts only as much of what it
+  drops as the additions need (least requested first).  Between placements a miss is served by fetching
+  the missing units, kept only where they fit in free space.  Before the first placement it behaves like
+  that too.
 * ``optimal``: the same proactive scheme with the exact placement: a MILP per edge
   (``scipy.optimize.milp``): maximise covered popularity, ``x_m <= y_u`` for each unit ``u`` of model
   ``m``, ``sum s_u y_u <= C``.  For small instances (at most ``OPTIMAL_MAX_MODELS`` models).
@@ -175,11 +177,23 @@ class Policy(ABC):
         if not self.proactive or self.requests == 0 or self.requests % self.window:
             return {}
         plans = {}
+        us = self.u.us
         for e in self.edges:
             target = self._place(e)
             present = self._present[e]
-            plan = Plan(hit=False, evict=sorted(present - target), fetch=sorted(target - present))
-            plan.store = list(plan.fetch)
+            fetch = sorted(target - present)
+            # lazy eviction: units outside the new placement stay while there is room (a model at the
+            # margin that drops out and comes back is not moved twice); the least requested go first
+            free = self.capacity - self._used[e] - self.u.bytes_of(fetch)
+            evict = []
+            if free < 0:
+                asked = self.u.incidence.T @ self.counts[e]  # requests per unit at this edge
+                for u in sorted(present - target, key=lambda u: (asked[u], u)):
+                    if free >= 0:
+                        break
+                    evict.append(u)
+                    free += us[u]
+            plan = Plan(hit=False, evict=evict, fetch=fetch, store=list(fetch))
             if plan.evict or plan.fetch:
                 self._apply(e, plan)
                 plans[e] = plan
