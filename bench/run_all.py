@@ -28,6 +28,8 @@ BENCHES: dict[str, list[str]] = {
     "split_overhead": [],
     "runtime_docker": [],
     "caching_policies": [],
+    "delivery_goodput": [],
+    "serve_adapters": ["--threads", "1", "--clock", "cpu"],
 }
 
 
