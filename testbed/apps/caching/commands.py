@@ -1,7 +1,9 @@
 """The caching app's commands: ``testbed catalogue build|check`` and ``testbed cache-run``.
 
 ``cache-run --replay`` runs here (:mod:`testbed.apps.caching.replay`); without ``--replay`` the run is
-emulated (real blocks over the emulated links), by :mod:`testbed.apps.caching.emulated`'s ``run``.
+emulated (real blocks over the emulated links) by ``testbed.apps.caching.emulated.run(args) -> int``,
+which takes the same parsed arguments and prints the same fields (``replay.Metrics`` with
+``mode="emulated"``); until that module exists the command says so (exit 1).
 """
 
 from __future__ import annotations
