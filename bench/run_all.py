@@ -27,6 +27,9 @@ BENCHES: dict[str, list[str]] = {
     "split_codecs": [],
     "split_overhead": [],
     "runtime_docker": [],
+    "caching_policies": [],
+    "delivery_goodput": [],
+    "serve_adapters": ["--threads", "1", "--clock", "cpu"],
 }
 
 

@@ -15,6 +15,7 @@ import select
 import sys
 from typing import NoReturn
 
+from testbed.apps.caching import limits as cache_limits
 from testbed.apps.training.arguments import add_arguments as train_arguments
 from testbed.spec import check
 from testbed.spec.check import flag_choice, flag_number
@@ -26,7 +27,15 @@ from testbed.spec.errors import (
     SpecError,
     TestbedError,
 )
-from testbed.spec.options import CODECS, QUANTS, RUNTIMES, SHAPERS, TRACE_FORMATS
+from testbed.spec.options import (
+    CACHE_POLICIES,
+    CATALOGUE_BASES,
+    CODECS,
+    QUANTS,
+    RUNTIMES,
+    SHAPERS,
+    TRACE_FORMATS,
+)
 from testbed.spec.traces import TRACE_BW_MBIT
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
@@ -44,6 +53,9 @@ HANDLERS = {
     "run": "testbed.experiments.commands:run",
     "report": "testbed.report.commands:report",
     "images": "testbed.hosts.images:images",
+    "catalogue": "testbed.apps.caching.commands:catalogue",
+    "cache-run": "testbed.apps.caching.commands:cache_run",
+    "serve-bench": "testbed.apps.caching.serving:serve_bench",
 }
 DEBUG_ENV = "TESTBED_DEBUG"  # set to 1: full error text and tracebacks
 
@@ -185,7 +197,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("images", help="build the node container image offline")
     p.add_argument("--force", action="store_true")
+
+    _caching_parsers(sub)
+
+    p = sub.add_parser("serve-bench", help="LoRA serving at an edge: tokens/s vs distinct adapters per batch")
+    count = flag_number(check.Range(ge=1, le=256, integer=True))
+    p.add_argument("--adapters", type=count, default=8)
+    p.add_argument("--batch", type=count, default=8)
+    p.add_argument("--rank", type=count, default=8)
+    p.add_argument("--tokens", type=count, default=16, help="new tokens per request")
+    p.add_argument("--repeats", type=count, default=3)
+    p.add_argument("--threads", type=count, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    backends = ("stacked", "peft")  # testbed.apps.caching.serving.BACKENDS (not imported: torch)
+    p.add_argument("--backend", type=flag_choice(backends), choices=backends, default="stacked")
+    p.add_argument("--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M)")
+    p.add_argument("--json", action="store_true")
     return ap
+
+
+def _caching_parsers(sub) -> None:
+    p = sub.add_parser("catalogue", help="the model catalogue for edge caching (content-addressed blocks)")
+    acts = p.add_subparsers(dest="action", required=True)
+    b = acts.add_parser("build", help="base, its int4 form, generated LoRA adapters and partial fine-tunes")
+    b.add_argument("--out", required=True)
+    b.add_argument("--adapters", type=flag_number(cache_limits.VARIANTS), default=8)
+    b.add_argument("--partial", type=flag_number(cache_limits.VARIANTS), default=2,
+                   help="number of partial fine-tunes")
+    b.add_argument("--shared-layers", type=flag_number(cache_limits.SHARED_LAYERS), default=None,
+                   help="bottom layers each partial fine-tune shares with the base (default: drawn each)")
+    b.add_argument("--base", type=flag_choice(CATALOGUE_BASES), choices=CATALOGUE_BASES, default="smollm2")
+    b.add_argument("--seed", type=flag_number(check.SEED), default=1)
+    b.add_argument("--json", action="store_true")
+    c = acts.add_parser("check", help="check a catalogue's manifests and blocks")
+    c.add_argument("dir")
+    c.add_argument("--verify", action="store_true", help="also hash every block")
+    c.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cache-run", help="edge model caching: a policy on a seeded workload")
+    p.add_argument("topo")
+    p.add_argument("--catalogue", required=True)
+    p.add_argument("--policy", type=flag_choice(CACHE_POLICIES), choices=CACHE_POLICIES, required=True)
+    p.add_argument("--capacity-mb", type=flag_number(cache_limits.CAPACITY_MB), required=True,
+                   help="each edge's store, in MB (10^6 bytes)")
+    p.add_argument("--zipf", type=flag_number(cache_limits.ZIPF), default=0.8)
+    p.add_argument("--requests", type=flag_number(cache_limits.REQUESTS), default=300)
+    p.add_argument("--mobility", type=flag_number(check.PROBABILITY), default=0.0,
+                   help="probability that a device hands over to another cell after a request")
+    p.add_argument("--seed", type=flag_number(check.SEED), default=1)
+    p.add_argument("--window", type=flag_number(cache_limits.WINDOW), default=200,
+                   help="requests between proactive placements (trimcaching, optimal)")
+    p.add_argument("--replay", action="store_true",
+                   help="analytic delivery times instead of the emulated network")
+    _network_args(p)
+    p.add_argument("--json", action="store_true")
 
 
 def _debug() -> bool:

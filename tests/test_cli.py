@@ -49,9 +49,10 @@ def one_line(r: subprocess.CompletedProcess[str], code: int) -> str:
     (["infer", TOPO, "--prompt", "hi"], "infer: --placement: required (see testbed infer --help)"),
     (["infer", TOPO, "--placement"], "infer: --placement: expected one argument (see testbed infer --help)"),
     ([], "testbed: command: missing: one of validate, trace-gen, up, probe, clean, demo, generate, "
-         "quant-eval, infer, train, run, report, images (see testbed --help)"),
+         "quant-eval, infer, train, run, report, images, catalogue, cache-run, serve-bench "
+         "(see testbed --help)"),
     (["fly"], "testbed: command: must be one of validate, trace-gen, up, probe, clean, demo, generate, "
-              "quant-eval, infer, train, run, report, images (got 'fly')"),
+              "quant-eval, infer, train, run, report, images, catalogue, cache-run, serve-bench (got 'fly')"),
     (["validate", TOPO, "--strict"], "testbed: --strict: unknown argument (see testbed --help)"),
 ])
 def test_bad_flags(args: list[str], expected: str) -> None:

@@ -15,3 +15,6 @@ TRACE_FORMATS = ("mahimahi", "csv")  # channel trace files
 BASELINES = ("on-device", "edge-offload", "cloud-offload")  # the placements every suite compares
 SWEEP_MODES = ("cartesian", "zip")  # how a suite combines its swept parameters
 SECURITY = ("none", "curve")  # node traffic: plain ZeroMQ, or CurveZMQ with per-run keys
+CACHE_POLICIES = ("lru", "lfu", "block-lru", "trimcaching", "random", "optimal")  # edge model caching
+CATALOGUE_BASES = ("tiny", "smollm2")  # the base model a catalogue is built from
+CACHE_MODES = ("emulated", "replay")  # real bytes over emulated links, or analytic delivery times
