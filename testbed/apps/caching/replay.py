@@ -21,7 +21,7 @@ import numpy as np
 
 from testbed.apps.caching.analytic import AnalyticModel, CacheNetwork
 from testbed.apps.caching.policies import DEFAULT_WINDOW, Plan, Policy, Units, make_policy, units_of
-from testbed.apps.caching.workload import Request, WorkloadSpec, generate
+from testbed.apps.caching.workload import Request, WorkloadSpec, digest, generate
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -170,5 +170,6 @@ def run_replay(catalogue, net: CacheNetwork, policy_name: str, capacity_bytes: i
     reqs = generate(spec)
     out = replay(units, net, policy, reqs, model, catalogue.generated_variants())
     out.update({"models": len(catalogue.models), "edges": len(net.edges), "zipf": zipf, "mobility": mobility,
-                "seed": seed, "window": window, "catalogue_synthetic": bool(catalogue.synthetic)})
+                "seed": seed, "window": window, "catalogue_synthetic": bool(catalogue.synthetic),
+                "workload_digest": digest(reqs)})
     return out

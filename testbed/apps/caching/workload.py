@@ -11,11 +11,12 @@
 The same :class:`WorkloadSpec` gives the same list of :class:`Request` every time (one numpy PCG64
 stream seeded with ``seed``); ``save``/``load`` record it as JSON so a run can be replayed exactly.
 
-Public API: ``WorkloadSpec``, ``Request``, ``generate``, ``popularity``, ``save``, ``load``.
+Public API: ``WorkloadSpec``, ``Request``, ``generate``, ``popularity``, ``digest``, ``save``, ``load``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -115,6 +116,15 @@ def generate(spec: WorkloadSpec) -> list[Request]:
             where[dev] = others[int(dest[i]) % len(others)]
         out.append(Request(i, float(times[i]), dev, edge, spec.models[m], moved))
     return out
+
+
+def digest(requests: list[Request]) -> str:
+    """SHA-256 of the request sequence (device, edge, model, handover per request): two runs that print
+    the same digest served the same requests, whatever their mode."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(f"{r.device}\t{r.edge}\t{r.model}\t{int(r.handover)}\n".encode())
+    return h.hexdigest()
 
 
 def save(path: str | Path, spec: WorkloadSpec, requests: list[Request]) -> Path:
