@@ -47,6 +47,10 @@ class Kind(IntEnum):
     CLOSED = 5
     PING = 6
     PONG = 7
+    # ---- recovery and KV budget (see the block at the end of this module) ----
+    EVICTED = 8  # reply: this session's KV cache was evicted here; re-prefill it from position 0
+    HOP_DOWN = 9  # reply: a hop below stopped answering; position_start = its distance (1: my next hop)
+    REROUTE = 10  # control: step = hops still to travel, position_start = next-hop candidate to use
 
 
 class DType(IntEnum):
@@ -65,6 +69,9 @@ _KIND_DTYPES = {
     Kind.CLOSED: {DType.NONE},
     Kind.PING: {DType.NONE},
     Kind.PONG: {DType.INT64},
+    Kind.EVICTED: {DType.NONE},
+    Kind.HOP_DOWN: {DType.NONE},
+    Kind.REROUTE: {DType.NONE},
 }
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
@@ -245,3 +252,31 @@ def control(kind: Kind, session: int = 0) -> Message:
 def pong(counters: list[int]) -> Message:
     arr = np.array(counters, dtype="<i8")
     return Message(Kind.PONG, 0, 0, 0, DType.INT64, None, 0, (len(counters),), [arr.tobytes()])
+
+
+# ---- recovery and KV budget -----------------------------------------------------------------
+# A shard node that dropped a session's KV cache (its memory budget, or the idle timeout) answers
+# EVICTED instead of an error: the client re-prefills the session from its token history.  A node
+# whose next hop went away answers HOP_DOWN for the requests it relayed there, with the distance
+# of the failed hop; each node on the way back adds one, so the client learns which stage failed.
+# REROUTE tells the node ``step`` hops below the receiver to use next-hop candidate
+# ``position_start`` (an index into the addresses of its settings: nothing on the wire names an
+# address to connect to).
+
+def evicted(session: int, step: int) -> Message:
+    return Message(Kind.EVICTED, session, step)
+
+
+def hop_down(session: int, step: int, distance: int) -> Message:
+    return Message(Kind.HOP_DOWN, session, step, distance)
+
+
+def reroute(distance: int, candidate: int, session: int = 0) -> Message:
+    return Message(Kind.REROUTE, session, distance, candidate)
+
+
+def pong_for(session: int, step: int, counters: list[int]) -> Message:
+    """A PONG that names the PING it answers (a probe relayed down the chain)."""
+    msg = pong(counters)
+    msg.session, msg.step = session, step
+    return msg
