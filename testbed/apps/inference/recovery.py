@@ -61,5 +61,7 @@ class StepClock:
         return min(self.timeout_s, max(self.floor_ms, 2 * expected + self.rtt_ms) / 1e3)
 
     def probe_s(self, stage: int) -> float:
-        """How long a PING relayed to ``stage`` may take (``stage`` links of about one RTT each)."""
-        return max(self.floor_ms, 4 * self.rtt_ms * stage) / 1e3
+        """How long a PING relayed to ``stage`` may take: ``stage`` links of about one RTT each, and
+        a live node answers only once the forward pass it is computing is done."""
+        step = self.expected_ms(1, False) or 0.0
+        return max(self.floor_ms, 2 * step + 4 * self.rtt_ms * stage) / 1e3

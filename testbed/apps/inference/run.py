@@ -90,13 +90,13 @@ def standby_addresses(net, stages: list[Stage], ports: list[list[int]] | None = 
 def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model_dir: Path, prompt: str,
                    max_new_tokens: int, quant: str, codec: str, kv_cache: bool,
                    prompt_ids: list[int] | None = None, timeout_s: float = 300.0,
-                   next_standbys: list[str] | None = None) -> Program:
+                   next_standbys: list[str] | None = None, detect_floor_ms: float = 50.0) -> Program:
     first = stages[0]
     settings = DriverSettings(model=str(model_dir), start=first.start, end=first.end, next=next_addr,
                               hops=[s.layers for s in stages], prompt=prompt, prompt_ids=prompt_ids,
                               max_new_tokens=max_new_tokens, codec=codec, quant=quant, kv_cache=kv_cache,
                               timeout_s=timeout_s, next_standbys=list(next_standbys or []),
-                              routes=[s.nodes for s in stages])
+                              routes=[s.nodes for s in stages], detect_floor_ms=detect_floor_ms)
     return Program(f"driver-{first.node}", "driver.py", settings, host, service=False)
 
 
@@ -121,14 +121,16 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
                    quant: str, codec: str, kv_cache: bool, prompt_ids: list[int] | None = None,
                    timeout_s: float = 900.0, ports: list[int] | None = None,
                    logs: Path | None = None, standby_ports: list[list[int]] | None = None,
-                   on_ready: Callable[[dict[str, Running]], None] | None = None) -> dict:
+                   on_ready: Callable[[dict[str, Running]], None] | None = None,
+                   detect_floor_ms: float = 50.0) -> dict:
     """Start the shard nodes on ``net`` (an EmulatedNetwork that is up), run the driver, stop all.
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
     the driver's measurements, each hop's CPU time from its ready line to its stop (``cpu_ms``)
     and thread count, ``recoveries`` (a failed stage taken over by its standby), ``node_exits``
     (shard programs the launcher saw die during the run) and ``logs``.  ``on_ready``: called with
-    every program by node once the driver started (fault injection in tests and benches)."""
+    every program by node once the driver started (fault injection in tests and benches);
+    ``detect_floor_ms``: the smallest step deadline of the driver (``recovery.StepClock``)."""
     logs = logs or default_logs_dir("infer")
     ports = ports or [BASE_PORT + i for i in range(len(stages))]
     addrs: list[str | None] = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
@@ -138,7 +140,8 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
                             standby_addrs=sb_addrs, topo=getattr(net, "topo", None))
     drv = driver_program(NetHost(net, stages[0].node), stages, addrs[1] if len(stages) > 1 else None,
                          model_dir, prompt, max_new_tokens, quant, codec, kv_cache, prompt_ids,
-                         next_standbys=sb_addrs[1] if len(stages) > 1 else None)
+                         next_standbys=sb_addrs[1] if len(stages) > 1 else None,
+                         detect_floor_ms=detect_floor_ms)
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
@@ -168,7 +171,8 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
                         kv_cache: bool = True, shaper: str = "auto", model: str | Path | None = None,
                         runtime: str | None = None, prompt_ids: list[int] | None = None,
                         logs: Path | None = None,
-                        on_ready: Callable[[dict[str, Running]], None] | None = None) -> dict:
+                        on_ready: Callable[[dict[str, Running]], None] | None = None,
+                        detect_floor_ms: float = 50.0) -> dict:
     """Split inference of ``prompt`` across ``topo``; returns the driver's measurements.
 
     Result keys: text, tokens, prompt_tokens, ttft_ms, tpot_ms, token_ms (every step's
@@ -184,7 +188,8 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
         placement, topo, model_layers(model_dir))
     with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
         result = run_on_network(net, stages, model_dir, prompt, max_new_tokens, quant, codec, kv_cache,
-                                prompt_ids=prompt_ids, logs=logs, on_ready=on_ready)
+                                prompt_ids=prompt_ids, logs=logs, on_ready=on_ready,
+                                detect_floor_ms=detect_floor_ms)
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
@@ -219,5 +224,8 @@ def infer(args: argparse.Namespace) -> int:
         print(f"  {h['node']:>10} {h['layers']:>6}  compute {h['compute_ms']:.1f} ms  "
               f"transfer {h['transfer_ms']:.1f} ms  up {h['bytes_up']} B  down {h['bytes_down']} B  "
               f"cpu {h['cpu_ms']} ms  {h['threads']} thread(s)")
+    for r in result.get("recoveries", []):
+        print(f"  recovery: stage {r['stage']} ({r['layers']}) {r['failed_node']} -> {r['standby']}: "
+              f"{r['why']}, detected in {r['detect_ms']:.1f} ms, rebuilt in {r.get('rebuild_ms', 0):.1f} ms")
     print(f"logs: {logs}")
     return 0

@@ -228,6 +228,12 @@ class SplitClient:
                 return stage
         return None
 
+    def _has_standby(self, stage: int) -> bool:
+        return 0 < stage < len(self.routes) and self.active[stage] + 1 < len(self.routes[stage])
+
+    def _standby_left(self) -> bool:
+        return any(self._has_standby(i) for i in range(len(self.routes)))
+
     def _reroute(self, stage: int, failure: StageFailed) -> dict:
         """Switch ``stage`` to its next standby (SplitError if it has none); returns the record."""
         names = self.routes[stage] if stage < len(self.routes) else [f"hop{stage}"]
@@ -260,6 +266,7 @@ class SplitClient:
         t_start = time.perf_counter()
         self.partial = {"tokens": tokens, "token_ms": step_ms, "recoveries": self.recoveries}
         prefill = True  # the next request sends the whole history from position 0
+        patient = False  # the next request waits timeout_s (after a stall)
         waiting: list[tuple[dict, float]] = []  # recoveries whose re-prefill has not answered yet
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
@@ -273,7 +280,11 @@ class SplitClient:
                 n = int(x.shape[1])
                 try:
                     t_req = time.perf_counter()
-                    tok = self.step(step, x, pos, cache, self.clock.deadline_s(n, pos == 0 and self.kv_cache))
+                    # a deadline only where a standby can take over: without one, waiting is all there is
+                    wait = self.clock.deadline_s(n, pos == 0 and self.kv_cache) \
+                        if self._standby_left() and not patient else self.timeout_s
+                    patient = False
+                    tok = self.step(step, x, pos, cache, wait)
                     self.clock.observe(n, pos == 0 and self.kv_cache, (time.perf_counter() - t_req) * 1e3)
                     break
                 except SessionEvicted:
@@ -281,9 +292,13 @@ class SplitClient:
                     prefill = True
                 except StageFailed as e:
                     stage = self._blame(e)
-                    if stage is None:  # every stage answers: slow, not dead; ask again from scratch
+                    if e.stage is None and wait >= self.timeout_s and not self._has_standby(stage or 0):
+                        raise SplitError(f"no reply from {self.addr} within {self.timeout_s:.0f} s") from None
+                    if stage is None or (e.stage is None and not self._has_standby(stage)):
+                        # every stage answers (slow, not dead), or only a deadline speaks against a
+                        # stage nothing can replace: ask again from scratch, waiting the full timeout
                         self.stalls += 1
-                        prefill = True
+                        prefill = patient = True
                         continue
                     rec = self._reroute(stage, e)
                     rec["detect_ms"] = round((e.detected_at - e.sent_at) * 1e3, 3)
