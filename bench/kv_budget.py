@@ -28,6 +28,7 @@ import zmq
 from testbed.apps.inference.local_chain import free_port
 from testbed.apps.inference.placement import Stage
 from testbed.apps.inference.run import shard_program
+from testbed.apps.inference.shard_server import PING_KV_COUNTS
 from testbed.apps.inference.split_client import SplitClient
 from testbed.apps.launch import Launcher, LocalHost
 from testbed.model.loading import default_model_dir, format_prompt, load_tokenizer
@@ -46,7 +47,7 @@ def counters(addr: str) -> list[int]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
     try:
-        sock.send_multipart(Message(Kind.PING).frames())
+        sock.send_multipart(Message(Kind.PING, 0, 0, PING_KV_COUNTS).frames())
         if not sock.poll(10_000):
             raise RuntimeError("no PONG")
         return parse(sock.recv_multipart()).tensor().tolist()

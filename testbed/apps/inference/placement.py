@@ -45,7 +45,8 @@ def parse_placement(text: str, topo: Topology | None = None, n_layers: int | Non
     stages: list[Stage] = []
     items = [p.strip() for p in (text or "").split(",")]
     if not text or not all(items):
-        raise SpecError(FIELD, "", f"{text!r}: expected node[|standby...]=START:END[,node=START:END...]")
+        raise SpecError(FIELD, "", f"{text!r}: expected node=START:END[,node=START:END...] "
+                                   "(node|standby=START:END for a stage with standbys)")
     for item in items:
         node, eq, rng = item.partition("=")
         start, colon, end = rng.partition(":")

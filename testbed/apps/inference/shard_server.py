@@ -35,6 +35,7 @@ from testbed.wire.message import (
 )
 
 MAX_MSG_BYTES = 256 << 20
+PING_KV_COUNTS = 1  # a PING with this position_start asks for the KV budget's counts too
 
 
 @dataclass
@@ -139,7 +140,8 @@ class ShardServer:
                     self.pings[(msg.session, msg.step)] = client
                     self.back.send_multipart(Message(Kind.PING, msg.session, msg.step - 1).frames())
                 else:
-                    self._reply(client, pong_for(msg.session, msg.step, self.counters()))
+                    self._reply(client, pong_for(msg.session, msg.step,
+                                                 self.counters(kv=msg.position_start == PING_KV_COUNTS)))
             elif msg.kind == Kind.REROUTE:
                 self._reroute(msg)
             else:
@@ -279,12 +281,13 @@ class ShardServer:
             print(f"shard_node: next hop is now {self.next_addrs[msg.position_start]}", file=sys.stderr)
 
     # ---- housekeeping ----------------------------------------------------------------------
-    def counters(self) -> list[int]:
-        """sessions, KV-cache bytes held, requests served, errors answered, then the KV budget's
-        cache hits, evictions and rebuilds (sessions prefilled again after being dropped here)."""
+    def counters(self, kv: bool = False) -> list[int]:
+        """sessions, KV-cache bytes held, requests served, errors answered; with ``kv`` (a PING whose
+        position_start is PING_KV_COUNTS) then the KV budget's cache hits, evictions and rebuilds
+        (sessions prefilled again after being dropped here)."""
         held = sum(cache_bytes(s.cache) for s in self.sessions.values())
-        return [len(self.sessions), held, self.served, self.errors, self.kv.hits, self.kv.evictions,
-                self.kv.rebuilds]
+        base = [len(self.sessions), held, self.served, self.errors]
+        return base + [self.kv.hits, self.kv.evictions, self.kv.rebuilds] if kv else base
 
     def expire(self) -> None:
         now = time.monotonic()

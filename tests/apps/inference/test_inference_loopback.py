@@ -127,7 +127,7 @@ def test_idle_timeout_frees_sessions(tiny, shards, tmp_path: Path) -> None:
     with loopback_chain(tiny, STAGES, idle_timeout=1.0, logs=tmp_path) as addrs:
         client = SplitClient(shards[0], addrs[1], layers=[s.layers for s in STAGES], timeout_s=60)
         client.generate(torch.tensor([PROMPTS[0]]), 4, set())  # no CLOSE: the session stays
-        n_sessions, cache_bytes = ping(addrs[1])[:2]
+        n_sessions, cache_bytes, _, _ = ping(addrs[1])
         assert n_sessions == 1 and cache_bytes > 0
         deadline = time.monotonic() + 10
         while (ping(addrs[1])[0] or ping(addrs[2])[0]) and time.monotonic() < deadline:

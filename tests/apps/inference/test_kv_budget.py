@@ -63,7 +63,7 @@ def test_sessions_beyond_the_budget_are_rebuilt_with_the_same_tokens(tiny: Path)
             t.join(120)
         for i, ids in enumerate(PROMPTS):
             assert results[i]["tokens"] == [int(t) for t in generate_split(shards, ids, N).tokens], i
-        counters = node.server.counters()
+        counters = node.server.counters(kv=True)
         hits, evictions, rebuilds = counters[4:7]
         assert evictions > 0 and rebuilds > 0 and hits > 0
         assert sum(r["kv_rebuilds"] for r in results.values()) == rebuilds
