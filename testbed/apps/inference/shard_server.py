@@ -72,6 +72,7 @@ class ShardServer:
         self.front.bind(bind)
         self.back: zmq.Socket | None = None
         self.back_events: zmq.Socket | None = None
+        self.back_down = False
         self.next_addrs = [next_addr, *(next_standbys or [])] if next_addr else []
         self.next_index = 0
         if next_addr:
@@ -94,9 +95,11 @@ class ShardServer:
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
-        self.back_events = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.back_events = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED
+                                                        | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.back.connect(self.next_addrs[index])
         self.next_index = index
+        self.back_down = False  # its connection dropped and has not come back: answer HOP_DOWN at once
 
     def _close_back(self) -> None:
         if self.back is not None:
@@ -205,6 +208,9 @@ class ShardServer:
             self.served += 1
             self._reply(client, result(msg.session, msg.step, token, [hop]))
             return
+        if self.back_down:  # the next hop is gone: say so now rather than queue for it
+            self._reply(client, hop_down(msg.session, msg.step, 1))
+            return
         fwd = hidden_message(msg.session, msg.step, msg.position_start, out, msg.codec or "fp32",
                              msg.kv_cache).frames()
         t3 = time.perf_counter()
@@ -255,8 +261,12 @@ class ShardServer:
         answered HOP_DOWN at once, so the client need not wait for a timeout."""
         assert self.back_events is not None
         event = recv_monitor_message(self.back_events)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.back_down = False
+            return
         if event["event"] != zmq.EVENT_DISCONNECTED:
             return
+        self.back_down = True
         for (sid, step), p in list(self.pending.items()):
             self._reply(p.client, hop_down(sid, step, 1))
         self.pending.clear()
