@@ -5,8 +5,10 @@ cloud; shard nodes are real programs over loopback.  Mid-generation (after ``--a
 program is either SIGKILLed (``kill``: its connection drops) or SIGSTOPped (``hang``: nothing drops,
 only the step's deadline can tell).  Per run:
 
-- detection: from the fault to the client declaring the stage failed, vs the bound
-  2 x the step time measured before the fault + 1 RTT (the floor of 50 ms applies);
+- detection: from the fault (or from the step's request, if the fault came before it) to the client
+  declaring the stage failed, vs the bound
+  2 x the step time measured before the fault + 1 RTT (the floor of 50 ms applies); the step time
+  is the whole step as the client sees it (a stage's own is unknown to it until it fails);
 - added latency of the token that met the fault (its time minus the median step) vs detection +
   one re-prefill of the session's tokens (the record's ``rebuild_ms``).
 
@@ -70,7 +72,9 @@ def one_run(model: Path, ids: torch.Tensor, first: Shard, mode: str, tokens: int
     before = res["token_ms"][1:at]
     step = statistics.median(before)
     k = max(range(at, len(res["token_ms"])), key=lambda i: res["token_ms"][i])
-    detect = (rec["detected_at_s"] - fault[0]) * 1e3
+    # from the fault, or from the request's send if the fault came first (the device computes its
+    # own layers before it sends: that time is no part of noticing the failure)
+    detect = min((rec["detected_at_s"] - fault[0]) * 1e3, rec["detect_ms"])
     bound = max(client.floor_ms, 2 * step + client.clock.rtt_ms)
     added = res["token_ms"][k] - step
     return {"mode": mode, "step_ms": step, "rtt_ms": client.clock.rtt_ms, "detect_ms": detect,
