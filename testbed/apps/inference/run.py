@@ -96,7 +96,9 @@ def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model
                               hops=[s.layers for s in stages], prompt=prompt, prompt_ids=prompt_ids,
                               max_new_tokens=max_new_tokens, codec=codec, quant=quant, kv_cache=kv_cache,
                               timeout_s=timeout_s, next_standbys=list(next_standbys or []),
-                              routes=[s.nodes for s in stages], detect_floor_ms=detect_floor_ms)
+                              # standbys only where they were started (next_standbys given)
+                              routes=[s.nodes if next_standbys is not None else [s.node] for s in stages],
+                              detect_floor_ms=detect_floor_ms)
     return Program(f"driver-{first.node}", "driver.py", settings, host, service=False)
 
 
