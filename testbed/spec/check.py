@@ -90,6 +90,8 @@ QUEUE_PKTS = Range(ge=1, le=100_000, integer=True, note="150 MB of 1500-byte pac
 CPU = Range(gt=0, le=machine_cores(), note=f"the {machine_cores()} cores of this machine")
 MEMORY_MB = Range(ge=MIN_MEMORY_MB, le=machine_memory_mb(), integer=True,
                   note=f"the {machine_memory_mb()} MiB of this machine")
+KV_BUDGET_MB = Range(ge=1, le=machine_memory_mb(), integer=True,
+                     note=f"the {machine_memory_mb()} MiB of this machine")
 REPEATS = Range(ge=1, le=1000, integer=True)
 MAX_NEW_TOKENS = Range(ge=1, le=4096, integer=True, note="half the model's 8192-token context")
 DEVICES = Range(ge=1, le=256, integer=True)  # and never more than the topology's device nodes
@@ -109,6 +111,7 @@ DURATION_S = Range(gt=0, le=3600, note="one hour")
 BOUNDS: dict[str, Range] = {
     "bw_mbit": BW_MBIT, "delay_ms": DELAY_MS, "jitter_ms": JITTER_MS, "loss_pct": LOSS_PCT,
     "queue_pkts": QUEUE_PKTS, "cpu": CPU, "memory_mb": MEMORY_MB, "repeats": REPEATS,
+    "kv_budget_mb": KV_BUDGET_MB,
     "max_new_tokens": MAX_NEW_TOKENS, "devices": DEVICES, "cut": CUT,
 }
 

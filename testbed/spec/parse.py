@@ -22,7 +22,7 @@ from testbed.spec.traces import infer_format, load_trace
 from testbed.spec.yamlfile import load_yaml
 
 TOP_KEYS = ("name", "description", "tcp_cc", "security", "nodes", "links", "events")
-NODE_KEYS = ("role", "cpu", "memory_mb", "runtime")
+NODE_KEYS = ("role", "cpu", "memory_mb", "runtime", "kv_budget_mb", "kv_int8")
 LINK_KEYS = ("between", "up", "down")
 DIRECTION_KEYS = ("bw_mbit", "delay_ms", "jitter_ms", "loss_pct", "queue_pkts", "trace", "format",
                   "trace_start_s")
@@ -60,6 +60,8 @@ def check_node_field(checker: Checker, field: str, key: str, value: Any) -> Any:
     """One field of a node on its own (a suite's ``nodes.N.KEY`` parameter)."""
     if key == "runtime":
         return checker.choice(value, field, RUNTIMES)
+    if key == "kv_int8":
+        return checker.boolean(value, field)
     return checker.number(value, field, check.BOUNDS[key])
 
 
@@ -116,7 +118,7 @@ class _Parser(Checker):
             raise self.fail(f"{field}.role", f"missing (one of {', '.join(ROLES)})")
         role = self.choice(body["role"], f"{field}.role", ROLES)
         if role == "cell":
-            for key in ("cpu", "memory_mb", "runtime"):
+            for key in ("cpu", "memory_mb", "runtime", "kv_budget_mb", "kv_int8"):
                 if key in body:
                     raise self.fail(f"{field}.{key}", "not allowed on a cell (a cell is a bridge, "
                                                       f"not a host) {got(body[key])}")
@@ -127,7 +129,12 @@ class _Parser(Checker):
         if body.get("memory_mb") is not None:
             memory = self.number(body["memory_mb"], f"{field}.memory_mb", check.MEMORY_MB)
         runtime = self.choice(body.get("runtime", "process"), f"{field}.runtime", RUNTIMES)
-        return NodeSpec(name=name, role=role, cpu=cpu, memory_mb=memory, runtime=runtime)
+        kv_budget = None
+        if body.get("kv_budget_mb") is not None:
+            kv_budget = self.number(body["kv_budget_mb"], f"{field}.kv_budget_mb", check.KV_BUDGET_MB)
+        kv_int8 = self.boolean(body.get("kv_int8", False), f"{field}.kv_int8")
+        return NodeSpec(name=name, role=role, cpu=cpu, memory_mb=memory, runtime=runtime,
+                        kv_budget_mb=kv_budget, kv_int8=kv_int8)
 
     def links(self, value: Any, nodes: dict[str, NodeSpec]) -> list[LinkSpec]:
         if value is None:

@@ -75,7 +75,7 @@ ANALYTIC_KEYS = ("band",)
 ROLE_KEYS = ("device", "edge", "cloud")
 _LINK_PARAM = re.compile(r"^links\.([A-Za-z][A-Za-z0-9]*)-([A-Za-z][A-Za-z0-9]*)\.(up|down)\."
                          r"(bw_mbit|delay_ms|jitter_ms|loss_pct|queue_pkts|trace|format)$")
-_NODE_PARAM = re.compile(r"^nodes\.([A-Za-z][A-Za-z0-9]*)\.(cpu|memory_mb|runtime)$")
+_NODE_PARAM = re.compile(r"^nodes\.([A-Za-z][A-Za-z0-9]*)\.(cpu|memory_mb|runtime|kv_budget_mb|kv_int8)$")
 _PLACEMENT_VARS = re.compile(r"\{([a-z_]+)\}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # the number each numeric parameter is checked against (the topology's bounds for link and node values)

@@ -58,6 +58,8 @@ class NodeSpec:
     cpu: float | None = None  # share of one core, enforced by cgroups
     memory_mb: int | None = None
     runtime: str = "process"
+    kv_budget_mb: int | None = None  # a shard node's sessions' KV caches stay within it (LRU eviction)
+    kv_int8: bool = False  # a shard node keeps its KV caches in int8 (per-head scales)
 
 
 @dataclass(frozen=True)

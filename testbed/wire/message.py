@@ -55,6 +55,10 @@ class Kind(IntEnum):
     TRAIN_STATS = 19  # request (NONE); reply: one row of step statistics per stage (FLOAT64 [stages, K])
     TRAIN_PULL = 20  # request (NONE): the adapter weights of hop ``position_start``
     TRAIN_WEIGHTS = 21  # reply: those weights, flat in the adapters' order (FLOAT64, zero-padded [R, C])
+    # ---- recovery and KV budget (see the block at the end of this module) ----
+    EVICTED = 8  # reply: this session's KV cache was evicted here; re-prefill it from position 0
+    HOP_DOWN = 9  # reply: a hop below stopped answering; position_start = its distance (1: my next hop)
+    REROUTE = 10  # control: step = hops still to travel, position_start = next-hop candidate to use
 
 
 class DType(IntEnum):
@@ -81,6 +85,9 @@ _KIND_DTYPES = {
     Kind.TRAIN_STATS: {DType.NONE, DType.FLOAT64},
     Kind.TRAIN_PULL: {DType.NONE},
     Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
+    Kind.EVICTED: {DType.NONE},
+    Kind.HOP_DOWN: {DType.NONE},
+    Kind.REROUTE: {DType.NONE},
 }
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
@@ -292,3 +299,31 @@ def float_values(kind: Kind, session: int, step: int, values: np.ndarray | Seque
         raise WireError("float64 payloads are 1- or 2-dimensional")
     return Message(kind, session, step, micro, DType.FLOAT64, None, 0, tuple(arr.shape),
                    [memoryview(arr).cast("B")])
+
+
+# ---- recovery and KV budget -----------------------------------------------------------------
+# A shard node that dropped a session's KV cache (its memory budget, or the idle timeout) answers
+# EVICTED instead of an error: the client re-prefills the session from its token history.  A node
+# whose next hop went away answers HOP_DOWN for the requests it relayed there, with the distance
+# of the failed hop; each node on the way back adds one, so the client learns which stage failed.
+# REROUTE tells the node ``step`` hops below the receiver to use next-hop candidate
+# ``position_start`` (an index into the addresses of its settings: nothing on the wire names an
+# address to connect to).
+
+def evicted(session: int, step: int) -> Message:
+    return Message(Kind.EVICTED, session, step)
+
+
+def hop_down(session: int, step: int, distance: int) -> Message:
+    return Message(Kind.HOP_DOWN, session, step, distance)
+
+
+def reroute(distance: int, candidate: int, session: int = 0) -> Message:
+    return Message(Kind.REROUTE, session, distance, candidate)
+
+
+def pong_for(session: int, step: int, counters: list[int]) -> Message:
+    """A PONG that names the PING it answers (a probe relayed down the chain)."""
+    msg = pong(counters)
+    msg.session, msg.step = session, step
+    return msg

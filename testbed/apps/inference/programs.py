@@ -26,7 +26,13 @@ def shard_node(s: ShardSettings) -> int:
     torch.set_num_threads(s.threads)
     shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
     shard.eval()
+    if s.warmup:
+        with torch.inference_mode():
+            shard.forward(torch.zeros((1, 1), dtype=torch.int64) if shard.is_first
+                          else torch.zeros((1, 1, shard.hidden_size)), shard.new_cache(), 0)
+    budget = None if s.kv_budget_mb is None else s.kv_budget_mb << 20
     server = ShardServer(shard, s.bind, s.next, idle_timeout=s.idle_timeout_s,
+                         next_standbys=list(s.next_standbys), kv_budget_bytes=budget, kv_int8=s.kv_int8,
                          ctx=security.context(s.curve_keys))
 
     def stop(_sig: int, _frame: object) -> None:
@@ -61,14 +67,16 @@ def driver(s: DriverSettings) -> int:
         ids = torch.as_tensor(format_prompt(tok, s.prompt), dtype=torch.int64).reshape(1, -1)
     stop = eos_ids(tok, shard.config if shard else None) if s.stop_at_eos else set()
     client = SplitClient(shard, s.next, codec=s.codec, kv_cache=s.kv_cache, timeout_s=s.timeout_s,
-                         layers=list(s.hops), ctx=security.context(s.curve_keys))
+                         layers=list(s.hops), next_standbys=list(s.next_standbys),
+                         routes=[list(r) for r in s.routes], floor_ms=s.detect_floor_ms,
+                         ctx=security.context(s.curve_keys))
     try:
         try:
             client.connect()
             announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
             out = client.generate(ids, s.max_new_tokens, stop)
-        except SplitError as e:
-            print(json.dumps({"error": str(e)}), flush=True)
+        except SplitError as e:  # the record so far goes with the error
+            print(json.dumps({"error": str(e), **getattr(client, "partial", {})}), flush=True)
             return 1
         out["text"] = tok.decode([t for t in out["tokens"] if t not in stop], skip_special_tokens=True)
         # before the CLOSE round trip: the time this line is read marks the end of generation

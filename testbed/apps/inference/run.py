@@ -48,30 +48,64 @@ def model_layers(model_dir: Path) -> int:
 
 def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, model_dir: Path, quant: str,
                   idle_timeout_s: float = 60.0, threads: int | None = None,
-                  curve_keys: str | None = None) -> Program:
+                  next_standbys: list[str] | None = None, node: str | None = None,
+                  topo: Topology | None = None, curve_keys: str | None = None) -> Program:
+    """The shard node of ``stage`` on ``node`` (default: the stage's own node; else one of its
+    standbys, which warms up before its ready line).  A primary that has standbys may die without
+    failing the run: the client takes over with a standby.  ``topo``: the nodes' KV budgets;
+    ``curve_keys``: the run's key file (``security: curve``)."""
+    node = node or stage.node
+    spec = topo.nodes.get(node) if topo is not None else None
     settings = ShardSettings(bind=bind, model=str(model_dir), start=stage.start, end=stage.end,
                              next=next_addr, quant=quant, idle_timeout_s=idle_timeout_s,
+                             next_standbys=list(next_standbys or []),
+                             kv_budget_mb=getattr(spec, "kv_budget_mb", None),
+                             kv_int8=bool(getattr(spec, "kv_int8", False)), warmup=node != stage.node,
                              curve_keys=curve_keys)
-    return Program(f"shard-{stage.node}", "shard_node.py", settings, host, threads=threads)
+    return Program(f"shard-{node}", "shard_node.py", settings, host, threads=threads,
+                   service=node != stage.node or not stage.standbys)
 
 
 def shard_programs(stages: list[Stage], addrs: list[str | None], host_of: Callable[[str], Host],
-                   model_dir: Path, quant: str, **kw: Any) -> list[Program]:
-    """A shard node for every stage but the first, listening on ``addrs[i]``; the last stage first."""
+                   model_dir: Path, quant: str, standby_addrs: list[list[str]] | None = None,
+                   topo: Topology | None = None, **kw: Any) -> list[Program]:
+    """A shard node for every stage but the first, listening on ``addrs[i]``; the last stage first.
+
+    ``standby_addrs[i]``: where stage i's standbys listen (one per standby, in order); they start
+    with the stage's primary (hot standbys: loaded, warm, serving the same next hop)."""
+    standby_addrs = standby_addrs or [[] for _ in stages]
     nxt = [*addrs[1:], None]
-    return [shard_program(host_of(stages[i].node), stages[i], addrs[i], nxt[i], model_dir, quant, **kw)
-            for i in range(len(stages) - 1, 0, -1)]
+    nxt_sb = [*standby_addrs[1:], []]
+    out = []
+    for i in range(len(stages) - 1, 0, -1):
+        st = stages[i]
+        for node, bind in zip(st.nodes, [addrs[i], *standby_addrs[i]], strict=True):
+            out.append(shard_program(host_of(node), st, bind, nxt[i], model_dir, quant,
+                                     next_standbys=nxt_sb[i], node=node, topo=topo, **kw))
+    return out
+
+
+def standby_addresses(net, stages: list[Stage], ports: list[list[int]] | None = None) -> list[list[str]]:
+    """Where each stage's standbys listen: their address facing the stage before, on ``ports[i][j]``
+    (default: BASE_PORT + 50 + 10 i + j, distinct from every primary's port)."""
+    return [[f"tcp://{net.ip(sb, stages[i - 1].node)}:"
+             f"{ports[i][j] if ports else BASE_PORT + 50 + 10 * i + j}" for j, sb in enumerate(s.standbys)]
+            if i > 0 else [] for i, s in enumerate(stages)]
 
 
 def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model_dir: Path, prompt: str,
                    max_new_tokens: int, quant: str, codec: str, kv_cache: bool,
                    prompt_ids: list[int] | None = None, timeout_s: float = 300.0,
+                   next_standbys: list[str] | None = None, detect_floor_ms: float = 50.0,
                    curve_keys: str | None = None) -> Program:
     first = stages[0]
     settings = DriverSettings(model=str(model_dir), start=first.start, end=first.end, next=next_addr,
                               hops=[s.layers for s in stages], prompt=prompt, prompt_ids=prompt_ids,
                               max_new_tokens=max_new_tokens, codec=codec, quant=quant, kv_cache=kv_cache,
-                              timeout_s=timeout_s, curve_keys=curve_keys)
+                              timeout_s=timeout_s, next_standbys=list(next_standbys or []),
+                              # standbys only where they were started (next_standbys given)
+                              routes=[s.nodes if next_standbys is not None else [s.node] for s in stages],
+                              detect_floor_ms=detect_floor_ms, curve_keys=curve_keys)
     return Program(f"driver-{first.node}", "driver.py", settings, host, service=False)
 
 
@@ -124,36 +158,50 @@ def node_events(run: Launcher) -> Callable[[Any], str]:
 def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_new_tokens: int,
                    quant: str, codec: str, kv_cache: bool, prompt_ids: list[int] | None = None,
                    timeout_s: float = 900.0, ports: list[int] | None = None,
-                   logs: Path | None = None, events: list[Any] | None = None) -> dict:
+                   logs: Path | None = None, events: list[Any] | None = None,
+                   standby_ports: list[list[int]] | None = None,
+                   on_ready: Callable[[dict[str, Running]], None] | None = None,
+                   detect_floor_ms: float = 50.0) -> dict:
     """Start the shard nodes on ``net`` (an EmulatedNetwork that is up), run the driver, stop all.
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
     the driver's measurements, each hop's CPU time from its ready line to its stop (``cpu_ms``)
-    and thread count, and ``logs``.  ``events`` (``testbed.spec.events.Event``) run on a clock
-    whose 0 is the start of generation (the driver's ready line, once its next hop answered); the
-    result then has ``events`` (each with ``at_s`` and ``actual_s``) and ``gen_start_s``, the first
-    step's start on that clock (token i ends ``sum(token_ms[:i+1])`` ms after it).  A run that fails
-    keeps its events' records on the error (``error.events``)."""
+    and thread count, ``recoveries`` (a failed stage taken over by its standby), ``node_exits``
+    (shard programs the launcher saw die during the run) and ``logs``.  ``events``
+    (``testbed.spec.events.Event``) run on a clock whose 0 is the start of generation (the
+    driver's ready line, once its next hop answered); the result then has ``events`` (each with
+    ``at_s`` and ``actual_s``) and ``gen_start_s``, the first step's start on that clock (token i
+    ends ``sum(token_ms[:i+1])`` ms after it).  A run that fails keeps its events' records on the
+    error (``error.events``).  ``on_ready``: called with every program by node once the driver
+    started (fault injection in tests and benches); ``detect_floor_ms``: the smallest step
+    deadline of the driver (``recovery.StepClock``)."""
     logs = logs or default_logs_dir("infer")
     ports = ports or [BASE_PORT + i for i in range(len(stages))]
     addrs: list[str | None] = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
                                         for i, s in enumerate(stages) if i > 0]
     node_keys, device_keys = run_key_files(net.topo.security, logs)
+    sb_addrs = standby_addresses(net, stages, standby_ports)
     shards = shard_programs(stages, addrs, lambda node: NetHost(net, node), model_dir, quant,
-                            curve_keys=node_keys)
+                            standby_addrs=sb_addrs, topo=getattr(net, "topo", None), curve_keys=node_keys)
     drv = driver_program(NetHost(net, stages[0].node), stages, addrs[1] if len(stages) > 1 else None,
                          model_dir, prompt, max_new_tokens, quant, codec, kv_cache, prompt_ids,
-                         curve_keys=device_keys)
+                         next_standbys=sb_addrs[1] if len(stages) > 1 else None,
+                         detect_floor_ms=detect_floor_ms, curve_keys=device_keys)
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
         sched = EventScheduler(net, events or [], node_events(run))
         try:
             (d,) = run.start([drv])
+            if on_ready is not None:
+                on_ready({r.program.host.name: r for r in [*nodes, d]})
             if events:  # the events' clock starts with generation (the driver's ready line)
                 run.wait_ready([d], READY_TIMEOUT_S)
                 sched.start(t0=d.ready_at)
             run.wait_exit([d], timeout_s)
+            exits = [{"node": r.program.host.name, "program": r.name, "code": r.returncode,
+                      "exited_at_s": round(r.exited_at, 6)}
+                     for r in nodes if r.exited_at is not None and not r.stopping]
             result, t_line = driver_result(d)
         except LaunchError as e:
             e.events = sched.records  # type: ignore[attr-defined]  # completed by stop() below
@@ -164,8 +212,14 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
         assert sched.t0 is not None
         result["events"] = sched.records
         result["gen_start_s"] = round(t_line - result.get("total_ms", 0.0) / 1e3 - sched.t0, 3)
-    for hop, r in zip(result["per_hop"], [d, *reversed(nodes)], strict=True):
-        hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
+    primaries = {r.program.host.name: r for r in nodes}
+    for hop, st in zip(result["per_hop"][1:], stages[1:], strict=True):
+        r = primaries[st.nodes[0]]
+        used = [primaries[n] for n in st.nodes if primaries[n].cpu_ms]
+        hop["cpu_ms"] = round(sum(x.cpu_ms for x in used), 1) if used else r.cpu_ms
+        hop["threads"] = r.plan.threads
+    result["per_hop"][0]["cpu_ms"], result["per_hop"][0]["threads"] = d.cpu_ms, d.plan.threads
+    result["node_exits"] = exits
     result["omp"] = describe(program_env(d.plan), role="node")
     result["logs"] = str(logs)
     return result
@@ -175,7 +229,9 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
                         max_new_tokens: int = 32, quant: str = "none", codec: str = "fp32",
                         kv_cache: bool = True, shaper: str = "auto", model: str | Path | None = None,
                         runtime: str | None = None, prompt_ids: list[int] | None = None,
-                        logs: Path | None = None, events: list[Any] | None = None) -> dict:
+                        logs: Path | None = None, events: list[Any] | None = None,
+                        on_ready: Callable[[dict[str, Running]], None] | None = None,
+                        detect_floor_ms: float = 50.0) -> dict:
     """Split inference of ``prompt`` across ``topo``; returns the driver's measurements.
 
     Result keys: text, tokens, prompt_tokens, ttft_ms, tpot_ms, token_ms (every step's
@@ -193,12 +249,13 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
     with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
         result = run_on_network(net, stages, model_dir, prompt, max_new_tokens, quant, codec, kv_cache,
                                 prompt_ids=prompt_ids, logs=logs,
-                                events=topo.events if events is None else events)
+                                events=topo.events if events is None else events,
+                                on_ready=on_ready, detect_floor_ms=detect_floor_ms)
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
     result.update(shaper=shaper_used, tcp_cc=tcp_cc, quant=quant, codec=codec, kv_cache=kv_cache,
-                  placement=",".join(f"{s.node}={s.layers}" for s in stages))
+                  placement=",".join(str(s) for s in stages))
     return result
 
 
@@ -239,5 +296,8 @@ def infer(args: argparse.Namespace) -> int:
     for ev in result.get("events", []):
         print(f"  event {ev['kind']} at {ev['at_s']:g} s, applied at {ev['actual_s']:.2f} s"
               + (f": {ev['error']}" if "error" in ev else ""))
+    for r in result.get("recoveries", []):
+        print(f"  recovery: stage {r['stage']} ({r['layers']}) {r['failed_node']} -> {r['standby']}: "
+              f"{r['why']}, detected in {r['detect_ms']:.1f} ms, rebuilt in {r.get('rebuild_ms', 0):.1f} ms")
     print(f"logs: {logs}")
     return 0

@@ -60,10 +60,20 @@ class ShardSettings:
     threads: int = 1  # set by the launcher from its thread plan
     idle_timeout_s: float = 60.0
     curve_keys: str | None = None  # the run's keys file (``security: curve``; testbed.wire.security)
+    next_standbys: list[str] = field(default_factory=list)  # the next stage's standbys, seen from here
+    kv_budget_mb: int | None = None  # the sessions' KV caches together (LRU eviction beyond it)
+    kv_int8: bool = False  # int8 KV caches with per-head scales
+    warmup: bool = False  # run one forward pass before the ready line (a standby takes over warm)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.bind, "bind", wildcard_ok=False)
         yield from _address(self.next, "next")
+        for addr in self.next_standbys:
+            yield from _address(addr, "next_standbys")
+        if self.next_standbys and self.next is None:
+            yield "next_standbys", "need a next hop"
+        if self.kv_budget_mb is not None and not 1 <= self.kv_budget_mb <= 1 << 30:
+            yield "kv_budget_mb", "must be a positive number of MiB"
         yield from _common(self)
         if self.end <= self.start:
             yield "end", f"must be greater than start ({self.start})"
@@ -91,9 +101,20 @@ class DriverSettings:
     threads: int = 1  # set by the launcher from its thread plan
     timeout_s: float = 300.0  # for each reply of the next hop
     curve_keys: str | None = None  # the run's keys file (``security: curve``; testbed.wire.security)
+    next_standbys: list[str] = field(default_factory=list)  # the next stage's standbys
+    routes: list[list[str]] = field(default_factory=list)  # every stage's nodes, primary first (records)
+    detect_floor_ms: float = 50.0  # the smallest step deadline before a stage counts as failed
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")
+        for addr in self.next_standbys:
+            yield from _address(addr, "next_standbys")
+        if self.next_standbys and self.next is None:
+            yield "next_standbys", "need a next hop"
+        if self.routes and (len(self.routes) != len(self.hops) or not all(self.routes)):
+            yield "routes", "must list the nodes of every hop"
+        if not 0 < self.detect_floor_ms <= 1e6:
+            yield "detect_floor_ms", "must be in (0, 1e6]"
         yield from _common(self)
         if self.end < self.start:
             yield "end", f"must be >= start ({self.start})"

@@ -3,6 +3,12 @@
 ``SplitClient.generate`` runs greedy decoding, measures TTFT/TPOT and every
 step's latency, and folds the hop records of the replies into per-hop totals
 (compute, codec, transfer time and bytes in each direction of each link).
+
+Recovery: the client keeps the session's token history.  When a stage stops answering (its
+connection drops, a node below reports HOP_DOWN, or no reply comes within the step's deadline,
+``testbed.apps.inference.recovery``), it re-routes that stage to its next standby and re-prefills
+the session from position 0, which rebuilds every stage's KV cache; a node that evicted the
+session (its KV budget) answers EVICTED and the session is re-prefilled the same way.
 """
 
 from __future__ import annotations
@@ -13,23 +19,31 @@ from dataclasses import dataclass, field
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from testbed.apps.inference.activations import hidden_message
+from testbed.apps.inference.recovery import StageFailed, StepClock
 from testbed.spec.errors import TestbedError
 from testbed.wire.message import (
     HEADER,
     Hop,
     Kind,
+    Message,
     WireError,
     control,
     forward_tokens,
     parse,
+    reroute,
     wire_size,
 )
 
 
 class SplitError(TestbedError, RuntimeError):
     """A shard node answered with an error or did not answer in time."""
+
+
+class SessionEvicted(SplitError):
+    """A node dropped this session's KV cache (memory budget or idle timeout): re-prefill it."""
 
 
 @dataclass
@@ -59,7 +73,12 @@ class HopTotals:
 
 @dataclass
 class SplitClient:
-    """Talks to the second hop at ``next_addr``; ``first`` holds this device's layers."""
+    """Talks to the second hop at ``next_addr``; ``first`` holds this device's layers.
+
+    ``next_standbys``: the second hop's standby addresses; ``routes``: every stage's node names,
+    primary first, then its standbys (the device's first; for the records and the number of
+    candidates of each stage).  ``floor_ms``: the smallest step deadline (a loaded machine's
+    scheduling noise must not look like a failure)."""
 
     first: object
     next_addr: str | None
@@ -68,20 +87,48 @@ class SplitClient:
     timeout_s: float = 300.0
     layers: list[str] = field(default_factory=list)  # "S:E" of every hop, the device's first
     ctx: zmq.Context | None = None
+    next_standbys: list[str] = field(default_factory=list)
+    routes: list[list[str]] = field(default_factory=list)
+    floor_ms: float = 50.0
 
     def __post_init__(self) -> None:
         self.session = secrets.randbits(63) or 1
         self.sock: zmq.Socket | None = None
+        self.events: zmq.Socket | None = None
+        self.seq = 0  # request ids (the wire's step field): a late reply from a failed route never matches
         if self.next_addr:
             self.ctx = self.ctx or zmq.Context.instance()
-            self.sock = self.ctx.socket(zmq.DEALER)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.connect(self.next_addr)
+            self._open(self.next_addr)
         elif self.first is None or not self.first.is_last:
             raise ValueError("the device's shard is not the last one: a next hop is required")
         if not self.layers:
             self.layers = [f"{self.first.start}:{self.first.end}" if self.first else "0:0"]
         self.totals = [HopTotals(x) for x in self.layers]
+        if not self.routes:
+            self.routes = [[f"hop{i}"] + [f"hop{i}-standby{j}" for j in range(1, 1 + len(self.next_standbys))
+                                          if i == 1] for i in range(len(self.layers))]
+        self.active = [0] * len(self.routes)  # which candidate serves each stage now
+        self.clock = StepClock(self.floor_ms, self.timeout_s)
+        self.recoveries: list[dict] = []
+        self.rebuilds = 0  # re-prefills after an EVICTED answer
+        self.stalls = 0  # deadlines passed while every stage still answered a probe
+
+    # ---- the socket to the next hop --------------------------------------------------------
+    def _open(self, addr: str) -> None:
+        assert self.ctx is not None
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.events = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(addr)
+        self.addr = addr
+
+    def _close_sock(self) -> None:
+        if self.sock is not None:
+            self.sock.disable_monitor()
+            self.sock.close(0)
+        if self.events is not None:
+            self.events.close(0)
+        self.sock = self.events = None
 
     def _recv(self) -> list:
         assert self.sock is not None
@@ -89,12 +136,48 @@ class SplitClient:
             raise SplitError(f"no reply from {self.next_addr} within {self.timeout_s:.0f} s")
         return self.sock.recv_multipart(copy=False)
 
-    def step(self, step: int, ids: torch.Tensor, pos: int, cache: object) -> int:
-        """One forward pass of the whole chain; returns the greedy next token id."""
+    def _await(self, want: tuple[Kind, ...], rid: int, deadline: float) -> tuple[Message, list, float]:
+        """The reply to request ``rid``; StageFailed when the next hop's connection drops, a node
+        reports HOP_DOWN, or the deadline (``time.perf_counter()``) passes."""
+        assert self.sock is not None and self.events is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        while True:
+            left = deadline - time.perf_counter()
+            ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+            if not ready:
+                raise StageFailed(None, "no reply in time", time.perf_counter())
+            if ready.get(self.events):
+                if recv_monitor_message(self.events)["event"] == zmq.EVENT_DISCONNECTED:
+                    raise StageFailed(1, "connection dropped", time.perf_counter())
+                continue
+            reply = self.sock.recv_multipart(copy=False)
+            t = time.perf_counter()
+            try:
+                msg = parse(reply)
+            except WireError as e:
+                raise SplitError(f"malformed reply: {e}") from None
+            if msg.session != self.session or msg.step != rid:
+                continue
+            if msg.kind == Kind.HOP_DOWN:
+                raise StageFailed(1 + msg.position_start, "a hop reported it down", t)
+            if msg.kind == Kind.EVICTED:
+                raise SessionEvicted(f"session {self.session:#x} was evicted along the chain")
+            if msg.kind in want:
+                return msg, reply, t
+
+    def step(self, step: int, ids: torch.Tensor, pos: int, cache: object, deadline_s: float | None = None
+             ) -> int:
+        """One forward pass of the whole chain; returns the greedy next token id.
+
+        ``deadline_s``: how long to wait for the reply (default ``timeout_s``); StageFailed past it."""
         t0 = time.perf_counter()
+        self.seq += 1
+        rid = self.seq
         if self.first is None:  # no layer on the device: upload the token ids
             t1 = t0
-            frames = forward_tokens(self.session, step, pos, ids, self.kv_cache).frames()
+            frames = forward_tokens(self.session, rid, pos, ids, self.kv_cache).frames()
         else:
             with torch.inference_mode():
                 out = self.first.forward(ids, cache, pos)
@@ -102,19 +185,16 @@ class SplitClient:
             if self.sock is None:
                 self.totals[0].add((t1 - t0) * 1e3, 0.0, 0.0, 0, 0)
                 return int(out[0, -1].argmax())
-            frames = hidden_message(self.session, step, pos, out, self.codec, self.kv_cache).frames()
+            frames = hidden_message(self.session, rid, pos, out, self.codec, self.kv_cache).frames()
         compute_ms = (t1 - t0) * 1e3
         t2 = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)
-        while True:
-            reply = self._recv()
-            t3 = time.perf_counter()
-            try:
-                msg = parse(reply)
-            except WireError as e:
-                raise SplitError(f"malformed reply: {e}") from None
-            if msg.session == self.session and msg.step == step and msg.kind in (Kind.RESULT, Kind.ERROR):
-                break
+        try:
+            msg, reply, t3 = self._await((Kind.RESULT, Kind.ERROR), rid,
+                                         t2 + (self.timeout_s if deadline_s is None else deadline_s))
+        except StageFailed as e:
+            e.sent_at = t2
+            raise
         if msg.kind == Kind.ERROR:
             raise SplitError(msg.text())
         me = Hop(compute_ms, (t2 - t1) * 1e3, (t3 - t0) * 1e3, (t3 - t2) * 1e3, 0, wire_size(reply))
@@ -128,20 +208,109 @@ class SplitClient:
                                up.bytes_in, prev.bytes_reply_in)
         return int(msg.tensor().reshape(-1)[0])
 
+    # ---- recovery ----------------------------------------------------------------------------
+    def _probe(self, stage: int, wait_s: float) -> bool:
+        """Whether ``stage`` (1: the next hop) answers a PING relayed to it within ``wait_s``."""
+        assert self.sock is not None
+        self.sock.send_multipart(Message(Kind.PING, self.session, stage - 1).frames())
+        try:
+            self._await((Kind.PONG,), stage - 1, time.perf_counter() + wait_s)
+        except StageFailed:
+            return False
+        return True
+
+    def _blame(self, failure: StageFailed) -> int | None:
+        """Which stage failed: the one a node named, or the first that does not answer a probe."""
+        if failure.stage is not None:
+            return failure.stage
+        for stage in range(1, len(self.routes)):
+            if not self._probe(stage, self.clock.probe_s(stage)):
+                return stage
+        return None
+
+    def _has_standby(self, stage: int) -> bool:
+        return 0 < stage < len(self.routes) and self.active[stage] + 1 < len(self.routes[stage])
+
+    def _standby_left(self) -> bool:
+        return any(self._has_standby(i) for i in range(len(self.routes)))
+
+    def _reroute(self, stage: int, failure: StageFailed) -> dict:
+        """Switch ``stage`` to its next standby (SplitError if it has none); returns the record."""
+        names = self.routes[stage] if stage < len(self.routes) else [f"hop{stage}"]
+        failed = names[self.active[stage]]
+        layers = self.layers[stage] if stage < len(self.layers) else "?"
+        if self.active[stage] + 1 >= len(names):
+            raise SplitError(f"stage {stage} ({failed}, layers {layers}) stopped answering "
+                             f"({failure.why}) and has no standby left")
+        self.active[stage] += 1
+        if stage == 1:
+            self._close_sock()
+            self._open(([self.next_addr] + list(self.next_standbys))[self.active[1]])
+        else:
+            self.sock.send_multipart(reroute(stage - 2, self.active[stage], self.session).frames())
+        if stage + 1 < len(self.routes) and self.active[stage + 1]:  # the standby's own next hop
+            self.sock.send_multipart(reroute(stage - 1, self.active[stage + 1], self.session).frames())
+        return {"stage": stage, "layers": layers, "failed_node": failed, "standby": names[self.active[stage]],
+                "why": failure.why}
+
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> dict:
-        """Greedy decoding; stops after ``max_new_tokens`` or at a stop token (which is kept)."""
+        """Greedy decoding; stops after ``max_new_tokens`` or at a stop token (which is kept).
+
+        A failed stage is re-routed to its standby and the session re-prefilled from its token
+        history (each in ``recoveries``); an evicted session is re-prefilled (``rebuilds``).
+        On an error the partial record is in ``self.partial``."""
         ids = prompt_ids.reshape(1, -1).to(torch.int64)
         cache = self.first.new_cache() if self.kv_cache and self.first is not None else None
         tokens: list[int] = []
         step_ms: list[float] = []
         t_start = time.perf_counter()
+        self.partial = {"tokens": tokens, "token_ms": step_ms, "recoveries": self.recoveries}
+        prefill = True  # the next request sends the whole history from position 0
+        patient = False  # the next request waits timeout_s (after a stall)
+        waiting: list[tuple[dict, float]] = []  # recoveries whose re-prefill has not answered yet
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            if self.kv_cache:
-                x, pos = (ids if step == 0 else ids[:, -1:]), (0 if step == 0 else ids.shape[1] - 1)
-                tok = self.step(step, x, pos, cache)
-            else:
-                tok = self.step(step, ids, 0, None)
+            while True:
+                if prefill or not self.kv_cache:
+                    x, pos = ids, 0
+                    if self.first is not None:
+                        self.first.reset_cache(cache)
+                else:
+                    x, pos = ids[:, -1:], ids.shape[1] - 1
+                n = int(x.shape[1])
+                try:
+                    t_req = time.perf_counter()
+                    # a deadline only where a standby can take over: without one, waiting is all there is
+                    wait = self.clock.deadline_s(n, pos == 0 and self.kv_cache) \
+                        if self._standby_left() and not patient else self.timeout_s
+                    patient = False
+                    tok = self.step(step, x, pos, cache, wait)
+                    self.clock.observe(n, pos == 0 and self.kv_cache, (time.perf_counter() - t_req) * 1e3)
+                    break
+                except SessionEvicted:
+                    self.rebuilds += 1
+                    prefill = True
+                except StageFailed as e:
+                    stage = self._blame(e)
+                    if e.stage is None and wait >= self.timeout_s and not self._has_standby(stage or 0):
+                        raise SplitError(f"no reply from {self.addr} within {self.timeout_s:.0f} s") from None
+                    if stage is None or (e.stage is None and not self._has_standby(stage)):
+                        # every stage answers (slow, not dead), or only a deadline speaks against a
+                        # stage nothing can replace: ask again from scratch, waiting the full timeout
+                        self.stalls += 1
+                        prefill = patient = True
+                        continue
+                    rec = self._reroute(stage, e)
+                    rec["detect_ms"] = round((e.detected_at - e.sent_at) * 1e3, 3)
+                    rec["detected_at_s"] = round(time.monotonic() - (time.perf_counter() - e.detected_at), 6)
+                    self.recoveries.append(rec)
+                    waiting.append((rec, time.perf_counter()))
+                    prefill = True
+            done = time.perf_counter()
+            for rec, t_re in waiting:  # re-routed to here and prefilled again: the rebuild's cost
+                rec["rebuild_ms"] = round((done - t_re) * 1e3, 3)
+            waiting.clear()
+            prefill = False
             step_ms.append((time.perf_counter() - t0) * 1e3)
             tokens.append(tok)
             ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.int64)], dim=1)
@@ -160,20 +329,28 @@ class SplitClient:
             "bytes_up": self.totals[1].bytes_up if len(self.totals) > 1 else 0,
             "bytes_down": self.totals[1].bytes_down if len(self.totals) > 1 else 0,
             "per_hop": [t.to_dict() for t in self.totals],
+            "recoveries": self.recoveries,
+            "kv_rebuilds": self.rebuilds,
+            "stalls": self.stalls,
         }
 
     def connect(self) -> None:
-        """Wait for the connection to the next hop (one PING/PONG), so TTFT excludes its set-up."""
+        """Wait for the connection to the next hop (PING/PONG), so TTFT excludes its set-up; the
+        second round trip is the link's RTT, the base of every step's deadline."""
         if self.sock is None:
             return
-        self.sock.send_multipart(control(Kind.PING, self.session).frames())
-        while True:
-            try:
-                msg = parse(self._recv())
-            except WireError as e:
-                raise SplitError(f"malformed reply: {e}") from None
-            if msg.kind == Kind.PONG:
-                return
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.seq += 1
+            self.sock.send_multipart(Message(Kind.PING, self.session, 0).frames())
+            while True:
+                try:
+                    msg = parse(self._recv())
+                except WireError as e:
+                    raise SplitError(f"malformed reply: {e}") from None
+                if msg.kind == Kind.PONG:
+                    break
+            self.clock.rtt_ms = (time.perf_counter() - t0) * 1e3
 
     def close(self) -> None:
         """Free this session's KV caches along the chain, then the socket."""
@@ -183,5 +360,4 @@ class SplitClient:
             self.sock.send_multipart(control(Kind.CLOSE, self.session).frames())
             self.sock.poll(1000)
         finally:
-            self.sock.close(0)
-            self.sock = None
+            self._close_sock()

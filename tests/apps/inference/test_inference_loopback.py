@@ -17,7 +17,7 @@ from testbed.apps.inference.activations import hidden_message
 from testbed.apps.inference.local_chain import loopback_chain
 from testbed.apps.inference.placement import Stage
 from testbed.apps.inference.run import driver_program, driver_result, shard_program
-from testbed.apps.inference.split_client import SplitClient, SplitError
+from testbed.apps.inference.split_client import SessionEvicted, SplitClient, SplitError
 from testbed.apps.launch import Launcher, LocalHost, encode_settings
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
@@ -133,8 +133,8 @@ def test_idle_timeout_frees_sessions(tiny, shards, tmp_path: Path) -> None:
         while (ping(addrs[1])[0] or ping(addrs[2])[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ping(addrs[1])[:2] == [0, 0] and ping(addrs[2])[:2] == [0, 0]
-        # the expired session cannot continue: the node says so instead of computing garbage
-        with pytest.raises(SplitError, match="unknown session"):
+        # the expired session cannot continue: the node says so (the client then re-prefills it)
+        with pytest.raises(SessionEvicted, match="evicted"):
             client.step(4, torch.tensor([[3]]), 8, shards[0].new_cache())
         client.sock.close(0)
         client.sock = None
