@@ -39,9 +39,11 @@ case " $allowed " in *" cubic "*) ;; *) sysctl -qw net.ipv4.tcp_allowed_congesti
 
 # --- Python virtual environment --------------------------------------------------
 # Debian's /usr/bin/python3 is the interpreter that sees the mininet package.
-if [ ! -x "$VENV/bin/python" ]; then
+# a venv cut short while it was made (no pip in it) is made again
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   log "creating venv $VENV"
-  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  /usr/bin/python3 -m venv --clear --system-site-packages "$VENV"
+  rm -f "$VENV/.testbed-deps"
 fi
 PY="$VENV/bin/python"
 # pip, quietly: this machine's pip.conf names index folders that may not exist (harmless warnings).
