@@ -3,14 +3,15 @@
 It owns the edge's :class:`~testbed.apps.caching.store.EdgeStore` and does what the driver (the policy's
 caller, outside the network) tells it, one JSON line per step on stdin, one JSON line back on stdout:
 
-    {"evict": [HASH...], "fetch": {SOURCE: [HASH...]}, "store": [HASH...]}
+    {"evict": [HASH...], "fetch": {SOURCE: [HASH...]}, "store": [HASH...], "credit": {SOURCE: N}}
     -> {"elapsed_ms": ..., "reports": {SOURCE: {bytes, elapsed_s, goodput_mbit, ...}}, "used_bytes": ...,
         "evicted_bytes": ...}
 
 Blocks named in ``evict`` leave the store first; then every source's blocks are fetched over the
 emulated links in parallel (one :class:`~testbed.apps.caching.delivery.BlockFetcher` per source, kept
-for the whole run: repository or a neighbouring edge's block node), each verified by the fetcher and
-again by the store.  Blocks in ``store`` are written to the store; the others go to a scratch folder
+for the whole run: repository or a neighbouring edge's block node; ``credit``: the chunk requests it
+keeps outstanding in this fetch), each verified by the fetcher and again by the store.  Blocks in
+``store`` are written to the store; the others go to a scratch folder
 from which the driver serves the request, emptied at the next step.  ``elapsed_ms`` is the wall time
 of the fetch, the slowest source included (the request's fetch time).  The lines come from the
 driver, this program's parent, through a pipe; they are JSON and checked, nothing is executed.
@@ -32,6 +33,8 @@ from testbed.apps.caching.blocks import BlockDir, is_block_hash
 from testbed.apps.caching.delivery import DEFAULT_CHUNK, BlockFetcher
 from testbed.apps.caching.store import EdgeStore
 from testbed.apps.launch import announce_ready
+
+MAX_CREDIT = 4096
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,13 @@ class EdgeAgent:
         if not isinstance(fetch, dict) or any(src not in self.fetchers for src in fetch):
             raise ValueError(f"fetch: sources must be among {sorted(self.fetchers)}")
         self.keep = set(_hashes(cmd.get("store", []), "store"))
+        credit = cmd.get("credit", {})
+        ok = isinstance(credit, dict) and all(
+            src in self.fetchers and isinstance(n, int) and 1 <= n <= MAX_CREDIT for src, n in credit.items())
+        if not ok:
+            raise ValueError(f"credit: must map sources to request counts in 1..{MAX_CREDIT}")
+        for src, n in credit.items():
+            self.fetchers[src].credit = n
         t0 = time.perf_counter()
         jobs = {src: self.pool.submit(self.fetchers[src].fetch, _hashes(hs, f"fetch.{src}"))
                 for src, hs in fetch.items() if hs}

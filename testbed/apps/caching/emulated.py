@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from typing import Any
 from testbed.apps.caching.analytic import CacheNetwork, cache_network
 from testbed.apps.caching.blocks import BlockDir
 from testbed.apps.caching.catalogue import Catalogue, Manifest, load_catalogue, model_files, write_model_dir
+from testbed.apps.caching.delivery import DEFAULT_CHUNK, credit_for
 from testbed.apps.caching.edge_agent import EdgeAgentSettings
 from testbed.apps.caching.policies import DEFAULT_WINDOW, Plan, Policy, make_policy, units_of
 from testbed.apps.caching.replay import Metrics, sources, workload_for
@@ -197,7 +199,9 @@ class _Run:
         u = self.units
         srcs = sources(self.view, self.policy, edge, plan.fetch) if plan.fetch else {}
         cmd = {"evict": u.blocks(plan.evict), "store": u.blocks(plan.store),
-               "fetch": {(REPOSITORY if s is None else s): u.blocks(us) for s, us in srcs.items()}}
+               "fetch": {(REPOSITORY if s is None else s): u.blocks(us) for s, us in srcs.items()},
+               "credit": {(REPOSITORY if s is None else s): self.credit(edge, s, u.blocks(us))
+                          for s, us in srcs.items()}}
         reply = self.agents[edge].step(cmd)
         self.metrics.evicted(plan.evict)
         for s, us in srcs.items():
@@ -211,6 +215,15 @@ class _Run:
                 self.bound_ratio.append(rep["bound_ratio"])
             self.metrics.moved(want, s is not None, rep["elapsed_s"] * 1e3, prefetch)
         return reply["elapsed_ms"] if plan.fetch else None
+
+    def credit(self, edge: str, src: str | None, hashes: list[str]) -> int:
+        """Chunk requests to keep outstanding for this fetch: the bandwidth-delay product over the mean
+        request's bytes (``credit_for`` counts whole chunks, but a model's small tensors are blocks of
+        a few kB, each one request: sized by chunks, the window would carry a few kB per round trip)."""
+        path = self.view.repo_path[edge] if src is None else self.view.peer_path[(src, edge)]
+        sizes = [self.cat.block_sizes[h] for h in hashes]
+        nreq = sum(max(1, math.ceil(n / DEFAULT_CHUNK)) for n in sizes)
+        return credit_for(path.rate_mbit, path.rtt_ms, max(1, sum(sizes) // max(1, nreq)))
 
     def request(self, req: Request, vocab: int) -> None:
         plan = self.policy.request(req.edge, req.model)

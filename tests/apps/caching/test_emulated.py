@@ -4,6 +4,9 @@ missing (as the senders counted them too), and a mean fetch time near replay's a
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,8 @@ import pytest
 from testbed.apps.caching.analytic import cache_network
 from testbed.apps.caching.emulated import run_emulated
 from testbed.apps.caching.replay import run_replay
+from testbed.apps.launch import NODES
 from testbed.spec.topology import parse_topology
-
-pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REQUESTS = 20
 SEED = 4
@@ -32,13 +34,16 @@ TOPO = {
     "links": [_link("dev1", "edge1", 20, 5), _link("dev2", "edge2", 20, 5), _link("edge1", "edge2", 100, 5),
               _link("edge1", "cloud", 50, 10), _link("edge2", "cloud", 50, 10)],
 }
-# Mean fetch time against replay's analytic one: the protocol takes two round trips (chunk digests,
-# then chunks) where the analytic model counts one, and the userspace link processes, senders and
-# agents share this machine's two cores with everything else; so at least replay's time (less 10 %)
-# and at most 8x it here (README: the figures measured).
-FETCH_RATIO = (0.9, 8.0)
+# Mean fetch time against replay's analytic one (one RTT + bytes at 95 % of the bottleneck rate): the
+# protocol takes two round trips (chunk digests, then chunks), every stored block is written with an
+# fsync, and the userspace link processes, senders and agents share this machine's two cores with
+# everything else.  Measured here at load 8-9: 2.2x (README); asserted: at least replay's time less
+# 10 %, at most 5x.
+FETCH_RATIO = (0.9, 5.0)
 
 
+@pytest.mark.root
+@pytest.mark.slow
 def test_emulated_run_agrees_with_replay(tiny_catalogue, tmp_path: Path):
     cat = tiny_catalogue
     topo = parse_topology(TOPO, tmp_path / "cells-2.yaml")
@@ -62,3 +67,12 @@ def test_emulated_run_agrees_with_replay(tiny_catalogue, tmp_path: Path):
     ratio = emu["fetch_ms_mean"] / rep["fetch_ms_mean"]
     print(f"fetch mean emulated/replay {ratio:.2f}; wall {emu['wall_s']} s, requests {emu['requests_s']} s")
     assert FETCH_RATIO[0] <= ratio <= FETCH_RATIO[1]
+
+
+def test_edge_agent_bad_settings_are_one_line_exit_2(tmp_path: Path):
+    bad = json.dumps({"store": str(tmp_path), "scratch": str(tmp_path), "capacity_bytes": 0, "sources": [],
+                      "endpoints": [], "rate_mbit": [], "rtt_ms": []})
+    r = subprocess.run([sys.executable, str(NODES / "cache_edge.py"), "--settings", bad], capture_output=True,
+                       text=True, env={"PYTHONPATH": str(NODES.parent)}, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "cache_edge settings: capacity_bytes: must be > 0 (got 0)"
