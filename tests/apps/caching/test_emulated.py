@@ -82,3 +82,13 @@ def test_edge_agent_bad_settings_are_one_line_exit_2(tmp_path: Path):
                        text=True, env={"PYTHONPATH": str(NODES.parent)}, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "cache_edge settings: capacity_bytes: must be > 0 (got 0)"
+
+
+def test_cache_run_bad_capacity_is_refused_before_the_network_comes_up(tiny_catalogue, cells3, capsys):
+    from testbed import cli
+
+    code = cli.main(["cache-run", str(cells3), "--catalogue", str(tiny_catalogue.root), "--policy", "lru",
+                     "--capacity-mb", "0.01", "--requests", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("cache-run: --capacity-mb: smaller than the largest model")
