@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ REPO_PORT = 5600
 EDGE_PORT = 5601
 NEW_TOKENS = 4  # tokens generated per request (the first one is timed for TTFT)
 PROMPT_TOKENS = 8
-STEP_TIMEOUT_S = 300.0
+MAX_LOADED = 2  # models (a base with its adapters, a partial fine-tune) held in memory per edge
 REPOSITORY = "repository"  # the agents' name of the repository source
 
 
@@ -117,13 +118,13 @@ class _Agent:
 
 class _EdgeServing:
     """What one edge holds in memory to serve: a server per body model (a base, or a partial
-    fine-tune), the adapters added to each."""
+    fine-tune), the adapters added to each; at most ``MAX_LOADED`` of them, least recently used out."""
 
     def __init__(self, catalogue: Catalogue, store: Path, scratch: Path, work: Path) -> None:
         self.cat = catalogue
         self.store, self.scratch = BlockDir(store), BlockDir(scratch)
         self.work = work
-        self.servers: dict[str, Any] = {}
+        self.servers: OrderedDict[str, Any] = OrderedDict()  # least recently used first
 
     def read(self, h: str) -> bytes:
         return self.store.get(h) if self.store.has(h) else self.scratch.get(h)
@@ -131,12 +132,17 @@ class _EdgeServing:
     def _server(self, name: str):
         from testbed.apps.caching.serving import AdapterServer, load_base
 
-        if name not in self.servers:
-            from transformers.utils import logging as hf_logging
+        if name in self.servers:
+            self.servers.move_to_end(name)
+            return self.servers[name]
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # one bar per model loaded would flood the run's stderr
-            self.servers[name] = AdapterServer(load_base(write_model_dir(self.cat.models[name], self.read,
-                                                                         self.work / name)))
+        hf_logging.disable_progress_bar()  # one bar per model loaded would flood the run's stderr
+        while len(self.servers) >= MAX_LOADED:
+            self.servers.popitem(last=False)  # its memory goes with it; a later request loads it again
+        ckpt = write_model_dir(self.cat.models[name], self.read, self.work / name)
+        self.servers[name] = AdapterServer(load_base(ckpt))
+        shutil.rmtree(ckpt, ignore_errors=True)  # loaded: the checkpoint files are not needed again
         return self.servers[name]
 
     def prepare(self, m: Manifest) -> tuple[Any, str]:
