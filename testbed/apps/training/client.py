@@ -8,6 +8,7 @@ adapter weights over the chain and reports per-step losses, times, bytes and per
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,41 @@ class TrainClient:
         self.opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=0.0) if params else None
         self.ops = stage_ops(self.s.schedule, 0, self.s.stages, self.s.micro_batches)
         self.hidden = int(self.stage.shard.config.hidden_size)
+        self.name = f"client{self.s.client}"
+        self.parent = os.getppid()
+        if self.s.resume_step:
+            self._restore(self.s.resume_step)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        from testbed.apps.training import checkpoint
+
+        assert self.s.checkpoint_dir is not None
+        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
+        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
+        if self.opt is not None:
+            self.opt.load_state_dict(state["opt"])
+        self.rows = [r.numpy().copy() for r in state["rows"]]
+        self.steps = [int(v) for v in state["steps"]]
+        self.step_ms = [float(v) for v in state["step_ms"]]
+        self.bytes_up = [int(v) for v in state["bytes_up"]]
+        self.bytes_down = [int(v) for v in state["bytes_down"]]
+
+    def checkpoint(self, done: int) -> None:
+        """After ``done`` steps of the run: this device's state, when a checkpoint is due."""
+        k = self.s.checkpoint_every
+        if not k or done % k:
+            return
+        from testbed.apps.training import checkpoint
+        from testbed.apps.training.lora import flatten
+
+        assert self.s.checkpoint_dir is not None
+        checkpoint.save(self.s.checkpoint_dir, self.name, done, {
+            "adapters": flatten(self.stage.named_adapters),
+            "opt": self.opt.state_dict() if self.opt is not None else {},
+            "rows": torch.from_numpy(np.stack(self.rows)) if self.rows else torch.zeros(0, tw.K),
+            "steps": [int(v) for v in self.steps], "step_ms": [float(v) for v in self.step_ms],
+            "bytes_up": [int(v) for v in self.bytes_up], "bytes_down": [int(v) for v in self.bytes_down]})
 
     # ---- messages -------------------------------------------------------------------------
     def _send(self, msg: Message) -> int:
@@ -63,8 +99,12 @@ class TrainClient:
         return wire_size(frames)
 
     def _recv(self) -> tuple[Message, int, float]:
-        if not self.sock.poll(int(self.s.timeout_s * 1000)):
-            raise TrainError(f"no answer from {self.s.next} within {self.s.timeout_s:.0f} s")
+        deadline = time.monotonic() + self.s.timeout_s
+        while not self.sock.poll(200):  # in slices: an orphaned device stops (its driver was killed)
+            if os.getppid() != self.parent:
+                raise TrainError("the run's driver is gone")
+            if time.monotonic() > deadline:
+                raise TrainError(f"no answer from {self.s.next} within {self.s.timeout_s:.0f} s")
         frames = self.sock.recv_multipart(copy=False)
         t = time.monotonic()
         try:

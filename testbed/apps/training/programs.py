@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 from testbed.apps.launch import announce_ready
@@ -64,12 +65,18 @@ def client_node(s: ClientSettings) -> int:
         try:
             client.connect()
             announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            parent = os.getppid()
             for step, (x, y) in zip(turns, batches, strict=True):
+                if step < s.resume_step:  # done before the checkpoint: the data cursor moves past it
+                    continue
+                if os.getppid() != parent:
+                    raise TrainError("the run's driver is gone")
                 if s.turns and step > 0:
                     client.take_turn(step)
                 client.train_step(step, x, y)
                 if s.turns:
                     client.hand_on(step)
+                client.checkpoint(step + 1)
             out = summarize(client, client.stats(), list(s.hops))
             hops = [tuple(int(v) for v in h.split(":")) for h in s.hops]
             tensors = client.pull_adapters(hops, _spec(s))

@@ -17,6 +17,7 @@ of all C back.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -86,6 +87,32 @@ class StageServer:
         self.row = np.zeros(tw.K)
         self.t_step0: float | None = None
         self.running = True
+        self.parent = os.getppid()  # an orphaned stage stops (its run's driver was killed)
+        self.name = f"stage{s.stage}"
+        if s.resume_step:
+            self._restore(s.resume_step)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        from testbed.apps.training import checkpoint
+
+        assert self.s.checkpoint_dir is not None
+        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
+        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
+        if self.opt is not None:
+            self.opt.load_state_dict(state["opt"])
+        self.rows = [r.numpy().copy() for r in state["rows"]]
+        self.step = step
+
+    def _checkpoint(self) -> None:
+        from testbed.apps.training import checkpoint
+        from testbed.apps.training.lora import flatten
+
+        assert self.s.checkpoint_dir is not None
+        checkpoint.save(self.s.checkpoint_dir, self.name, self.step, {
+            "adapters": flatten(self.stage.named_adapters),
+            "opt": self.opt.state_dict() if self.opt is not None else {},
+            "rows": torch.from_numpy(np.stack(self.rows)) if self.rows else torch.zeros(0, tw.K)})
 
     # ---- sending ---------------------------------------------------------------------------
     def _to(self, ident: bytes, msg: Message) -> float:
@@ -304,6 +331,8 @@ class StageServer:
         self.step += 1
         self.k = 0
         self.t_step0 = None
+        if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+            self._checkpoint()
         done = [(i, m) for i, m in self.deferred if m.step < self.step]
         self.deferred = [(i, m) for i, m in self.deferred if m.step >= self.step]
         for ident, msg in done:
@@ -314,7 +343,7 @@ class StageServer:
         poller.register(self.front, zmq.POLLIN)
         if self.back is not None:
             poller.register(self.back, zmq.POLLIN)
-        while self.running:
+        while self.running and os.getppid() == self.parent:
             events = dict(poller.poll(200))
             if self.back is not None and events.get(self.back):
                 self.on_back()
