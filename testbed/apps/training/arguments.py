@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=flag_number(STEPS_OR_NONE), default=0, metavar="K",
                    help="write every program's adapters, optimizer state and data cursor to "
                         "--out/checkpoints after every K steps (0: never)")
+    p.add_argument("--drop-after", type=flag_number(Range(ge=0, le=86400)), default=0.0, metavar="S",
+                   help="sfl/psl with one stage server: a device that sends nothing for S seconds in a "
+                        "round is left out and the round completes with the others (0: wait for it)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest complete checkpoint")
     p.add_argument("--json", action="store_true")

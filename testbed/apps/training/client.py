@@ -291,6 +291,8 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
         "bytes_up": list(client.bytes_up), "bytes_down": list(client.bytes_down),
         "bytes_up_per_step": _mean(client.bytes_up), "bytes_down_per_step": _mean(client.bytes_down),
         "per_hop": per_hop,
+        # per step, the devices the first server had left out by then (sfl/psl, --drop-after)
+        "clients_dropped": [int(v) for v in servers[0][:, f["clients_dropped"]]],
     }
 
 

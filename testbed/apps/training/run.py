@@ -65,6 +65,7 @@ class TrainOptions:
     clients: list[str] = field(default_factory=list)  # the devices (empty: the placement's first node)
     aggregate_every: int = 1  # K of sfl
     checkpoint_every: int = 0  # a checkpoint of every program after every K steps (0: none)
+    drop_after_s: float = 0.0  # sfl/psl: leave out a device this late in a round (0: wait for it)
 
     def fields(self) -> dict[str, Any]:
         """The options every node program's settings carry."""
@@ -211,11 +212,22 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
         run.wait_ready(started, READY_TIMEOUT_S)
         cs = run.start(clients)
         run.wait_exit(cs, timeout_s)
-        results = [client_result(c) for c in cs]
-    for res, c in zip(results, cs, strict=True):
+        results, failed = [], []
+        for node, c in zip(nodes, cs, strict=True):
+            try:
+                results.append((node, c, client_result(c)))
+            except TrainingError as e:  # in parallel (sfl, psl) the others go on without this device
+                if opt.scheme == "sl" or len(cs) == 1:
+                    raise
+                failed.append({"node": node, "error": str(e).splitlines()[0], "log": str(c.log)})
+        if not results:
+            raise TrainingError("every device failed: " + "; ".join(f["error"] for f in failed))
+    for _, c, res in results:
         for hop, r in zip(res["per_hop"], [c, *reversed(started)], strict=True):
             hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
-    return merge_clients(results, nodes)
+    merged = merge_clients([r for _, _, r in results], [n for n, _, _ in results])
+    merged["failed_clients"] = failed
+    return merged
 
 
 def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
@@ -291,6 +303,7 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
                                     checkpoint_dir=ckpt, resume_step=resume_step)
             network = f"emulated ({net.shaper})"
     result["resumed_from_step"] = resume_step
+    result.setdefault("failed_clients", [])
     predicted = None
     if not local:
         for hop, st in zip(result["per_hop"], stages, strict=True):
@@ -325,7 +338,8 @@ def prepare_checkpoints(folder: Path, opt: TrainOptions, stages: list[Stage], mo
     if (local or opt.scheme == "sl") and len(opt.clients) > 1:
         raise SpecError("train", "--checkpoint-every", "is not supported yet for several devices taking "
                         f"turns or in one process (got {len(opt.clients)} devices)")
-    mine = {"options": {k: v for k, v in asdict(opt).items() if k not in ("checkpoint_every", "evaluate")},
+    mine = {"options": {k: v for k, v in asdict(opt).items() if k not in ("checkpoint_every", "evaluate",
+                                                                             "drop_after_s")},
             "placement": [s.layers for s in stages], "local": local, "model": str(model_dir)}
     if not resume:
         checkpoint.write_options(folder, mine)
@@ -444,7 +458,7 @@ def train(args: argparse.Namespace) -> int:
                        grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
                        freeze_server=args.freeze_server, evaluate=not args.no_eval, scheme=args.scheme,
                        clients=args.clients, aggregate_every=args.aggregate_every,
-                       checkpoint_every=args.checkpoint_every)
+                       checkpoint_every=args.checkpoint_every, drop_after_s=args.drop_after)
     out = Path(args.out) if args.out else None
     try:
         result = run_training(topo, args.placement, opt, model=args.model, local=args.local,

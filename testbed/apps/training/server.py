@@ -87,6 +87,9 @@ class StageServer:
         self.row = np.zeros(tw.K)
         self.t_step0: float | None = None
         self.running = True
+        self.dropped: set[int] = set()  # devices left out (sfl/psl: late by more than drop_after_s)
+        self.progress = time.monotonic()  # the last pass run or round answered: lateness counts from it
+        self.round_since: dict[int, float] = {}
         self.parent = os.getppid()  # an orphaned stage stops (its run's driver was killed)
         self.name = f"stage{s.stage}"
         if s.resume_step:
@@ -130,6 +133,9 @@ class StageServer:
             if not 0 <= c < self.s.clients or not 0 <= m < self.s.micro_batches:
                 raise WireError(f"client {c} micro-batch {m} outside "
                                 f"{self.s.clients} x {self.s.micro_batches}")
+            if c in self.dropped:
+                raise WireError(f"client {c} was left out of the run (late by more than "
+                                f"{self.s.drop_after_s:g} s)")
             if self.s.turns:
                 if c != msg.step % self.s.clients:
                     raise WireError(f"step {msg.step} is client {msg.step % self.s.clients}'s turn, "
@@ -219,20 +225,59 @@ class StageServer:
 
     def _aggregate(self, ident: bytes, msg: Message) -> None:
         """FedAvg of the clients' adapters: answered to all once every client's weights are in."""
-        from testbed.apps.training.aggregate import fedavg
 
         if not 0 <= msg.session < self.s.clients:
             raise WireError(f"weights of client {msg.session} of {self.s.clients}")
         got = self.rounds.setdefault(msg.step, {})
+        self.round_since.setdefault(msg.step, time.monotonic())
         got[msg.session] = msg.tensor().reshape(-1)
         self.ups.setdefault(msg.session, ident)
-        if len(got) < self.s.clients:
+        self._answer_round(msg.step)
+
+    def _answer_round(self, step: int) -> None:
+        """The FedAvg of round ``step``, once every device not left out sent its adapters."""
+        from testbed.apps.training.aggregate import fedavg
+
+        got = self.rounds.get(step, {})
+        live = [c for c in range(self.s.clients) if c not in self.dropped]
+        if not got or any(c not in got for c in live):
             return
-        del self.rounds[msg.step]
-        states = [{"flat": got[c]} for c in range(self.s.clients)]
-        mean = fedavg(states, [1.0] * self.s.clients)["flat"]  # equal batches: equal weights
-        for c in range(self.s.clients):
-            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, msg.step))
+        del self.rounds[step]
+        self.round_since.pop(step, None)
+        self.progress = time.monotonic()
+        states = [{"flat": got[c]} for c in live]
+        mean = fedavg(states, [1.0] * len(live))["flat"]  # equal batches: equal weights
+        for c in live:
+            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, step))
+
+    # ---- devices that fail mid-round (sfl, psl) ---------------------------------------------------
+    def _may_drop(self) -> bool:
+        s = self.s
+        # past the first server the micro-batch numbers of a left-out device would never come: one hop only
+        return bool(s.drop_after_s) and self.facing_clients and s.clients > 1 and not s.turns \
+            and self.back is None
+
+    def _late(self, since: float) -> bool:
+        return time.monotonic() - max(since, self.progress) > self.s.drop_after_s
+
+    def _drop(self, c: int, why: str) -> None:
+        if len(self.dropped) + 1 >= self.s.clients:
+            raise RuntimeError(f"client {c} {why}, and no other device is left")
+        self.dropped.add(c)
+        print(f"train_stage: client {c} left out at step {self.step}: {why}", file=sys.stderr, flush=True)
+        for step in list(self.rounds):
+            self._answer_round(step)
+
+    def check_rounds(self) -> None:
+        """Leave out the devices whose adapters a FedAvg round has waited for too long."""
+        if not self._may_drop():
+            return
+        for step, since in list(self.round_since.items()):
+            if self._late(since):
+                for c in range(self.s.clients):
+                    if c not in self.dropped and c not in self.rounds.get(step, {}):
+                        self._drop(c, f"sent no adapters for the average of step {step} within "
+                                      f"{self.s.drop_after_s:g} s")
 
     def _stats(self, ident: bytes, msg: Message) -> None:
         if self.back is None:
@@ -279,8 +324,17 @@ class StageServer:
             kind, g = self.ops[self.k]
             key = (self.step, g)
             c, m = (self.step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
+            if self.facing_clients and c in self.dropped and (kind == "F" or g not in self.pending):
+                self.fwd.pop(key, None)
+                self.labels.pop(key, None)
+                self.k += 1  # a left-out device's micro-batch: the round goes on without it
+                continue
             if kind == "F":
                 if key not in self.fwd or (st.is_last and key not in self.labels):
+                    if self._may_drop() and self.t_step0 is not None and self._late(self.t_step0):
+                        self._drop(c, f"sent no micro-batch {m} of step {self.step} within "
+                                      f"{self.s.drop_after_s:g} s")
+                        continue
                     return
                 x = self.fwd.pop(key)
                 t0 = time.perf_counter()
@@ -316,6 +370,7 @@ class StageServer:
                     row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
                     row[tw.F["t_send_bwd"]] += self._to(ident, msg)
             self.k += 1
+            self.progress = time.monotonic()
         self._end_step()
 
     def _end_step(self) -> None:
@@ -325,6 +380,7 @@ class StageServer:
             self.opt.zero_grad(set_to_none=True)
         self.row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3  # the update counts as backward
         self.row[tw.F["step_ms"]] = (time.monotonic() - (self.t_step0 or time.monotonic())) * 1e3
+        self.row[tw.F["clients_dropped"]] = len(self.dropped)
         self.rows.append(self.row)
         self.row = np.zeros(tw.K)
         self.stage.meter.reset_peak()
@@ -350,6 +406,7 @@ class StageServer:
             if events.get(self.front):
                 self.on_front()
             try:
+                self.check_rounds()
                 self.advance()
             except Exception as e:  # noqa: BLE001 - reported upstream; the run cannot go on
                 for ident in self.ups.values():

@@ -61,6 +61,7 @@ class TrainFields:
     checkpoint_dir: str | None = None  # this program's checkpoints (testbed.apps.training.checkpoint)
     checkpoint_every: int = 0  # a checkpoint after every K steps; 0: none
     resume_step: int = 0  # start after this many steps, from their checkpoint (0: from scratch)
+    drop_after_s: float = 0.0  # sfl/psl: a device this late in a round is left out of it and after; 0: never
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")
@@ -93,6 +94,8 @@ class TrainFields:
             yield "threads", f"must be in 1..{MAX_THREADS}"
         if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
             yield "timeout_s", f"must be in (0, {MAX_TIMEOUT_S:.0f}]"
+        if not 0 <= self.drop_after_s <= MAX_TIMEOUT_S:
+            yield "drop_after_s", f"must be in 0..{MAX_TIMEOUT_S:.0f}"
         if not 0 <= self.checkpoint_every <= MAX_STEPS:
             yield "checkpoint_every", f"must be in 0..{MAX_STEPS}"
         if not 0 <= self.resume_step <= MAX_STEPS:
