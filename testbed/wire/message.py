@@ -55,6 +55,7 @@ class Kind(IntEnum):
     TRAIN_STATS = 19  # request (NONE); reply: one row of step statistics per stage (FLOAT64 [stages, K])
     TRAIN_PULL = 20  # request (NONE): the adapter weights of hop ``position_start``
     TRAIN_WEIGHTS = 21  # reply: those weights, flat in the adapters' order (FLOAT64, zero-padded [R, C])
+    TRAIN_SAMPLES = 22  # a frozen device's micro-batch: its sample ids [B] (INT64), the edge keeps its data
 
 
 class DType(IntEnum):
@@ -81,6 +82,7 @@ _KIND_DTYPES = {
     Kind.TRAIN_STATS: {DType.NONE, DType.FLOAT64},
     Kind.TRAIN_PULL: {DType.NONE},
     Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
+    Kind.TRAIN_SAMPLES: {DType.INT64},
 }
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 

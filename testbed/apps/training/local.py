@@ -41,6 +41,15 @@ def take_batches(train: torch.Tensor, steps: int, batch: int, seq: int, seed: in
     return [(t.inputs.contiguous(), t.targets.contiguous()) for t in (b.next() for _ in range(steps))]
 
 
+def take_sample_ids(train: torch.Tensor, steps: int, batch: int, seq: int, seed: int, stream: int = 0
+                    ) -> list[tuple[int, ...]]:
+    """The sample ids of :func:`take_batches`'s batches, in the same order."""
+    from testbed.apps.training.data import Batches
+
+    b = Batches(train, batch, seq, seed, stream)
+    return [b.next().sample_ids for _ in range(steps)]
+
+
 def train_batches(model_dir: str | Path, data: list[str], steps: int, batch: int, seq: int, seed: int
                   ) -> Pairs:
     """The batches of a single client (the device of ``sl``)."""

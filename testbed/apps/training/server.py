@@ -27,6 +27,7 @@ import torch
 import zmq
 
 from testbed.apps.training import wire as tw
+from testbed.apps.training.freeze import SmashedStore
 from testbed.apps.training.schedule import stage_ops
 from testbed.apps.training.settings import StageSettings
 from testbed.apps.training.stage import Pending, TrainStage
@@ -82,6 +83,8 @@ class StageServer:
         self.pending: dict[int, Pending] = {}
         self.deferred: list[tuple[bytes, Message]] = []  # TRAIN_STATS asked for a step not done yet
         self.askers: deque[bytes] = deque()  # who gets the next relayed reply from downstream
+        self.stores: dict[int, SmashedStore] = {}  # a frozen device's smashed data, per client
+        self.sample_ids: dict[tuple[int, int], list[int]] = {}  # uploads to keep, by (step, g)
         self.rounds: dict[int, dict[int, torch.Tensor]] = {}  # aggregation: step -> client -> weights
         self.rows: list[np.ndarray] = []
         self.row = np.zeros(tw.K)
@@ -162,7 +165,7 @@ class StageServer:
             self._fail(ident, msg.session, msg.step, f"{type(e).__name__}: {e}")
 
     def _from_up(self, ident: bytes, msg: Message, t: float) -> None:
-        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS):
+        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS, Kind.TRAIN_SAMPLES):
             g = self._g(msg)
             c = msg.session if self.facing_clients else 0
             if self.ups.get(c, ident) != ident:
@@ -174,7 +177,9 @@ class StageServer:
                 self.t_step0 = t
             self.row[tw.F["bytes_from_up"]] += msg.nbytes
             key = (msg.step, g)
-            if msg.kind == Kind.TRAIN_LABELS:
+            if msg.kind == Kind.TRAIN_SAMPLES:
+                self._samples(c, key, msg)
+            elif msg.kind == Kind.TRAIN_LABELS:
                 if self.back is not None:  # relayed to the stage with the loss
                     msg.session, msg.position_start = c, g
                     self.back.send_multipart(msg.frames(), copy=False)
@@ -185,6 +190,9 @@ class StageServer:
                 t0 = time.perf_counter()
                 self.fwd[key] = tw.decode(msg, self.hidden)
                 self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+                ids = self.sample_ids.pop(key, None)
+                if ids is not None:  # a frozen device's first upload of these samples: kept for reuse
+                    self.stores[c].put(ids, self.fwd[key], msg.nbytes)
         elif msg.kind == Kind.TRAIN_STATS:  # answered once step ``msg.step`` is done here and below
             if msg.step >= self.step:
                 self.deferred.append((ident, msg))
@@ -213,6 +221,21 @@ class StageServer:
             self._to(ident, pong([self.step, self.k]))
         else:
             raise WireError(f"unexpected {msg.kind.name} from upstream")
+
+    def _samples(self, c: int, key: tuple[int, int], msg: Message) -> None:
+        """A frozen device's micro-batch by sample id: its activations from the store when every sample
+        was uploaded before (nothing else comes), else noted to keep the upload that follows."""
+        if self.stage.grad_in or not self.facing_clients:
+            raise WireError("sample ids come only from a device without adapters, to the first server")
+        ids = [int(v) for v in msg.tensor().reshape(-1)]
+        store = self.stores.setdefault(c, SmashedStore())
+        if store.missing(ids):
+            self.sample_ids[key] = ids
+            return
+        saved = store.bytes_saved
+        self.fwd[key] = store.get(ids)
+        self.row[tw.F["smashed_bytes_saved"]] += store.bytes_saved - saved
+        self.row[tw.F["smashed_reused"]] += len(ids)
 
     def _hand_on(self) -> None:
         """Answer the devices waiting for the adapters of a step that has been handed on."""
