@@ -298,10 +298,13 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         from testbed.net.network import EmulatedNetwork
 
         assert topo is not None
-        with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
-            result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs,
-                                    checkpoint_dir=ckpt, resume_step=resume_step)
-            network = f"emulated ({net.shaper})"
+        try:
+            with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
+                result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs,
+                                        checkpoint_dir=ckpt, resume_step=resume_step)
+                network = f"emulated ({net.shaper})"
+        except LaunchError as e:
+            raise failure_record(e, topo, out) from None
     result["resumed_from_step"] = resume_step
     result.setdefault("failed_clients", [])
     predicted = None
@@ -319,6 +322,34 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+class TrainingFailed(TrainingError):
+    """The run failed; ``record`` is what ``result.json`` and ``--json`` get instead of a result."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def failure_record(e: LaunchError, topo: Topology, out: Path) -> TrainingFailed:
+    """A failed run as a record in ``out/result.json``; a program killed by SIGKILL on a node with a
+    memory limit is named as most likely over that limit (the kernel's answer to a cgroup over it)."""
+    from testbed.apps.launch import ProgramFailed
+
+    text = str(e)
+    first = text.splitlines()[0] if text else type(e).__name__
+    record: dict[str, Any] = {"error": first, "failed_node": None, "memory_mb": None}
+    if isinstance(e, ProgramFailed):
+        node = e.name.split("-", 1)[-1]
+        limit = next((n.memory_mb for n in topo.hosts() if n.name == node), None)
+        record.update(failed_node=node, memory_mb=limit, log=str(e.log))
+        if limit is not None and "code -9" in first:
+            record["error"] = first = (f"{first} (SIGKILL: most likely over {node}'s memory limit of "
+                                       f"{limit} MB)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(record, indent=1))
+    return TrainingFailed(first + ("\n" + "\n".join(text.splitlines()[1:]) if "\n" in text else ""), record)
 
 
 def checkpoint_names(opt: TrainOptions, stages: list[Stage], local: bool) -> list[str]:
@@ -466,6 +497,8 @@ def train(args: argparse.Namespace) -> int:
                               resume=args.resume)
     except LaunchError as e:
         print(f"train: {e}", file=sys.stderr)
+        if args.json and isinstance(e, TrainingFailed):
+            print(json.dumps(e.record))
         return 1
     if args.json:
         print(json.dumps(result))

@@ -1,13 +1,16 @@
 """Faults in split training: a device that dies mid-run under sfl leaves the round to the others,
-and the record names it."""
+and the record names it; a node over its memory limit is a failure record, not a hang."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from testbed.apps.training import checkpoint
 from testbed.apps.training.run import TrainOptions, run_training
@@ -62,3 +65,34 @@ def test_a_device_killed_mid_run_leaves_the_round_to_the_others(tiny4: Path, tmp
     assert (out / "adapters" / "dev1" / "adapter_model.safetensors").is_file()
     assert "left out" in (out / "logs").joinpath(next(p.name for p in (out / "logs").iterdir()
                                                       if p.name.startswith("stage1"))).read_text()
+
+
+MEMCAP = """\
+name: memcap
+nodes:
+  phone: {role: device}
+  mec:   {role: edge, memory_mb: 48}
+links:
+  - between: [phone, mec]
+    up:   {bw_mbit: 100, delay_ms: 1}
+    down: {bw_mbit: 100, delay_ms: 1}
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_node_over_its_memory_limit_is_a_failure_record_not_a_hang(tiny4: Path, tmp_path: Path) -> None:
+    from testbed.apps.training.run import TrainingFailed
+    from testbed.spec.topology import load_topology
+
+    (tmp_path / "memcap.yaml").write_text(MEMCAP)
+    topo = load_topology(tmp_path / "memcap.yaml")
+    t0 = time.monotonic()
+    with pytest.raises(TrainingFailed) as caught:
+        run_training(topo, "phone=0:2,mec=2:4", TrainOptions(steps=2, batch=2, seq=8, evaluate=False),
+                     model=tiny4, out=tmp_path / "out")
+    assert time.monotonic() - t0 < 120
+    record = caught.value.record
+    assert record["failed_node"] == "mec" and record["memory_mb"] == 48
+    assert "most likely over mec's memory limit of 48 MB" in record["error"]
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == record
