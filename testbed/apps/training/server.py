@@ -298,7 +298,7 @@ class StageServer:
         for step, since in list(self.round_since.items()):
             if self._late(since):
                 for c in range(self.s.clients):
-                    if c not in self.dropped and c not in self.rounds.get(step, {}):
+                    if c not in self.dropped and c in self.ups and c not in self.rounds.get(step, {}):
                         self._drop(c, f"sent no adapters for the average of step {step} within "
                                       f"{self.s.drop_after_s:g} s")
 
@@ -354,7 +354,9 @@ class StageServer:
                 continue
             if kind == "F":
                 if key not in self.fwd or (st.is_last and key not in self.labels):
-                    if self._may_drop() and self.t_step0 is not None and self._late(self.t_step0):
+                    # a device not heard from yet may still be loading: only one that ran is left out
+                    if self._may_drop() and c in self.ups and self.t_step0 is not None \
+                            and self._late(self.t_step0):
                         self._drop(c, f"sent no micro-batch {m} of step {self.step} within "
                                       f"{self.s.drop_after_s:g} s")
                         continue
