@@ -80,7 +80,7 @@ def _our_nodes(marker: str) -> list[int]:
 
 
 def test_split_run_killed_then_resumed_ends_with_the_same_weights(tiny4: Path, tmp_path: Path) -> None:
-    steps = 40
+    steps = 16
     whole = run_training(None, PLACEMENT, _opt(steps), model=tiny4, loopback=True, out=tmp_path / "whole")
     out = tmp_path / "killed"
     ckpt = out / "checkpoints"
@@ -92,9 +92,9 @@ def test_split_run_killed_then_resumed_ends_with_the_same_weights(tiny4: Path, t
                               stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while checkpoint.common_step(ckpt, ["client0", "stage1"]) < 6:
+        while checkpoint.common_step(ckpt, ["client0", "stage1"]) < 4:
             assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "no checkpoint of step 6"
+            assert time.monotonic() < deadline, "no checkpoint of step 4"
             time.sleep(0.01)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -109,7 +109,7 @@ def test_split_run_killed_then_resumed_ends_with_the_same_weights(tiny4: Path, t
     assert not left, "node programs outlived their driver"
 
     again = run_training(None, PLACEMENT, _opt(steps), model=tiny4, loopback=True, out=out, resume=True)
-    assert 6 <= again["resumed_from_step"] < steps
+    assert 4 <= again["resumed_from_step"] < steps
     assert again["losses"] == whole["losses"]
     assert len(again["step_ms"]) == steps
     _assert_same(_adapters(out), _adapters(tmp_path / "whole"))

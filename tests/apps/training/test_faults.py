@@ -34,7 +34,7 @@ def _pids(*markers: str) -> list[int]:
 
 
 def test_a_device_killed_mid_run_leaves_the_round_to_the_others(tiny4: Path, tmp_path: Path) -> None:
-    steps = 30
+    steps = 12
     opt = TrainOptions(steps=steps, batch=2, seq=8, lr=2e-2, seed=1, evaluate=False, scheme="sfl",
                        clients=["dev1", "dev2"], data=[TEXT, TEXT], checkpoint_every=1, drop_after_s=1.5)
     out = tmp_path / "run"
