@@ -55,6 +55,7 @@ class Kind(IntEnum):
     TRAIN_STATS = 19  # request (NONE); reply: one row of step statistics per stage (FLOAT64 [stages, K])
     TRAIN_PULL = 20  # request (NONE): the adapter weights of hop ``position_start``
     TRAIN_WEIGHTS = 21  # reply: those weights, flat in the adapters' order (FLOAT64, zero-padded [R, C])
+    TRAIN_SAMPLES = 22  # a frozen device's micro-batch: its sample ids [B] (INT64), the edge keeps its data
     # ---- recovery and KV budget (see the block at the end of this module) ----
     EVICTED = 8  # reply: this session's KV cache was evicted here; re-prefill it from position 0
     HOP_DOWN = 9  # reply: a hop below stopped answering; position_start = its distance (1: my next hop)
@@ -85,6 +86,7 @@ _KIND_DTYPES = {
     Kind.TRAIN_STATS: {DType.NONE, DType.FLOAT64},
     Kind.TRAIN_PULL: {DType.NONE},
     Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
+    Kind.TRAIN_SAMPLES: {DType.INT64},
     Kind.EVICTED: {DType.NONE},
     Kind.HOP_DOWN: {DType.NONE},
     Kind.REROUTE: {DType.NONE},

@@ -19,6 +19,7 @@ ALPHA = Range(gt=0, le=1e6)
 SEED = Range(ge=0, le=2**32 - 1, integer=True)
 MICRO = Range(ge=1, le=4096, integer=True)
 RATIO = Range(ge=0, le=1)
+STEPS_OR_NONE = Range(ge=0, le=1_000_000, integer=True)
 SCHEMES = ("sl", "sfl", "psl")
 
 
@@ -70,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="result.json, adapters/ (peft's format) and logs/ (default: results/train-DATE-TIME)")
+    p.add_argument("--checkpoint-every", type=flag_number(STEPS_OR_NONE), default=0, metavar="K",
+                   help="write every program's adapters, optimizer state and data cursor to "
+                        "--out/checkpoints after every K steps (0: never)")
+    p.add_argument("--drop-after", type=flag_number(Range(ge=0, le=86400)), default=0.0, metavar="S",
+                   help="sfl/psl with one stage server: a device that sends nothing for S seconds in a "
+                        "round is left out and the round completes with the others (0: wait for it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest complete checkpoint")
     p.add_argument("--json", action="store_true")
 
 
@@ -78,5 +87,7 @@ def check(args: argparse.Namespace) -> None:
     if args.batch % args.micro_batches:
         raise SpecError("train", "--micro-batches",
                         f"must divide --batch ({args.batch}) (got {args.micro_batches})")
+    if args.resume and not args.out:
+        raise SpecError("train", "--resume", "needs --out, the folder of the run to continue (got none)")
     if args.local and args.loopback:
         raise SpecError("train", "--loopback", "goes without --local (got both)")

@@ -8,6 +8,7 @@ adapter weights over the chain and reports per-step losses, times, bytes and per
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from testbed.apps.training.batches import micro_batches
 from testbed.apps.training.lora import LoraSpec, adapter_layout, unflatten
 from testbed.apps.training.schedule import stage_ops
 from testbed.apps.training.settings import ClientSettings
-from testbed.apps.training.stage import TrainStage
+from testbed.apps.training.stage import Pending, TrainStage
 from testbed.spec.errors import TestbedError
 from testbed.wire.message import Kind, Message, WireError, control, parse, train_labels, wire_size
 
@@ -42,6 +43,7 @@ class TrainClient:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # the steps this device trained (sl: its turns)
+    uploaded: set[int] = field(default_factory=set)  # frozen device: samples whose activations went up
 
     def __post_init__(self) -> None:
         self.session = self.s.client  # the header's session field carries the client's index
@@ -55,6 +57,41 @@ class TrainClient:
         self.opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=0.0) if params else None
         self.ops = stage_ops(self.s.schedule, 0, self.s.stages, self.s.micro_batches)
         self.hidden = int(self.stage.shard.config.hidden_size)
+        self.name = f"client{self.s.client}"
+        self.parent = os.getppid()
+        if self.s.resume_step:
+            self._restore(self.s.resume_step)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        from testbed.apps.training import checkpoint
+
+        assert self.s.checkpoint_dir is not None
+        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
+        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
+        if self.opt is not None:
+            self.opt.load_state_dict(state["opt"])
+        self.rows = [r.numpy().copy() for r in state["rows"]]
+        self.steps = [int(v) for v in state["steps"]]
+        self.step_ms = [float(v) for v in state["step_ms"]]
+        self.bytes_up = [int(v) for v in state["bytes_up"]]
+        self.bytes_down = [int(v) for v in state["bytes_down"]]
+
+    def checkpoint(self, done: int) -> None:
+        """After ``done`` steps of the run: this device's state, when a checkpoint is due."""
+        k = self.s.checkpoint_every
+        if not k or done % k:
+            return
+        from testbed.apps.training import checkpoint
+        from testbed.apps.training.lora import flatten
+
+        assert self.s.checkpoint_dir is not None
+        checkpoint.save(self.s.checkpoint_dir, self.name, done, {
+            "adapters": flatten(self.stage.named_adapters),
+            "opt": self.opt.state_dict() if self.opt is not None else {},
+            "rows": torch.from_numpy(np.stack(self.rows)) if self.rows else torch.zeros(0, tw.K),
+            "steps": [int(v) for v in self.steps], "step_ms": [float(v) for v in self.step_ms],
+            "bytes_up": [int(v) for v in self.bytes_up], "bytes_down": [int(v) for v in self.bytes_down]})
 
     # ---- messages -------------------------------------------------------------------------
     def _send(self, msg: Message) -> int:
@@ -63,8 +100,12 @@ class TrainClient:
         return wire_size(frames)
 
     def _recv(self) -> tuple[Message, int, float]:
-        if not self.sock.poll(int(self.s.timeout_s * 1000)):
-            raise TrainError(f"no answer from {self.s.next} within {self.s.timeout_s:.0f} s")
+        deadline = time.monotonic() + self.s.timeout_s
+        while not self.sock.poll(200):  # in slices: an orphaned device stops (its driver was killed)
+            if os.getppid() != self.parent:
+                raise TrainError("the run's driver is gone")
+            if time.monotonic() > deadline:
+                raise TrainError(f"no answer from {self.s.next} within {self.s.timeout_s:.0f} s")
         frames = self.sock.recv_multipart(copy=False)
         t = time.monotonic()
         try:
@@ -82,16 +123,29 @@ class TrainClient:
             raise TrainError(f"expected PONG, got {msg.kind.name}")
 
     # ---- training ---------------------------------------------------------------------------
-    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, ids: tuple[int, ...] | None = None
+                   ) -> None:
+        """One step; ``ids``: the batch's sample ids, with which a device without adapters sends each
+        sample's activations once (the first server keeps them) and only the ids afterwards."""
         s, st = self.s, self.stage
         xs, ys = micro_batches(x, s.micro_batches), micro_batches(y, s.micro_batches)
+        reuse = ids is not None and not st.named_adapters
+        ids_m = [[int(v) for v in t] for t in micro_batches(torch.tensor(ids), s.micro_batches)] \
+            if reuse and ids is not None else []
         row = np.zeros(tw.K)
         up = down = 0
         grads: dict[int, torch.Tensor] = {}
-        pending = {}
+        pending: dict[int, Pending | None] = {}
         t_start = time.monotonic()
         for kind, m in self.ops:
             if kind == "F":
+                if reuse:
+                    up += self._send(train_samples(self.session, step, m, ids_m[m]))
+                    if all(i in self.uploaded for i in ids_m[m]):  # the edge has them: no forward at all
+                        pending[m] = None
+                        up += self._send(train_labels(self.session, step, m, ys[m]))
+                        continue
+                    self.uploaded.update(ids_m[m])
                 t0 = time.perf_counter()
                 p = st.forward_micro(xs[m])
                 row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
@@ -114,7 +168,9 @@ class TrainClient:
                 grads[msg.position_start] = tw.decode(msg, self.hidden)
                 row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
             t0 = time.perf_counter()
-            st.backward_micro(pending.pop(m), grads.pop(m, None))
+            done = pending.pop(m)
+            if done is not None:
+                st.backward_micro(done, grads.pop(m, None))
             row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
             row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
         t0 = time.perf_counter()
@@ -213,6 +269,13 @@ class TrainClient:
         self.sock.close(0)
 
 
+def train_samples(session: int, step: int, micro: int, ids: list[int]) -> Message:
+    """A TRAIN_SAMPLES message: the sample ids of a frozen device's micro-batch."""
+    msg = train_labels(session, step, micro, torch.tensor(ids, dtype=torch.int64))
+    msg.kind = Kind.TRAIN_SAMPLES
+    return msg
+
+
 def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict:
     """Losses, step times, bytes and per-hop figures from the device's rows and the servers' table."""
     s = client.s
@@ -251,6 +314,11 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
         "bytes_up": list(client.bytes_up), "bytes_down": list(client.bytes_down),
         "bytes_up_per_step": _mean(client.bytes_up), "bytes_down_per_step": _mean(client.bytes_down),
         "per_hop": per_hop,
+        # per step, the devices the first server had left out by then (sfl/psl, --drop-after)
+        "clients_dropped": [int(v) for v in servers[0][:, f["clients_dropped"]]],
+        # a device without adapters: wire bytes of activations the first server reused instead of receiving
+        "smashed_bytes_saved": int(servers[0][:, f["smashed_bytes_saved"]].sum()),
+        "smashed_reused_samples": int(servers[0][:, f["smashed_reused"]].sum()),
     }
 
 

@@ -41,6 +41,15 @@ def take_batches(train: torch.Tensor, steps: int, batch: int, seq: int, seed: in
     return [(t.inputs.contiguous(), t.targets.contiguous()) for t in (b.next() for _ in range(steps))]
 
 
+def take_sample_ids(train: torch.Tensor, steps: int, batch: int, seq: int, seed: int, stream: int = 0
+                    ) -> list[tuple[int, ...]]:
+    """The sample ids of :func:`take_batches`'s batches, in the same order."""
+    from testbed.apps.training.data import Batches
+
+    b = Batches(train, batch, seq, seed, stream)
+    return [b.next().sample_ids for _ in range(steps)]
+
+
 def train_batches(model_dir: str | Path, data: list[str], steps: int, batch: int, seq: int, seed: int
                   ) -> Pairs:
     """The batches of a single client (the device of ``sl``)."""
@@ -64,13 +73,27 @@ def held_out_ppl(model_dir: str | Path, n_layers: int, spec: LoraSpec,
 
 
 def run_local(model_dir: str | Path, n_layers: int, batches: list[tuple[torch.Tensor, torch.Tensor]],
-              spec: LoraSpec, lr: float, seed: int, micro: int, trainable: set[int] | None = None
+              spec: LoraSpec, lr: float, seed: int, micro: int, trainable: set[int] | None = None,
+              checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume_step: int = 0
               ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Train in this process; (result fields, adapter tensors by global name)."""
+    """Train in this process; (result fields, adapter tensors by global name).  A checkpoint goes to
+    ``checkpoint_dir`` every ``checkpoint_every`` steps; ``resume_step`` K > 0 starts from step K's."""
+    from testbed.apps.training import checkpoint
+    from testbed.apps.training.lora import flatten
+
     stage = TrainStage(model_dir, 0, n_layers, spec, seed, trainable)
     opt = torch.optim.AdamW(stage.adapters(), lr=lr, weight_decay=0.0)
-    losses, step_ms = [], []
-    for x, y in batches:
+    losses: list[float] = []
+    step_ms: list[float] = []
+    if resume_step:
+        assert checkpoint_dir is not None
+        state = checkpoint.load(checkpoint_dir, "local", resume_step)
+        checkpoint.load_adapters(stage.named_adapters, state["adapters"])
+        opt.load_state_dict(state["opt"])
+        losses, step_ms = list(state["losses"]), list(state["step_ms"])
+    for step, (x, y) in enumerate(batches):
+        if step < resume_step:  # the data cursor moves past the steps done before the checkpoint
+            continue
         t0 = time.monotonic()
         loss = 0.0
         for xm, ym in zip(micro_batches(x, micro), micro_batches(y, micro), strict=True):
@@ -81,6 +104,11 @@ def run_local(model_dir: str | Path, n_layers: int, batches: list[tuple[torch.Te
         opt.zero_grad(set_to_none=True)
         step_ms.append((time.monotonic() - t0) * 1e3)
         losses.append(loss)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            assert checkpoint_dir is not None
+            checkpoint.save(checkpoint_dir, "local", step + 1, {
+                "adapters": flatten(stage.named_adapters), "opt": opt.state_dict(), "losses": losses,
+                "step_ms": step_ms})
     tokens = batches[0][0].numel() if batches else 0
     result = {
         "losses": losses,

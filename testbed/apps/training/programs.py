@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 from testbed.apps.launch import announce_ready
@@ -51,7 +52,7 @@ def client_node(s: ClientSettings) -> int:
     import torch
 
     from testbed.apps.training.client import TrainClient, TrainError, summarize
-    from testbed.apps.training.local import client_data, take_batches
+    from testbed.apps.training.local import client_data, take_batches, take_sample_ids
     from testbed.apps.training.lora import save_adapters
     from testbed.apps.training.stage import TrainStage
 
@@ -59,17 +60,26 @@ def client_node(s: ClientSettings) -> int:
     mine = client_data(s.model, s.data, s.clients, s.batch, s.seq)[s.client]
     turns = list(range(s.client, s.steps, s.clients)) if s.turns else list(range(s.steps))
     batches = take_batches(mine.train, len(turns), s.batch, s.seq, s.seed, stream=s.client)
+    frozen = s.trainable is not None and not any(t < s.end for t in s.trainable)
+    ids = take_sample_ids(mine.train, len(turns), s.batch, s.seq, s.seed, stream=s.client) if frozen \
+        else [None] * len(turns)
     client = TrainClient(TrainStage(s.model, s.start, s.end, _spec(s), s.seed, _trainable(s)), s)
     try:
         try:
             client.connect()
             announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
-            for step, (x, y) in zip(turns, batches, strict=True):
+            parent = os.getppid()
+            for step, (x, y), sample_ids in zip(turns, batches, ids, strict=True):
+                if step < s.resume_step:  # done before the checkpoint: the data cursor moves past it
+                    continue
+                if os.getppid() != parent:
+                    raise TrainError("the run's driver is gone")
                 if s.turns and step > 0:
                     client.take_turn(step)
-                client.train_step(step, x, y)
+                client.train_step(step, x, y, sample_ids)
                 if s.turns:
                     client.hand_on(step)
+                client.checkpoint(step + 1)
             out = summarize(client, client.stats(), list(s.hops))
             hops = [tuple(int(v) for v in h.split(":")) for h in s.hops]
             tensors = client.pull_adapters(hops, _spec(s))

@@ -64,6 +64,8 @@ class TrainOptions:
     scheme: str = "sl"  # sl: one device; sfl: devices in parallel, FedAvg every K steps; psl: no averaging
     clients: list[str] = field(default_factory=list)  # the devices (empty: the placement's first node)
     aggregate_every: int = 1  # K of sfl
+    checkpoint_every: int = 0  # a checkpoint of every program after every K steps (0: none)
+    drop_after_s: float = 0.0  # sfl/psl: leave out a device this late in a round (0: wait for it)
 
     def fields(self) -> dict[str, Any]:
         """The options every node program's settings carry."""
@@ -146,7 +148,8 @@ def model_layers(model_dir: Path) -> int:
 
 
 def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, opt: TrainOptions,
-             adapter_dir: Path | None, timeout_s: float = 600.0, client_addrs: list[str] | None = None
+             adapter_dir: Path | None, timeout_s: float = 600.0, client_addrs: list[str] | None = None,
+             checkpoint_dir: Path | None = None, resume_step: int = 0
              ) -> tuple[list[Program], list[Program]]:
     """The stage servers (the last first) and the clients; ``addrs[i]``: where stage ``i`` listens,
     ``client_addrs[c]``: where client ``c`` reaches stage 1 (default ``addrs[1]``)."""
@@ -154,6 +157,7 @@ def programs(stages: list[Stage], addrs: list[str], host_of, model_dir: Path, op
     client_addrs = client_addrs or [addrs[1]] * len(nodes)
     trainable = opt.trainable(stages[0].end, stages[-1].end)
     common = dict(model=str(model_dir), stages=len(stages), timeout_s=timeout_s, trainable=trainable,
+                  checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume_step=resume_step,
                   **opt.fields())
     servers = []
     for i in range(len(stages) - 1, 0, -1):
@@ -189,7 +193,8 @@ def client_result(run: Running) -> dict[str, Any]:
 
 
 def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions, adapter_dir: Path | None,
-                   logs: Path, timeout_s: float = 3600.0, ports: list[int] | None = None) -> dict[str, Any]:
+                   logs: Path, timeout_s: float = 3600.0, ports: list[int] | None = None,
+                   checkpoint_dir: Path | None = None, resume_step: int = 0) -> dict[str, Any]:
     """Start the stage servers on ``net`` (an EmulatedNetwork that is up, or :class:`Loopback`), run
     the client to its end, stop them all; the client's result with each hop's CPU time and threads."""
     loop = isinstance(net, Loopback)
@@ -200,17 +205,29 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
     client_addrs = [f"tcp://{net.ip(stages[1].node, n)}:{ports[1]}" for n in nodes]
     host_of = _LoopHost if loop else (lambda node: NetHost(net, node))
     servers, clients = programs(stages, addrs, host_of, model_dir, opt, adapter_dir,
-                                client_addrs=client_addrs)
+                                client_addrs=client_addrs, checkpoint_dir=checkpoint_dir,
+                                resume_step=resume_step)
     with Launcher(logs, sharers=len(stages) + len(clients) - 1) as run:
         started = run.start(servers)
         run.wait_ready(started, READY_TIMEOUT_S)
         cs = run.start(clients)
         run.wait_exit(cs, timeout_s)
-        results = [client_result(c) for c in cs]
-    for res, c in zip(results, cs, strict=True):
+        results, failed = [], []
+        for node, c in zip(nodes, cs, strict=True):
+            try:
+                results.append((node, c, client_result(c)))
+            except TrainingError as e:  # in parallel (sfl, psl) the others go on without this device
+                if opt.scheme == "sl" or len(cs) == 1:
+                    raise
+                failed.append({"node": node, "error": str(e).splitlines()[0], "log": str(c.log)})
+        if not results:
+            raise TrainingError("every device failed: " + "; ".join(f["error"] for f in failed))
+    for _, c, res in results:
         for hop, r in zip(res["per_hop"], [c, *reversed(started)], strict=True):
             hop["cpu_ms"], hop["threads"] = r.cpu_ms, r.plan.threads
-    return merge_clients(results, nodes)
+    merged = merge_clients([r for _, _, r in results], [n for n, _, _ in results])
+    merged["failed_clients"] = failed
+    return merged
 
 
 def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
@@ -247,7 +264,7 @@ def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, 
 def run_training(topo: Topology | None, placement: str | list[Stage], opt: TrainOptions, *,
                  model: str | Path | None = None, local: bool = False, loopback: bool = False,
                  shaper: str = "auto", runtime: str | None = None, out: Path | None = None,
-                 logs: Path | None = None) -> dict[str, Any]:
+                 logs: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train across ``topo`` (or in this process with ``local``, or on loopback); the result record."""
     from testbed.model.loading import prepare_model_dir
 
@@ -266,21 +283,30 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     adapter_dir = out / "adapters"
     logs = logs or out / "logs"
     result: dict[str, Any] = {}
+    ckpt = out / "checkpoints" if (opt.checkpoint_every or resume) else None
+    resume_step = prepare_checkpoints(ckpt, opt, stages, model_dir, resume, local) if ckpt else 0
     if local:
-        result = run_local_record(model_dir, n_layers, opt, adapter_dir, stages[0].end)
+        result = run_local_record(model_dir, n_layers, opt, adapter_dir, stages[0].end, ckpt, resume_step)
         network = "none"
         if len(opt.clients) > 1:
             result["per_client"] = [{"node": n, "adapter_dir": str(adapter_dir / n)} for n in opt.clients]
     elif loopback:
-        result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs)
+        result = run_on_network(Loopback(topo), stages, model_dir, opt, adapter_dir, logs,
+                                checkpoint_dir=ckpt, resume_step=resume_step)
         network = "loopback"
     else:
         from testbed.net.network import EmulatedNetwork
 
         assert topo is not None
-        with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
-            result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs)
-            network = f"emulated ({net.shaper})"
+        try:
+            with EmulatedNetwork(topo, shaper=shaper, runtime=runtime) as net:
+                result = run_on_network(net, stages, model_dir, opt, adapter_dir, logs,
+                                        checkpoint_dir=ckpt, resume_step=resume_step)
+                network = f"emulated ({net.shaper})"
+        except LaunchError as e:
+            raise failure_record(e, topo, out) from None
+    result["resumed_from_step"] = resume_step
+    result.setdefault("failed_clients", [])
     predicted = None
     if not local:
         for hop, st in zip(result["per_hop"], stages, strict=True):
@@ -298,8 +324,71 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     return result
 
 
+class TrainingFailed(TrainingError):
+    """The run failed; ``record`` is what ``result.json`` and ``--json`` get instead of a result."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def failure_record(e: LaunchError, topo: Topology, out: Path) -> TrainingFailed:
+    """A failed run as a record in ``out/result.json``; a program killed by SIGKILL on a node with a
+    memory limit is named as most likely over that limit (the kernel's answer to a cgroup over it)."""
+    from testbed.apps.launch import ProgramFailed
+
+    text = str(e)
+    first = text.splitlines()[0] if text else type(e).__name__
+    record: dict[str, Any] = {"error": first, "failed_node": None, "memory_mb": None}
+    if isinstance(e, ProgramFailed):
+        node = e.name.split("-", 1)[-1]
+        limit = next((n.memory_mb for n in topo.hosts() if n.name == node), None)
+        record.update(failed_node=node, memory_mb=limit, log=str(e.log))
+        if limit is not None and "code -9" in first:
+            record["error"] = first = (f"{first} (SIGKILL: most likely over {node}'s memory limit of "
+                                       f"{limit} MB)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(record, indent=1))
+    return TrainingFailed(first + ("\n" + "\n".join(text.splitlines()[1:]) if "\n" in text else ""), record)
+
+
+def checkpoint_names(opt: TrainOptions, stages: list[Stage], local: bool) -> list[str]:
+    """The programs that write checkpoints: the devices and the stage servers (``local``: one)."""
+    if local:
+        return ["local"]
+    return [f"client{c}" for c in range(max(1, len(opt.clients)))] + \
+        [f"stage{i}" for i in range(1, len(stages))]
+
+
+def prepare_checkpoints(folder: Path, opt: TrainOptions, stages: list[Stage], model_dir: Path, resume: bool,
+                        local: bool) -> int:
+    """The step to resume from (0: a fresh start); the run's options kept beside the checkpoints, and on
+    ``resume`` checked against them (a different run cannot continue these weights)."""
+    from testbed.apps.training import checkpoint
+
+    if (local or opt.scheme == "sl") and len(opt.clients) > 1:
+        raise SpecError("train", "--checkpoint-every", "is not supported yet for several devices taking "
+                        f"turns or in one process (got {len(opt.clients)} devices)")
+    mine = {"options": {k: v for k, v in asdict(opt).items() if k not in ("checkpoint_every", "evaluate",
+                                                                             "drop_after_s")},
+            "placement": [s.layers for s in stages], "local": local, "model": str(model_dir)}
+    if not resume:
+        checkpoint.write_options(folder, mine)
+        return 0
+    theirs = checkpoint.read_options(folder)
+    if theirs is None:
+        raise SpecError("train", "--resume", f"no checkpoint to resume from (got {folder})")
+    differ = sorted(k for k in set(mine["options"]) | set(theirs["options"])
+                    if mine["options"].get(k) != theirs["options"].get(k))
+    differ += [k for k in ("placement", "local", "model") if mine[k] != theirs[k]]
+    if differ:
+        raise SpecError("train", "--resume",
+                        f"options differ from the checkpointed run's (got {', '.join(differ)})")
+    return checkpoint.common_step(folder, checkpoint_names(opt, stages, local))
+
+
 def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
-                     cut: int) -> dict[str, Any]:
+                     cut: int, ckpt: Path | None = None, resume_step: int = 0) -> dict[str, Any]:
     from testbed.apps.training.local import client_data, run_local, run_local_clients, take_batches
     from testbed.apps.training.lora import save_adapters
 
@@ -311,7 +400,7 @@ def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_
                for c, d in enumerate(data)]
     if len(nodes) == 1:
         result, tensors = run_local(model_dir, n_layers, batches[0], opt.spec(), opt.lr, opt.seed,
-                                    opt.micro_batches, trainable)
+                                    opt.micro_batches, trainable, ckpt, opt.checkpoint_every, resume_step)
         save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
         return result
     k = opt.aggregate_every if opt.scheme == "sfl" else 0
@@ -399,13 +488,17 @@ def train(args: argparse.Namespace) -> int:
                        micro_batches=args.micro_batches, schedule=args.schedule, codec=args.codec,
                        grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
                        freeze_server=args.freeze_server, evaluate=not args.no_eval, scheme=args.scheme,
-                       clients=args.clients, aggregate_every=args.aggregate_every)
+                       clients=args.clients, aggregate_every=args.aggregate_every,
+                       checkpoint_every=args.checkpoint_every, drop_after_s=args.drop_after)
     out = Path(args.out) if args.out else None
     try:
         result = run_training(topo, args.placement, opt, model=args.model, local=args.local,
-                              loopback=args.loopback, shaper=args.shaper, runtime=args.runtime, out=out)
+                              loopback=args.loopback, shaper=args.shaper, runtime=args.runtime, out=out,
+                              resume=args.resume)
     except LaunchError as e:
         print(f"train: {e}", file=sys.stderr)
+        if args.json and isinstance(e, TrainingFailed):
+            print(json.dumps(e.record))
         return 1
     if args.json:
         print(json.dumps(result))

@@ -17,6 +17,7 @@ of all C back.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -26,6 +27,7 @@ import torch
 import zmq
 
 from testbed.apps.training import wire as tw
+from testbed.apps.training.freeze import SmashedStore
 from testbed.apps.training.schedule import stage_ops
 from testbed.apps.training.settings import StageSettings
 from testbed.apps.training.stage import Pending, TrainStage
@@ -81,11 +83,42 @@ class StageServer:
         self.pending: dict[int, Pending] = {}
         self.deferred: list[tuple[bytes, Message]] = []  # TRAIN_STATS asked for a step not done yet
         self.askers: deque[bytes] = deque()  # who gets the next relayed reply from downstream
+        self.stores: dict[int, SmashedStore] = {}  # a frozen device's smashed data, per client
+        self.sample_ids: dict[tuple[int, int], list[int]] = {}  # uploads to keep, by (step, g)
         self.rounds: dict[int, dict[int, torch.Tensor]] = {}  # aggregation: step -> client -> weights
         self.rows: list[np.ndarray] = []
         self.row = np.zeros(tw.K)
         self.t_step0: float | None = None
         self.running = True
+        self.dropped: set[int] = set()  # devices left out (sfl/psl: late by more than drop_after_s)
+        self.progress = time.monotonic()  # the last pass run or round answered: lateness counts from it
+        self.round_since: dict[int, float] = {}
+        self.parent = os.getppid()  # an orphaned stage stops (its run's driver was killed)
+        self.name = f"stage{s.stage}"
+        if s.resume_step:
+            self._restore(s.resume_step)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        from testbed.apps.training import checkpoint
+
+        assert self.s.checkpoint_dir is not None
+        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
+        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
+        if self.opt is not None:
+            self.opt.load_state_dict(state["opt"])
+        self.rows = [r.numpy().copy() for r in state["rows"]]
+        self.step = step
+
+    def _checkpoint(self) -> None:
+        from testbed.apps.training import checkpoint
+        from testbed.apps.training.lora import flatten
+
+        assert self.s.checkpoint_dir is not None
+        checkpoint.save(self.s.checkpoint_dir, self.name, self.step, {
+            "adapters": flatten(self.stage.named_adapters),
+            "opt": self.opt.state_dict() if self.opt is not None else {},
+            "rows": torch.from_numpy(np.stack(self.rows)) if self.rows else torch.zeros(0, tw.K)})
 
     # ---- sending ---------------------------------------------------------------------------
     def _to(self, ident: bytes, msg: Message) -> float:
@@ -103,6 +136,9 @@ class StageServer:
             if not 0 <= c < self.s.clients or not 0 <= m < self.s.micro_batches:
                 raise WireError(f"client {c} micro-batch {m} outside "
                                 f"{self.s.clients} x {self.s.micro_batches}")
+            if c in self.dropped:
+                raise WireError(f"client {c} was left out of the run (late by more than "
+                                f"{self.s.drop_after_s:g} s)")
             if self.s.turns:
                 if c != msg.step % self.s.clients:
                     raise WireError(f"step {msg.step} is client {msg.step % self.s.clients}'s turn, "
@@ -129,7 +165,7 @@ class StageServer:
             self._fail(ident, msg.session, msg.step, f"{type(e).__name__}: {e}")
 
     def _from_up(self, ident: bytes, msg: Message, t: float) -> None:
-        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS):
+        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS, Kind.TRAIN_SAMPLES):
             g = self._g(msg)
             c = msg.session if self.facing_clients else 0
             if self.ups.get(c, ident) != ident:
@@ -141,7 +177,9 @@ class StageServer:
                 self.t_step0 = t
             self.row[tw.F["bytes_from_up"]] += msg.nbytes
             key = (msg.step, g)
-            if msg.kind == Kind.TRAIN_LABELS:
+            if msg.kind == Kind.TRAIN_SAMPLES:
+                self._samples(c, key, msg)
+            elif msg.kind == Kind.TRAIN_LABELS:
                 if self.back is not None:  # relayed to the stage with the loss
                     msg.session, msg.position_start = c, g
                     self.back.send_multipart(msg.frames(), copy=False)
@@ -152,6 +190,9 @@ class StageServer:
                 t0 = time.perf_counter()
                 self.fwd[key] = tw.decode(msg, self.hidden)
                 self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
+                ids = self.sample_ids.pop(key, None)
+                if ids is not None:  # a frozen device's first upload of these samples: kept for reuse
+                    self.stores[c].put(ids, self.fwd[key], msg.nbytes)
         elif msg.kind == Kind.TRAIN_STATS:  # answered once step ``msg.step`` is done here and below
             if msg.step >= self.step:
                 self.deferred.append((ident, msg))
@@ -181,6 +222,21 @@ class StageServer:
         else:
             raise WireError(f"unexpected {msg.kind.name} from upstream")
 
+    def _samples(self, c: int, key: tuple[int, int], msg: Message) -> None:
+        """A frozen device's micro-batch by sample id: its activations from the store when every sample
+        was uploaded before (nothing else comes), else noted to keep the upload that follows."""
+        if self.stage.grad_in or not self.facing_clients:
+            raise WireError("sample ids come only from a device without adapters, to the first server")
+        ids = [int(v) for v in msg.tensor().reshape(-1)]
+        store = self.stores.setdefault(c, SmashedStore())
+        if store.missing(ids):
+            self.sample_ids[key] = ids
+            return
+        saved = store.bytes_saved
+        self.fwd[key] = store.get(ids)
+        self.row[tw.F["smashed_bytes_saved"]] += store.bytes_saved - saved
+        self.row[tw.F["smashed_reused"]] += len(ids)
+
     def _hand_on(self) -> None:
         """Answer the devices waiting for the adapters of a step that has been handed on."""
         if self.handoff is None:
@@ -192,20 +248,59 @@ class StageServer:
 
     def _aggregate(self, ident: bytes, msg: Message) -> None:
         """FedAvg of the clients' adapters: answered to all once every client's weights are in."""
-        from testbed.apps.training.aggregate import fedavg
 
         if not 0 <= msg.session < self.s.clients:
             raise WireError(f"weights of client {msg.session} of {self.s.clients}")
         got = self.rounds.setdefault(msg.step, {})
+        self.round_since.setdefault(msg.step, time.monotonic())
         got[msg.session] = msg.tensor().reshape(-1)
         self.ups.setdefault(msg.session, ident)
-        if len(got) < self.s.clients:
+        self._answer_round(msg.step)
+
+    def _answer_round(self, step: int) -> None:
+        """The FedAvg of round ``step``, once every device not left out sent its adapters."""
+        from testbed.apps.training.aggregate import fedavg
+
+        got = self.rounds.get(step, {})
+        live = [c for c in range(self.s.clients) if c not in self.dropped]
+        if not got or any(c not in got for c in live):
             return
-        del self.rounds[msg.step]
-        states = [{"flat": got[c]} for c in range(self.s.clients)]
-        mean = fedavg(states, [1.0] * self.s.clients)["flat"]  # equal batches: equal weights
-        for c in range(self.s.clients):
-            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, msg.step))
+        del self.rounds[step]
+        self.round_since.pop(step, None)
+        self.progress = time.monotonic()
+        states = [{"flat": got[c]} for c in live]
+        mean = fedavg(states, [1.0] * len(live))["flat"]  # equal batches: equal weights
+        for c in live:
+            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, step))
+
+    # ---- devices that fail mid-round (sfl, psl) ---------------------------------------------------
+    def _may_drop(self) -> bool:
+        s = self.s
+        # past the first server the micro-batch numbers of a left-out device would never come: one hop only
+        return bool(s.drop_after_s) and self.facing_clients and s.clients > 1 and not s.turns \
+            and self.back is None
+
+    def _late(self, since: float) -> bool:
+        return time.monotonic() - max(since, self.progress) > self.s.drop_after_s
+
+    def _drop(self, c: int, why: str) -> None:
+        if len(self.dropped) + 1 >= self.s.clients:
+            raise RuntimeError(f"client {c} {why}, and no other device is left")
+        self.dropped.add(c)
+        print(f"train_stage: client {c} left out at step {self.step}: {why}", file=sys.stderr, flush=True)
+        for step in list(self.rounds):
+            self._answer_round(step)
+
+    def check_rounds(self) -> None:
+        """Leave out the devices whose adapters a FedAvg round has waited for too long."""
+        if not self._may_drop():
+            return
+        for step, since in list(self.round_since.items()):
+            if self._late(since):
+                for c in range(self.s.clients):
+                    if c not in self.dropped and c in self.ups and c not in self.rounds.get(step, {}):
+                        self._drop(c, f"sent no adapters for the average of step {step} within "
+                                      f"{self.s.drop_after_s:g} s")
 
     def _stats(self, ident: bytes, msg: Message) -> None:
         if self.back is None:
@@ -252,8 +347,19 @@ class StageServer:
             kind, g = self.ops[self.k]
             key = (self.step, g)
             c, m = (self.step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
+            if self.facing_clients and c in self.dropped and (kind == "F" or g not in self.pending):
+                self.fwd.pop(key, None)
+                self.labels.pop(key, None)
+                self.k += 1  # a left-out device's micro-batch: the round goes on without it
+                continue
             if kind == "F":
                 if key not in self.fwd or (st.is_last and key not in self.labels):
+                    # a device not heard from yet may still be loading: only one that ran is left out
+                    if self._may_drop() and c in self.ups and self.t_step0 is not None \
+                            and self._late(self.t_step0):
+                        self._drop(c, f"sent no micro-batch {m} of step {self.step} within "
+                                      f"{self.s.drop_after_s:g} s")
+                        continue
                     return
                 x = self.fwd.pop(key)
                 t0 = time.perf_counter()
@@ -289,6 +395,7 @@ class StageServer:
                     row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
                     row[tw.F["t_send_bwd"]] += self._to(ident, msg)
             self.k += 1
+            self.progress = time.monotonic()
         self._end_step()
 
     def _end_step(self) -> None:
@@ -298,12 +405,15 @@ class StageServer:
             self.opt.zero_grad(set_to_none=True)
         self.row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3  # the update counts as backward
         self.row[tw.F["step_ms"]] = (time.monotonic() - (self.t_step0 or time.monotonic())) * 1e3
+        self.row[tw.F["clients_dropped"]] = len(self.dropped)
         self.rows.append(self.row)
         self.row = np.zeros(tw.K)
         self.stage.meter.reset_peak()
         self.step += 1
         self.k = 0
         self.t_step0 = None
+        if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+            self._checkpoint()
         done = [(i, m) for i, m in self.deferred if m.step < self.step]
         self.deferred = [(i, m) for i, m in self.deferred if m.step >= self.step]
         for ident, msg in done:
@@ -314,13 +424,14 @@ class StageServer:
         poller.register(self.front, zmq.POLLIN)
         if self.back is not None:
             poller.register(self.back, zmq.POLLIN)
-        while self.running:
+        while self.running and os.getppid() == self.parent:
             events = dict(poller.poll(200))
             if self.back is not None and events.get(self.back):
                 self.on_back()
             if events.get(self.front):
                 self.on_front()
             try:
+                self.check_rounds()
                 self.advance()
             except Exception as e:  # noqa: BLE001 - reported upstream; the run cannot go on
                 for ident in self.ups.values():

@@ -58,6 +58,10 @@ class TrainFields:
     turns: bool = False  # sl with several devices: step s is device s % clients's, adapters handed on
     threads: int = 1  # set by the launcher from its thread plan
     timeout_s: float = 600.0  # for any one message this program waits for
+    checkpoint_dir: str | None = None  # this program's checkpoints (testbed.apps.training.checkpoint)
+    checkpoint_every: int = 0  # a checkpoint after every K steps; 0: none
+    resume_step: int = 0  # start after this many steps, from their checkpoint (0: from scratch)
+    drop_after_s: float = 0.0  # sfl/psl: a device this late in a round is left out of it and after; 0: never
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")
@@ -90,6 +94,14 @@ class TrainFields:
             yield "threads", f"must be in 1..{MAX_THREADS}"
         if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
             yield "timeout_s", f"must be in (0, {MAX_TIMEOUT_S:.0f}]"
+        if not 0 <= self.drop_after_s <= MAX_TIMEOUT_S:
+            yield "drop_after_s", f"must be in 0..{MAX_TIMEOUT_S:.0f}"
+        if not 0 <= self.checkpoint_every <= MAX_STEPS:
+            yield "checkpoint_every", f"must be in 0..{MAX_STEPS}"
+        if not 0 <= self.resume_step <= MAX_STEPS:
+            yield "resume_step", f"must be in 0..{MAX_STEPS}"
+        if (self.checkpoint_every or self.resume_step) and not self.checkpoint_dir:
+            yield "checkpoint_dir", "is required for checkpoints and resuming"
         if not (Path(self.model) / "config.json").is_file():
             yield "model", "must be a model folder with a config.json"
 

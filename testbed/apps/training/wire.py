@@ -10,7 +10,8 @@ from testbed.wire.message import DType, Kind, Message, WireError, train_hidden
 # one row of step statistics per stage (TRAIN_STATS); times are CLOCK_MONOTONIC seconds, which the
 # processes of one emulated network share (one kernel), so sends and receipts of two stages compare
 STAT_FIELDS = ("fwd_ms", "bwd_ms", "codec_ms", "peak_act_bytes", "loss", "bytes_from_up",
-               "bytes_from_down", "t_recv_fwd", "t_send_fwd", "t_recv_bwd", "t_send_bwd", "step_ms")
+               "bytes_from_down", "t_recv_fwd", "t_send_fwd", "t_recv_bwd", "t_send_bwd", "step_ms",
+               "clients_dropped", "smashed_bytes_saved", "smashed_reused")
 K = len(STAT_FIELDS)
 F = {name: i for i, name in enumerate(STAT_FIELDS)}
 
