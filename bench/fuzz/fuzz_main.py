@@ -23,7 +23,8 @@ with atheris.instrument_imports(include=["testbed"]):
     targets.preload()
 
 SEEDS = {"wire": "tests/wire/fuzz_corpus", "topology": "tests/spec/fuzz_corpus/topology",
-         "suite": "tests/spec/fuzz_corpus/suite", "trace": "tests/spec/fuzz_corpus/trace"}
+         "suite": "tests/spec/fuzz_corpus/suite", "trace": "tests/spec/fuzz_corpus/trace",
+         "events": "tests/spec/fuzz_corpus/events"}
 
 
 def main(name: str) -> None:

@@ -129,6 +129,23 @@ def suite(data: bytes) -> None:
     parse_suite(parse_yaml(_text(data, src), src), src)
 
 
+_events_topology = None
+
+
+def events(data: bytes) -> None:
+    """An events file (``--events``), checked against the shipped three-cell topology (links, cells
+    and devices for every kind of event, handovers included)."""
+    global _events_topology
+    from testbed.spec.events import load_events
+    from testbed.spec.topology import load_topology
+
+    if _events_topology is None:
+        _events_topology = load_topology(REPO / "topologies" / "cells-3.yaml")
+    src = scratch() / "fuzz-events.yaml"
+    src.write_bytes(data)
+    load_events(src, _events_topology)
+
+
 def _trace(data: bytes, fmt: str) -> None:
     from testbed.spec import traces
 
@@ -161,10 +178,11 @@ def trace(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "wire": wire, "topology": topology, "suite": suite, "trace": trace, "mahimahi": mahimahi, "csv": csv,
+    "events": events,
 }
 DOCUMENTED: dict[str, tuple[type[Exception], ...]] = {
     "wire": (WireError,), "topology": (SpecError,), "suite": (SpecError,), "trace": (SpecError,),
-    "mahimahi": (SpecError,), "csv": (SpecError,),
+    "mahimahi": (SpecError,), "csv": (SpecError,), "events": (SpecError,),
 }
 
 
@@ -183,7 +201,7 @@ def checked(name: str) -> Callable[[bytes], None]:
 
 
 PRELOAD = ("testbed.wire.message", "testbed.model.codecs", "testbed.spec.yamlfile", "testbed.spec.parse",
-           "testbed.spec.suite", "testbed.spec.traces")
+           "testbed.spec.suite", "testbed.spec.traces", "testbed.spec.events", "testbed.spec.topology")
 
 
 def preload() -> None:

@@ -1,6 +1,6 @@
 """The input-file fuzzers' seed corpus and crash reproducers (``tests/spec/fuzz_corpus/TARGET``),
 replayed through the fuzz targets (``bench/fuzz/targets.py``): topology and suite YAML, Mahimahi and
-CSV traces.  Each input loads or is refused with one line (SpecError), nothing else."""
+CSV traces, events files.  Each input loads or is refused with one line (SpecError), nothing else."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ INPUTS = sorted(p for d in CORPUS.iterdir() for p in d.iterdir())
 
 
 def test_every_target_has_seeds() -> None:
-    for name in ("topology", "suite", "trace"):
+    for name in ("topology", "suite", "trace", "events"):
         assert any(p.name.startswith("seed-") for p in (CORPUS / name).iterdir()), name
 
 
