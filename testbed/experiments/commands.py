@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                 m = rec["metrics"]
                 progress.console.print(
                     f"[green]ok[/] {escape(label)}: step {m['step_ms_mean']:.0f} ms "
-                    f"(predicted {m['predicted_step_ms']}), loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
+                    f"(predicted {m['predicted_step_ms']}), "
+                    f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
                     f"ppl {m['eval_ppl_before']} -> {m['eval_ppl_after']} ({rec['duration_s']:.0f} s)")
             else:
                 m = rec["metrics"]

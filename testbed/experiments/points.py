@@ -27,8 +27,9 @@ from testbed.spec.suite import NETWORK_PARAMS, Suite
 from testbed.spec.topology import Topology, parse_topology
 
 DEFAULTS: dict[str, Any] = {"quant": "none", "codec": "fp32", "kv_cache": True}
-TRAINING_DEFAULTS: dict[str, Any] = {"codec": "fp32", "grad_codec": "fp32", "scheme": "sl", "schedule": "gpipe",
-                                     "micro_batches": 1, "freeze_client": 0.0, "freeze_server": 0.0}
+TRAINING_DEFAULTS: dict[str, Any] = {"codec": "fp32", "grad_codec": "fp32", "scheme": "sl",
+                                     "schedule": "gpipe", "micro_batches": 1, "freeze_client": 0.0,
+                                     "freeze_server": 0.0}
 
 
 @dataclass(frozen=True)
