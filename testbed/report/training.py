@@ -72,9 +72,9 @@ def step_vs_hops(rows: list[Row], out: Path) -> Path | None:
         hops, meas = r.median("hops"), r.spread("step_ms_mean")
         if hops is None or meas is None:
             continue
-        skip = ("hops",)
-        lab = " ".join(p for p in r.label(skip=skip).split(" ")[1:]) or "steps"
-        lab = f"{r.params.get('schedule', '')} M={r.params.get('micro_batches', 1)} {lab}".strip()
+        # the placement's name (hops1, hops2, ...) is the x axis: the line is the other parameters
+        rest = " ".join(r.label(skip=("schedule", "micro_batches")).split(" ")[1:])
+        lab = f"{r.params.get('schedule', '')} M={r.params.get('micro_batches', 1)} {rest}".strip()
         lines[lab].append((hops, meas, r.spread("predicted_step_ms")))
     if not lines:
         return None
