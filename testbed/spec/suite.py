@@ -23,6 +23,10 @@ file's directory.  Example::
     shaper: auto
     energy: {compute_w: 2.5, tx_nj_per_bit: 100}
 
+A training suite (``workload: {kind: training, steps: 4, batch: 4, seq: 64, data: [...], devices: 1}``)
+trains at every point instead (``testbed.apps.training.workload``); it has no baselines, and takes the
+training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).
+
 Parameters (in ``params`` or ``sweep``): see ``PARAMS``; besides those,
 ``links.A-B.up.FIELD`` / ``links.A-B.down.FIELD`` set one direction of the link
 written ``between: [A, B]`` and ``nodes.N.FIELD`` sets a node field.
