@@ -30,6 +30,10 @@ BENCHES: dict[str, list[str]] = {
     "caching_policies": [],
     "delivery_goodput": [],
     "serve_adapters": ["--threads", "1", "--clock", "cpu"],
+    "train_tokens": [],
+    "train_split_overhead": [],
+    "train_compression": [],
+    "train_pipeline_model": [],
 }
 
 

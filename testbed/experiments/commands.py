@@ -56,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
                 failed.append(f"{label}: {rec['error']}")
                 first = rec["error"].splitlines()[0][:200]
                 progress.console.print(f"[red]failed[/] {escape(label)}: {escape(first)}")
+            elif "training" in rec:
+                m = rec["metrics"]
+                progress.console.print(
+                    f"[green]ok[/] {escape(label)}: step {m['step_ms_mean']:.0f} ms "
+                    f"(predicted {m['predicted_step_ms']}), "
+                    f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
+                    f"ppl {m['eval_ppl_before']} -> {m['eval_ppl_after']} ({rec['duration_s']:.0f} s)")
             else:
                 m = rec["metrics"]
                 lat = m["token_latency_ms"]["mean"]

@@ -27,6 +27,9 @@ from testbed.spec.suite import NETWORK_PARAMS, Suite
 from testbed.spec.topology import Topology, parse_topology
 
 DEFAULTS: dict[str, Any] = {"quant": "none", "codec": "fp32", "kv_cache": True}
+TRAINING_DEFAULTS: dict[str, Any] = {"codec": "fp32", "grad_codec": "fp32", "scheme": "sl",
+                                     "schedule": "gpipe", "micro_batches": 1, "freeze_client": 0.0,
+                                     "freeze_server": 0.0}
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def expand(suite: Suite, layers: int) -> list[Point]:
     combos = _combos(suite)
     swept = list(suite.sweep)
     prompts = list(suite.workload.prompts)
-    if "prompt" not in suite.sweep and "prompt" not in suite.params and len(prompts) > 1:
+    if prompts and "prompt" not in suite.sweep and "prompt" not in suite.params and len(prompts) > 1:
         combos = [{**c, "prompt": p} for c in combos for p in prompts]
         swept.append("prompt")
     names = {k: value_labels([c[k] for c in combos if k in c]) for k in swept}
@@ -150,14 +153,7 @@ def expand(suite: Suite, layers: int) -> list[Point]:
     for combo in combos:
         for name, kind, template in kinds:
             drop = irrelevant(kind, template)
-            params: dict[str, Any] = {
-                **DEFAULTS,
-                "prompt": prompts[0],
-                "max_new_tokens": suite.workload.max_new_tokens,
-                "devices": suite.workload.devices,
-                **suite.params,
-                **combo,
-            }
+            params: dict[str, Any] = {**workload_defaults(suite), **suite.params, **combo}
             params = {k: v for k, v in params.items() if k not in drop}
             if kind == "split":
                 placement = template.replace("{layers}", str(layers))
@@ -174,6 +170,16 @@ def expand(suite: Suite, layers: int) -> list[Point]:
             seen[pid] = params
             points.append(Point(pid, name, kind, placement, params, tuple(swept), labels))
     return points
+
+
+def workload_defaults(suite: Suite) -> dict[str, Any]:
+    """Every point's parameters before the suite's own: the workload's figures and the defaults."""
+    wl = suite.workload
+    if wl.kind == "training":
+        return {**TRAINING_DEFAULTS, "steps": wl.steps, "batch": wl.batch, "seq": wl.seq,
+                "devices": wl.devices}
+    return {**DEFAULTS, "prompt": next(iter(wl.prompts)), "max_new_tokens": wl.max_new_tokens,
+            "devices": wl.devices}
 
 
 def label_value(v: Any) -> str:

@@ -80,6 +80,8 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
     ``logs``: where the node programs' logs go (kept whole)."""
     from testbed.net.network import EmulatedNetwork
 
+    if suite.workload.kind == "training":
+        return execute_training(suite, point, model_dir, logs)
     topo = build_topology(suite, point)
     chains = chains_for(suite, point, topo, info["layers"])
     p = point.params
@@ -129,6 +131,36 @@ def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
     }
 
 
+def execute_training(suite: Suite, point: Point, model_dir: Path, logs: Path | None) -> dict[str, Any]:
+    """A training point: bring its topology up, train (``testbed.apps.training.workload``), tear down.
+
+    The record's ``metrics`` hold the summary figures, ``training`` the whole run (per step, per hop)."""
+    import tempfile
+
+    from testbed.apps.training.workload import TrainPoint, summary, train_point
+    from testbed.net.network import EmulatedNetwork
+
+    topo = build_topology(suite, point)
+    p = point.params
+    tp = TrainPoint(placement=point.placement, clients=device_nodes(suite, p.get("devices", 1)),
+                    steps=p["steps"], batch=p["batch"], seq=p["seq"], scheme=p["scheme"],
+                    schedule=p["schedule"], micro_batches=p["micro_batches"], codec=p["codec"],
+                    grad_codec=p["grad_codec"], freeze_client=p["freeze_client"],
+                    freeze_server=p["freeze_server"], data=list(suite.workload.data))
+    with tempfile.TemporaryDirectory(prefix="testbed-train-") as tmp:
+        logs = logs or Path(tmp) / "logs"
+        t0 = time.monotonic()
+        with EmulatedNetwork(topo, shaper=suite.shaper, runtime=p.get("runtime")) as net:
+            started = time.monotonic()
+            res = train_point(net, topo, tp, model_dir, logs, logs)
+            shaper, tcp_cc = net.shaper, net.tcp_cc
+            t_done = time.monotonic()
+    phases = {"network_up_s": round(started - t0, 3), "workload_s": round(t_done - started, 3),
+              "teardown_s": round(time.monotonic() - t_done, 3)}
+    return {"metrics": summary(res), "training": res, "phases": phases, "shaper": shaper, "tcp_cc": tcp_cc,
+            "topology": topo.to_dict()}
+
+
 def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], info: dict[str, Any]) -> dict:
     """The record skeleton: what was run (the full resolved configuration) and where."""
     return {
@@ -148,7 +180,8 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
             "model": info,
             "shaper_requested": suite.shaper,
             "sets": suite.sets,
-            "prompt_text": suite.workload.prompts[point.params["prompt"]],
+            "workload": suite.workload.kind,
+            "prompt_text": suite.workload.prompts.get(point.params.get("prompt", "")),
             "energy_model": asdict(suite.energy),
             "analytic_band": list(suite.band),
         },
@@ -162,6 +195,17 @@ def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) ->
         raise SpecError(suite.source, "--only", f"no point matches {only!r}")
     for p in points:  # bad overrides fail now, not after an hour of running
         build_topology(suite, p)
+        if suite.workload.kind == "training":  # layers out of the model's range, a device that cannot reach
+            from testbed.apps.training.placement import parse_placement
+
+            topo = build_topology(suite, p)
+            first, _, rest = p.placement.partition(",")
+            for dev in device_nodes(suite, p.params.get("devices", 1)):
+                text = f"{dev}={first.partition('=')[2]}" + (f",{rest}" if rest else "")
+                try:
+                    parse_placement(text, topo, info["layers"])
+                except SpecError as e:
+                    raise SpecError(suite.source, f"placements.{p.placement_name}", e.message) from None
     return points
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from testbed.report import plots
+from testbed.report import plots, training
 from testbed.report.data import load_rows
 from testbed.report.summary import write_summary
 from testbed.spec.errors import SpecError
@@ -34,6 +34,9 @@ def make_report(out_dir: Path, warn: Callable[[str], None] = _stderr) -> tuple[P
         raise SpecError(out_dir / "results.jsonl", "records", what)
     for line in skipped:
         warn(line)
+    if training.is_training(records):
+        pngs = training.plots(rows, out_dir)
+        return training.write_summary(out_dir, rows, records, pngs), pngs
     ok = [r for r in records if r.get("status") == "ok"]
     band = tuple(ok[0]["config"].get("analytic_band", (0.5, 2.0))) if ok else (0.5, 2.0)
     made = [

@@ -17,4 +17,7 @@ SWEEP_MODES = ("cartesian", "zip")  # how a suite combines its swept parameters
 SECURITY = ("none", "curve")  # node traffic: plain ZeroMQ, or CurveZMQ with per-run keys
 CACHE_POLICIES = ("lru", "lfu", "block-lru", "trimcaching", "random", "optimal")  # edge model caching
 CATALOGUE_BASES = ("tiny", "smollm2")  # the base model a catalogue is built from
+TRAIN_SCHEMES = ("sl", "sfl", "psl")  # split training: taking turns, federated, parallel
+TRAIN_SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules of multi-hop training
+WORKLOAD_KINDS = ("inference", "training")  # what a suite's points run
 CACHE_MODES = ("emulated", "replay")  # real bytes over emulated links, or analytic delivery times

@@ -23,6 +23,10 @@ file's directory.  Example::
     shaper: auto
     energy: {compute_w: 2.5, tx_nj_per_bit: 100}
 
+A training suite (``workload: {kind: training, steps: 4, batch: 4, seq: 64, data: [...], devices: 1}``)
+trains at every point instead (``testbed.apps.training.workload``); it has no baselines, and takes the
+training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).
+
 Parameters (in ``params`` or ``sweep``): see ``PARAMS``; besides those,
 ``links.A-B.up.FIELD`` / ``links.A-B.down.FIELD`` set one direction of the link
 written ``between: [A, B]`` and ``nodes.N.FIELD`` sets a node field.
@@ -41,7 +45,17 @@ from testbed.spec import check
 from testbed.spec.check import Checker
 from testbed.spec.checkpoint import check_model_path
 from testbed.spec.errors import SpecError, got
-from testbed.spec.options import BASELINES, CODECS, QUANTS, RUNTIMES, SHAPERS, SWEEP_MODES
+from testbed.spec.options import (
+    BASELINES,
+    CODECS,
+    QUANTS,
+    RUNTIMES,
+    SHAPERS,
+    SWEEP_MODES,
+    TRAIN_SCHEDULES,
+    TRAIN_SCHEMES,
+    WORKLOAD_KINDS,
+)
 from testbed.spec.parse import check_direction_field, check_node_field, parse_topology
 from testbed.spec.topology import Topology
 from testbed.spec.yamlfile import load_yaml, parse_yaml
@@ -65,11 +79,19 @@ PARAMS: dict[str, str] = {
     "max_new_tokens": "tokens generated per request",
     "devices": "devices running sessions in parallel against the same edge",
     "duration_s": "each device sends its request again until this long after generation began (s)",
+    "scheme": "training: sl (devices take turns), sfl (parallel, FedAvg), psl (parallel, no averaging)",
+    "schedule": "training: pipeline schedule of the micro-batches (gpipe | 1f1b)",
+    "micro_batches": "training: micro-batches per step (must divide workload.batch)",
+    "grad_codec": "training: activation-gradient codec on the wire (upstream)",
+    "freeze_client": "training: share of the device's layers without adapters (0..1)",
+    "freeze_server": "training: share of the stage servers' layers without adapters (0..1)",
 }
+TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server")
+INFERENCE_PARAMS = ("quant", "kv_cache", "prompt", "max_new_tokens", "duration_s")
 NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
             "params", "sweep", "repeats", "shaper", "energy", "analytic")
-WORKLOAD_KEYS = ("prompts", "max_new_tokens", "devices")
+WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data")
 ENERGY_KEYS = ("compute_w", "idle_w", "tx_nj_per_bit", "rx_nj_per_bit")
 ANALYTIC_KEYS = ("band",)
 ROLE_KEYS = ("device", "edge", "cloud")
@@ -83,9 +105,15 @@ _PARAM_RANGES: dict[str, check.Range] = {
     "uplink_mbit": check.BW_MBIT, "downlink_mbit": check.BW_MBIT, "delay_ms": check.DELAY_MS,
     "loss_pct": check.LOSS_PCT, "cut": check.CUT, "device_cpu": check.CPU,
     "max_new_tokens": check.MAX_NEW_TOKENS, "devices": check.DEVICES, "trace_start_s": check.TRACE_START_S,
-    "duration_s": check.DURATION_S,
+    "duration_s": check.DURATION_S, "micro_batches": check.Range(ge=1, le=4096, integer=True),
+    "freeze_client": check.PROBABILITY, "freeze_server": check.PROBABILITY,
 }
-_PARAM_CHOICES: dict[str, tuple[str, ...]] = {"quant": QUANTS, "codec": CODECS, "runtime": RUNTIMES}
+_PARAM_CHOICES: dict[str, tuple[str, ...]] = {"quant": QUANTS, "codec": CODECS, "runtime": RUNTIMES,
+                                              "grad_codec": CODECS, "scheme": TRAIN_SCHEMES,
+                                              "schedule": TRAIN_SCHEDULES}
+TRAIN_STEPS = check.Range(ge=1, le=1_000_000, integer=True)
+TRAIN_BATCH = check.Range(ge=1, le=4096, integer=True)
+TRAIN_SEQ = check.Range(ge=1, le=8192, integer=True, note="the model's context")
 
 
 @dataclass(frozen=True)
@@ -108,6 +136,11 @@ class Workload:
     prompts: dict[str, str]  # id -> text, in file order
     max_new_tokens: int = 16
     devices: int = 1
+    kind: str = "inference"  # or "training": each point trains (testbed.apps.training.workload)
+    steps: int = 4  # training: optimizer steps per point
+    batch: int = 4  # training: sequences per step
+    seq: int = 64  # training: tokens per sequence
+    data: list[str] = field(default_factory=list)  # training: text files or built-in corpora, one per client
 
 
 @dataclass
@@ -321,17 +354,23 @@ def parse_suite(data: Any, src: Path) -> Suite:
     if "workload" not in data:
         raise c.fail("workload", f"missing (a mapping of {', '.join(WORKLOAD_KEYS)})")
     wl = c.mapping(data["workload"], "workload", WORKLOAD_KEYS)
-    pfile = _resolve(base, c.text(wl.get("prompts"), "workload.prompts", "a prompt set file"))
+    kind = c.choice(wl.get("kind", "inference"), "workload.kind", WORKLOAD_KINDS)
     n_devices = c.number(wl.get("devices", 1), "workload.devices", check.DEVICES)
-    workload = Workload(
-        prompts_file=pfile,
-        prompts=load_prompts(pfile, src, "workload.prompts"),
-        max_new_tokens=c.number(wl.get("max_new_tokens", 16), "workload.max_new_tokens",
-                                check.MAX_NEW_TOKENS),
-        devices=n_devices,
-    )
+    if kind == "training":
+        workload = _training_workload(c, wl, base, n_devices)
+    else:
+        pfile = _resolve(base, c.text(wl.get("prompts"), "workload.prompts", "a prompt set file"))
+        workload = Workload(
+            prompts_file=pfile,
+            prompts=load_prompts(pfile, src, "workload.prompts"),
+            max_new_tokens=c.number(wl.get("max_new_tokens", 16), "workload.max_new_tokens",
+                                    check.MAX_NEW_TOKENS),
+            devices=n_devices,
+        )
 
-    baselines = data.get("baselines", list(BASELINES))
+    baselines = data.get("baselines", list(BASELINES) if kind == "inference" else [])
+    if kind == "training" and baselines:
+        raise c.fail("baselines", f"a training suite compares its placements only (got {baselines!r})")
     if not isinstance(baselines, list):
         raise c.fail("baselines", f"must be a list of {', '.join(BASELINES)} {got(baselines)}")
     for i, b in enumerate(baselines):
@@ -397,7 +436,42 @@ def parse_suite(data: Any, src: Path) -> Suite:
         lens = ", ".join(f"{k}: {len(v)}" for k, v in suite.sweep.items())
         raise c.fail("sweep", f"zip needs lists of equal length (got {lens})")
     suite.sweep_mode = mode
+    _check_kind_params(c, suite)
     uses_cut = any("{cut}" in t for t in placements.values())
     if uses_cut and "cut" not in suite.params and "cut" not in suite.sweep:
         raise c.fail("placements", "a placement uses {cut}: set params.cut or sweep.cut")
     return suite
+
+
+def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices: int) -> Workload:
+    """``workload: {kind: training, steps, batch, seq, data, devices}``; ``data`` entries are files
+    (resolved against the suite's folder) or built-in corpora (``fortunes:NAME``, ``licenses:NAME``)."""
+    for key in ("prompts", "max_new_tokens"):
+        if key in wl:
+            raise c.fail(f"workload.{key}", "is for inference workloads (this one is kind: training)")
+    data = wl.get("data") or []
+    if not isinstance(data, list):
+        raise c.fail("workload.data", f"must be a list of text files or built-in corpora {got(data)}")
+    files = []
+    for i, d in enumerate(data):
+        text = c.text(d, f"workload.data[{i}]", "a text file or a built-in corpus")
+        files.append(text if re.match(r"^[a-z]+:", text) else str(_resolve(base, text)))
+    return Workload(prompts_file=base, prompts={}, devices=n_devices, kind="training",
+                    steps=c.number(wl.get("steps", 4), "workload.steps", TRAIN_STEPS),
+                    batch=c.number(wl.get("batch", 4), "workload.batch", TRAIN_BATCH),
+                    seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files)
+
+
+def _check_kind_params(c: Checker, suite: Suite) -> None:
+    """Parameters of the other workload kind are refused; micro-batches must divide the batch."""
+    training = suite.workload.kind == "training"
+    foreign = INFERENCE_PARAMS if training else TRAINING_PARAMS
+    for where, values in (("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)):
+        for k, vals in values.items():
+            if k in foreign:
+                raise c.fail(f"{where}.{k}", f"is not a parameter of a {suite.workload.kind} workload")
+            if k == "micro_batches" and training:
+                for v in vals:
+                    if suite.workload.batch % v:
+                        raise c.fail(f"{where}.{k}",
+                                     f"must divide workload.batch ({suite.workload.batch}) (got {v})")
