@@ -107,3 +107,17 @@ def load_adapters(named: list[tuple[str, torch.Tensor]], flat: torch.Tensor) -> 
             i += p.numel()
     if i != flat.numel():
         raise ValueError(f"the checkpoint has {flat.numel()} adapter values, the stage {i}")
+
+
+def restore(program: Any, step: int) -> dict[str, Any]:
+    """Set a training program's adapters, optimizer and statistics rows from its checkpoint of
+    ``step`` (``program``: a device or a stage server: ``s.checkpoint_dir``, ``name``, ``stage``,
+    ``opt``, ``rows``); the whole saved state is returned for what only that program keeps."""
+    if program.s.checkpoint_dir is None:
+        raise ValueError(f"{program.name}: resuming needs a checkpoint folder")
+    state = load(program.s.checkpoint_dir, program.name, step)
+    load_adapters(program.stage.named_adapters, state["adapters"])
+    if program.opt is not None:
+        program.opt.load_state_dict(state["opt"])
+    program.rows = [r.numpy().copy() for r in state["rows"]]
+    return state

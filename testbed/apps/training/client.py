@@ -66,12 +66,7 @@ class TrainClient:
     def _restore(self, step: int) -> None:
         from testbed.apps.training import checkpoint
 
-        assert self.s.checkpoint_dir is not None
-        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
-        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
-        if self.opt is not None:
-            self.opt.load_state_dict(state["opt"])
-        self.rows = [r.numpy().copy() for r in state["rows"]]
+        state = checkpoint.restore(self, step)
         self.steps = [int(v) for v in state["steps"]]
         self.step_ms = [float(v) for v in state["step_ms"]]
         self.bytes_up = [int(v) for v in state["bytes_up"]]

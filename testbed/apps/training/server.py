@@ -102,12 +102,7 @@ class StageServer:
     def _restore(self, step: int) -> None:
         from testbed.apps.training import checkpoint
 
-        assert self.s.checkpoint_dir is not None
-        state = checkpoint.load(self.s.checkpoint_dir, self.name, step)
-        checkpoint.load_adapters(self.stage.named_adapters, state["adapters"])
-        if self.opt is not None:
-            self.opt.load_state_dict(state["opt"])
-        self.rows = [r.numpy().copy() for r in state["rows"]]
+        checkpoint.restore(self, step)
         self.step = step
 
     def _checkpoint(self) -> None:
