@@ -16,7 +16,7 @@ log() { printf '[provision] %s\n' "$*"; }
 # --- Debian packages -------------------------------------------------------
 APT_PKGS=(mininet bridge-utils iperf3 iproute2 iputils-ping ethtool procps psmisc
           python3-venv python3-dev gcc make docker.io debootstrap kmod
-          fortunes fortunes-min)  # fortunes: real text of distinct styles for the training corpora
+          python3-yaml fortunes fortunes-min)  # python3-yaml: the venv sees it (a wheelhouse has no PyYAML); fortunes: training text
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
