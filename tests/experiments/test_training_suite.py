@@ -62,7 +62,7 @@ def test_tiny_split_training_suite_runs(tmp_path):
     text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:6000])
     out = tmp_path / "out"
     sets = ["model=tiny", "sweep.cut=[1]", "sweep.freeze_client=[0]", "sweep.uplink_mbit=[50]",
-            "workload.steps=2", f"workload.data=[{text}]"]
+            "workload.steps=2", f"workload.data=[{text}]", "repeats=1"]
     args = [a for s in sets for a in ("--set", s)]
     proc = subprocess.run([sys.executable, "-m", "testbed", "run", "experiments/split-training.yaml",
                            "--out", str(out), *args], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -29,7 +29,7 @@ def results(tmp_path_factory) -> Path:
     text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:6000])
     suite = load_suite(REPO / "experiments/split-training.yaml",
                        ["model=tiny", "sweep.cut=[1]", "sweep.freeze_client=[0,1]", "sweep.uplink_mbit=[50]",
-                        "workload.steps=2", f"workload.data=[{text}]"])
+                        "workload.steps=2", f"workload.data=[{text}]", "repeats=1"])
     run_suite(suite, tmp / "out")
     return tmp / "out"
 
@@ -56,7 +56,10 @@ def test_figures_from_real_records(results):
 
 def test_frozen_client_sends_no_gradients_back(results):
     """The figure's two points differ as the freezing ratio says: a fully frozen device gets no
-    activation gradients back, so its bytes per step are the uplink's only."""
+    activation gradients back, so its bytes per step are the uplink's only; it sends the same
+    activations, plus its samples' ids (a small TRAIN_SAMPLES message per micro-batch, which lets the
+    edge keep its smashed data for the next epoch)."""
     by_freeze = {r["params"]["freeze_client"]: r["metrics"] for r in read_records(results / "results.jsonl")}
     assert by_freeze[1.0]["bytes_down_per_step"] == 0 < by_freeze[0.0]["bytes_down_per_step"]
-    assert by_freeze[1.0]["bytes_up_per_step"] == by_freeze[0.0]["bytes_up_per_step"]
+    extra = by_freeze[1.0]["bytes_up_per_step"] - by_freeze[0.0]["bytes_up_per_step"]
+    assert 0 < extra <= 0.01 * by_freeze[0.0]["bytes_up_per_step"], extra
