@@ -1,14 +1,16 @@
 """Checkpoints of a training run: each program's adapters, AdamW state and place in the data.
 
 Every program of a run (the device ``client{c}``, the stage servers ``stage{i}``) writes its own
-file ``NAME.step{K}.pt`` after step K when K is a multiple of ``--checkpoint-every``.  A file is
+file ``NAME.step{K}.safetensors`` after step K when K is a multiple of ``--checkpoint-every``.  A file is
 written to a temporary name, flushed to disk and renamed over, so a SIGKILL leaves either the whole
 file or none.  The programs reach step K at slightly different times, so each keeps its last
 :data:`KEEP` files and ``--resume`` restarts every program from the latest step that all of them
 saved (:func:`common_step`).  The data cursor is the step count: the batches are drawn from the seed,
 so a resumed device skips the first K of them.
 
-Files hold tensors, numbers and lists only and are read with ``torch.load(weights_only=True)``.
+A file is safetensors: the tensors by a path of keys, and the rest of the state (numbers, lists,
+strings; mappings with any keys, the optimizer's are integers) as typed JSON in its metadata.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from typing import Any
 import torch
 
 KEEP = 3  # files per program: the programs lag each other by at most one step
-_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.step(?P<step>\d+)\.pt$")
+_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.step(?P<step>\d+)\.safetensors$")
 OPTIONS = "options.json"
 
 
 def path(folder: str | Path, name: str, step: int) -> Path:
-    return Path(folder) / f"{name}.step{step:07d}.pt"
+    return Path(folder) / f"{name}.step{step:07d}.safetensors"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -52,12 +54,12 @@ def write_atomic(target: Path, data: bytes) -> None:
 
 def save(folder: str | Path, name: str, step: int, state: dict[str, Any]) -> Path:
     """Write program ``name``'s state after ``step`` steps; drop its files older than the last KEEP."""
-    import io
+    from safetensors.torch import save as save_tensors
 
-    buf = io.BytesIO()
-    torch.save({**state, "step": step}, buf)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps(_encode({**state, "step": step}, tensors))
     target = path(folder, name, step)
-    write_atomic(target, buf.getvalue())
+    write_atomic(target, save_tensors(tensors, metadata={"state": meta}))
     old = sorted(s for s in saved_steps(folder).get(name, []) if s < step)
     for s in old[:max(0, len(old) - (KEEP - 1))]:
         path(folder, name, s).unlink(missing_ok=True)
@@ -65,10 +67,44 @@ def save(folder: str | Path, name: str, step: int, state: dict[str, Any]) -> Pat
 
 
 def load(folder: str | Path, name: str, step: int) -> dict[str, Any]:
-    state = torch.load(path(folder, name, step), weights_only=True)
+    from safetensors import safe_open
+
+    with safe_open(str(path(folder, name, step)), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        state = _decode(json.loads(f.metadata()["state"]), tensors)
     if state.get("step") != step:
         raise ValueError(f"{path(folder, name, step)} holds step {state.get('step')}")
     return state
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str = "s") -> Any:
+    """``value`` as JSON, its tensors moved into ``tensors`` (named by their path of keys)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().contiguous()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k, tensors, f"{key}.k{i}"), _encode(v, tensors, f"{key}.{i}")]
+                         for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, list | tuple):
+        return {"tuple" if isinstance(value, tuple) else "list":
+                [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"value": value}
+    raise TypeError(f"a checkpoint cannot hold {type(value).__name__} (at {key})")
+
+
+def _decode(node: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    (tag, body), = node.items()
+    if tag == "tensor":
+        return tensors[body]
+    if tag == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in body}
+    if tag in ("list", "tuple"):
+        items = [_decode(v, tensors) for v in body]
+        return tuple(items) if tag == "tuple" else items
+    if tag == "value":
+        return body
+    raise ValueError(f"unknown checkpoint entry {tag!r}")
 
 
 def saved_steps(folder: str | Path) -> dict[str, list[int]]:
