@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "testbed"
 
-# Lower number = lower layer.  ``testbed`` itself and ``testbed.omp`` are base utilities.
+# Lower number = lower layer.  ``testbed`` itself, ``testbed.omp`` and ``testbed.files`` are base utilities.
 RANK = {
-    "testbed": 0, "omp": 0, "spec": 1, "hosts": 2, "net": 3, "wire": 4, "model": 4,
+    "testbed": 0, "omp": 0, "files": 0, "spec": 1, "hosts": 2, "net": 3, "wire": 4, "model": 4,
     "apps": 5, "experiments": 6, "report": 7, "cli": 8, "demo": 8, "__main__": 8,
 }
 # The message format and the model know nothing of the emulated network or its hosts.

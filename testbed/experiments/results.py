@@ -74,16 +74,6 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a file atomically: write a temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def done_keys(records: list[dict[str, Any]]) -> set[tuple[str, int]]:
     """(point id, repeat) of every finished record (failed ones included: a failure is a result)."""
     return {(r["point"], int(r["repeat"])) for r in records if "point" in r and "repeat" in r}

@@ -21,7 +21,8 @@ from typing import Any
 from testbed.apps.inference.sessions import Request, run_sessions
 from testbed.experiments import analytic, energy, environment, metrics
 from testbed.experiments.points import Point, build_topology, device_nodes, expand
-from testbed.experiments.results import append_record, done_keys, read_results, repair, write_atomic
+from testbed.experiments.results import append_record, done_keys, read_results, repair
+from testbed.files import write_atomic
 from testbed.spec.errors import SpecError
 from testbed.spec.suite import Suite
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from testbed.experiments.results import append_record, done_keys, read_records, repair, write_atomic
+from testbed.experiments.results import append_record, done_keys, read_records, repair
+from testbed.files import write_atomic
 
 
 def test_append_and_read(tmp_path):

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from testbed.files import write_atomic
 from testbed.spec.errors import SpecError, got
 
 FORMAT = "edgellm-cache-workload/1"
@@ -135,10 +134,7 @@ def save(path: str | Path, spec: WorkloadSpec, requests: list[Request]) -> Path:
             "requests": {"t_s": [r.t_s for r in requests], "device": [r.device for r in requests],
                          "edge": [r.edge for r in requests], "model": [r.model for r in requests],
                          "handover": [r.handover for r in requests]}}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
     return path
 
 

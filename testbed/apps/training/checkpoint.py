@@ -16,12 +16,13 @@ Nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from testbed.files import write_atomic
 
 KEEP = 3  # files per program: the programs lag each other by at most one step
 _FILE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.step(?P<step>\d+)\.safetensors$")
@@ -30,26 +31,6 @@ OPTIONS = "options.json"
 
 def path(folder: str | Path, name: str, step: int) -> Path:
     return Path(folder) / f"{name}.step{step:07d}.safetensors"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """``data`` at ``target``, whole or not at all: a temporary file, fsync, rename, fsync of the folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
 
 
 def save(folder: str | Path, name: str, step: int, state: dict[str, Any]) -> Path:
