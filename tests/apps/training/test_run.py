@@ -131,5 +131,7 @@ def test_train_across_topology_equals_local(tiny4: Path, tmp_path: Path) -> None
     assert res["eval_ppl_before"] == ref["eval_ppl_before"]
     assert res["eval_ppl_after"] == pytest.approx(ref["eval_ppl_after"], rel=1e-4)
     assert res["eval_ppl_after"] != res["eval_ppl_before"]
-    # the analytic model sees the links' delays: 2 micro-batches x 2 directions over 15 + 25 ms links
-    assert 2 * 2 * (15 + 25) * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
+    # the analytic model sees the links' delays: at least one crossing of the 15 + 25 ms links each
+    # way (the second micro-batch follows the first down the pipeline, so its crossings overlap;
+    # with fast compute on an idle machine the prediction comes near that bound, ~117 ms here)
+    assert 2 * (15 + 25) * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
