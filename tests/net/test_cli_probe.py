@@ -17,6 +17,7 @@ from testbed.net.addressing import path_links, plan
 from testbed.net.commands import capacity_timeline, path_rate_mbit
 from testbed.spec.topology import load_topology
 from testbed.spec.traces import load_trace
+from tests.measured import MEASURED
 
 REPO = Path(__file__).resolve().parents[2]
 MAHIMAHI = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
@@ -57,6 +58,7 @@ def test_probe_default_topology():
     assert abs(res["loss_up_pct"] - 0.5) <= 1 and res["loss_down_pct"] <= 1, res
 
 
+@MEASURED
 def test_probe_rate_rtt_loss_tolerances(tmp_path: Path):
     topo = tmp_path / "lossy.yaml"
     topo.write_text("""
@@ -73,6 +75,7 @@ links:
     assert abs(res["loss_up_pct"] - 5) <= 1 and res["loss_down_pct"] <= 1, res
 
 
+@MEASURED
 @pytest.mark.skipif(not MAHIMAHI.is_dir(), reason="shared Mahimahi traces not present")
 @pytest.mark.parametrize("shaper", ["userspace", "kernel"])
 def test_probe_timeline_follows_real_trace(tmp_path: Path, shaper: str):
@@ -184,6 +187,7 @@ def demo_table(topo_file: Path, seconds: float) -> str:
     return console.export_text()
 
 
+@MEASURED
 def test_demo_topology_is_emulated_faithfully():
     text = demo_table(REPO / "topologies/device-edge-cloud.yaml", 3)
     assert "mec <-> cloud" in text and "200 / 193.1 / " in text, text

@@ -16,6 +16,7 @@ from testbed.net.shaping.linkproc import ETH_HLEN, Direction
 from testbed.net.shaping.userspace import netns_link, start_link_process
 from testbed.spec.topology import Shaping
 from testbed.spec.traces import load_trace
+from tests.measured import MEASURED
 
 TRACES = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
 UDP_IP_BYTES = probe.UDP_PAYLOAD + 28  # payload + UDP + IPv4 headers
@@ -102,6 +103,7 @@ def _leftovers(tag: str) -> list[str]:
     return [ln for ln in (ns + links).splitlines() if f"tbt-{tag}" in ln or f"tbt{tag}" in ln]
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.parametrize("mbit", [1, 10, 50, 200])
@@ -113,6 +115,7 @@ def test_rate_within_5pct(mbit: int) -> None:
     assert abs(got - mbit * TCP_SHARE) <= 0.05 * mbit
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_rtt_matches_two_way_delay() -> None:
@@ -122,6 +125,7 @@ def test_rtt_matches_two_way_delay() -> None:
     assert rtt["min"] >= 30.0 - 0.1
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_loss_5pct(tmp_path: Path) -> None:
@@ -133,6 +137,7 @@ def test_loss_5pct(tmp_path: Path) -> None:
     assert abs(up["dropped_loss"] / up["pkts_in"] - 0.05) <= 0.01
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_asymmetric_up_down() -> None:
@@ -155,6 +160,7 @@ def test_queue_limit_drops(tmp_path: Path) -> None:
     assert abs(up["dropped_queue"] / up["pkts_in"] - 0.5) <= 0.1
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_queue_limit_bounds_delay() -> None:
@@ -194,6 +200,7 @@ def assert_tracks_trace(got: list[float], trace, launch_offset_s: float) -> None
         assert 0.9 * lo <= g <= 1.1 * hi, f"second {i}: got {got}, trace {want}"
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_mahimahi_trace_replay_per_second(tmp_path: Path) -> None:
@@ -210,6 +217,7 @@ def test_mahimahi_trace_replay_per_second(tmp_path: Path) -> None:
     assert_tracks_trace(got, load_trace(trace_path), launched - started)
 
 
+@MEASURED
 @pytest.mark.root
 @pytest.mark.slow
 def test_csv_trace_steps(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from testbed.net import probe
 from testbed.net.shaping.userspace import netns_link
 from testbed.spec.topology import Shaping
 from testbed.spec.traces import load_trace
+from tests.measured import MEASURED
 
 MAHIMAHI = Path(__file__).resolve().parents[3] / "shared/traces/mahimahi"
 
@@ -27,6 +28,7 @@ def _pids_of(ns: str) -> list[str]:
     return subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
 
 
+@MEASURED
 def test_probe_asymmetric_link_both_ways() -> None:
     up = Shaping(bw_mbit=12, delay_ms=10)
     down = Shaping(bw_mbit=3, delay_ms=5, loss_pct=1)
@@ -63,6 +65,7 @@ def test_no_timeline_unless_asked() -> None:
     assert abs(plain["up_mbit"] - 20 * TCP_SHARE) <= 1 and abs(plain["down_mbit"] - 20 * TCP_SHARE) <= 1
 
 
+@MEASURED
 def test_timeline_follows_the_rate() -> None:
     with netns_link(Shaping(bw_mbit=6), Shaping()) as link:
         got = probe.measure_timeline(link.run1, link.run2, link.ip2, rate_mbit=10, seconds=3)
@@ -83,6 +86,7 @@ def test_unreachable_destination_raises() -> None:
             probe.measure_throughput(link.run1, link.run2, "10.254.254.254", 1)
 
 
+@MEASURED
 @pytest.mark.skipif(not MAHIMAHI.is_dir(), reason="shared Mahimahi traces not present")
 def test_timeline_start_lines_up_with_the_replayed_trace(tmp_path: Path) -> None:
     """The start estimate, against the link process's own record of when its replay began."""

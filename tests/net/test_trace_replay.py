@@ -11,6 +11,7 @@ from testbed.net.network import EmulatedNetwork
 from testbed.net.shaping import kernel as kernel_shaping
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
 from testbed.spec.traces import load_trace
+from tests.measured import MEASURED
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -34,6 +35,7 @@ def rx_bytes(ipr, ifname: str) -> int:
     return stats["rx_bytes"] - 14 * stats["rx_packets"]
 
 
+@MEASURED
 def test_kernel_replay_tracks_trace(tmp_path: Path):
     trace_file = tmp_path / "steps.trace"
     write_mahimahi(trace_file, RATES_MBIT)

@@ -17,7 +17,7 @@ from testbed.apps.inference.local_chain import free_port
 from testbed.apps.inference.placement import Stage, parse_placement
 from testbed.apps.inference.run import run_on_network, run_split_inference
 from testbed.apps.inference.split_client import SplitClient, SplitError
-from testbed.apps.launch import Running
+from testbed.apps.launch import Running, cpu_ms
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.model.tiny import make_tiny_model_dir
@@ -45,16 +45,26 @@ def reference(model: Path, stages: list[Stage], n: int) -> list[int]:
     return [int(t) for t in generate_split(shards, list(PROMPT), n, kv_cache=True, codec="fp32").tokens]
 
 
-def killer(victims: list[tuple[str, float]], out: list[float]):
-    """SIGKILL each victim's program its delay after the driver is ready (generating)."""
+def killer(victims: list[tuple[str, float | str]], out: list[float]):
+    """SIGKILL each victim in turn once the driver is ready (generating).
+
+    A victim's trigger is a delay after the driver's ready line, or the name of a standby: then it
+    dies once that standby has computed (its CPU time rose since the previous kill), so the kill
+    falls after the first take-over, whatever the pace of the machine: a fixed delay missed the
+    end of a fast run."""
     def on_ready(progs: dict[str, Running]) -> None:
         def kill() -> None:
             deadline = time.monotonic() + 120
             while progs["phone"].ready_at is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             t0 = time.monotonic()
-            for victim, delay_s in victims:
-                time.sleep(max(0.0, t0 + delay_s - time.monotonic()))
+            for victim, trigger in victims:
+                if isinstance(trigger, str):
+                    base = cpu_ms(progs[trigger].popen.pid) or 0.0
+                    while (cpu_ms(progs[trigger].popen.pid) or 0.0) <= base and time.monotonic() < deadline:
+                        time.sleep(0.001)
+                else:
+                    time.sleep(max(0.0, t0 + trigger - time.monotonic()))
                 progs[victim].popen.kill()
                 out.append(time.monotonic())
         threading.Thread(target=kill, daemon=True).start()
@@ -78,14 +88,15 @@ def test_standby_syntax_and_errors() -> None:
 @pytest.mark.slow
 def test_two_stages_killed_over_loopback(tiny3: Path, loopback_net, tmp_path: Path) -> None:
     """phone=0:1, edge1|edge2=1:2, cloud|edge3=2:3: the driver's next hop dies, then the stage
-    behind it (re-routed by the standby that took over): two recoveries, the reference tokens."""
+    behind it, as soon as the standby that took over computes (during its rebuild or after it, as
+    the machine's pace has it; both end the same): two recoveries, the reference tokens."""
     net = loopback_net(load_topology(CHAIN))
     stages = [Stage("phone", 0, 1), Stage("edge1", 1, 2, ("edge2",)), Stage("cloud", 2, 3, ("edge3",))]
     killed: list[float] = []
     res = run_on_network(net, stages, tiny3, "", N, "none", "fp32", True, prompt_ids=PROMPT,
                          ports=[0, free_port(), free_port()],
                          standby_ports=[[], [free_port()], [free_port()]],
-                         logs=tmp_path, on_ready=killer([("edge1", 0.2), ("cloud", 0.8)], killed),
+                         logs=tmp_path, on_ready=killer([("edge1", 0.05), ("cloud", "edge2")], killed),
                          detect_floor_ms=LOADED_FLOOR_MS)
     assert len(killed) == 2, "the kills did not happen"
     assert len(res["tokens"]) == N and len(res["token_ms"]) == N
