@@ -19,6 +19,8 @@ RANK = {
     "testbed": 0, "omp": 0, "files": 0, "spec": 1, "hosts": 2, "net": 3, "wire": 4, "model": 4,
     "apps": 5, "experiments": 6, "report": 7, "cli": 8, "demo": 8, "__main__": 8,
 }
+# Modules of testbed/apps/ that every application shares: the node-program launcher, the placement grammar.
+SHARED = {"launch", "placement"}
 # The message format and the model know nothing of the emulated network or its hosts.
 APART = {("wire", "net"), ("wire", "hosts"), ("model", "net"), ("model", "hosts")}
 
@@ -71,10 +73,10 @@ def violations(path: Path, root: Path = ROOT) -> list[str]:
         if (mine, theirs) in APART:
             out.append(f"{where}:{line}: {me} ({mine}) imports {target}: {mine} stays apart from {theirs}")
         a, b = app_of(me), app_of(target)
-        if a and b and a != b and "launch" not in (a, b):
+        if a and b and a != b and not {a, b} & SHARED:
             out.append(f"{where}:{line}: application {a} imports application {b}")
-        if a == "launch" and b and b != "launch":
-            out.append(f"{where}:{line}: the launcher imports application {b}")
+        if a in SHARED and b and b not in SHARED:
+            out.append(f"{where}:{line}: {a} (shared by the applications) imports application {b}")
     return out
 
 
@@ -103,6 +105,8 @@ def test_node_programs_stay_below_experiments() -> None:
     ("wire.message", "model.codecs", True),
     ("apps.training.stage", "apps.launch", True),
     ("apps.training.stage", "apps.inference.placement", False),
+    ("apps.training.placement", "apps.placement", True),
+    ("apps.placement", "apps.inference.run", False),
     ("experiments.runner", "apps.inference.sessions", True),
     ("net.clean", "apps.inference.run", False),
 ])
