@@ -26,6 +26,7 @@ import pytest
 
 from testbed.net.network import EmulatedNetwork
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
+from tests.net.testbed_up import start_up
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.netem]
 
@@ -347,30 +348,14 @@ def test_clean_after_a_killed_run_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "steps.csv").write_text("0,20,10,0\n1,10,20,1\n2,20,10,0\n")
     topo = tmp_path / "clean.yaml"
     topo.write_text(CLEAN_TOPO)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen([sys.executable, "-m", "testbed", "up", str(topo), "--no-cli", "--shaper", "kernel"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    run_id, lines = None, []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("ready"):
-            m = re.search(r"run: (\w+)", "".join(lines))
-            run_id = m.group(1) if m else None
-            break
-    if run_id is None:
-        p.kill()
-    assert run_id, "".join(lines)
+    p, run_id = start_up(topo, "--shaper", "kernel", timeout_s=240)
     time.sleep(1.0)
     before = leftovers(run_id)
     assert before["processes"] and before["cgroups"] and before["state"], before  # the run really exists
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
     r = subprocess.run([sys.executable, "-m", "testbed", "clean"], capture_output=True, text=True,
-                       cwd=REPO, env=env, timeout=240)
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=240)
     assert r.returncode == 0, r.stderr
     after = leftovers(run_id)
     assert after == {"devices": [], "processes": [], "cgroups": [], "state": []}, after

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from testbed.net.clean import leftovers
+from tests.net import testbed_up
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -40,21 +39,7 @@ links:
 def start_up(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     topo = tmp_path / "lifecycle.yaml"
     topo.write_text(TOPO)
-    p = subprocess.Popen([*TESTBED, "up", str(topo), "--no-cli", "--shaper", "kernel"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("ready"):
-            run = re.search(r"run: (\w+)", "".join(lines))
-            assert run, lines
-            return p, run.group(1)
-    p.kill()
-    pytest.fail("testbed up did not become ready: " + "".join(lines))
+    return testbed_up.start_up(topo, "--shaper", "kernel")
 
 
 def test_sigterm_tears_down(tmp_path: Path):
