@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.apps.caching.catalogue import Catalogue, build_catalogue, load_catalogue, synthetic_catalogue
-from testbed.apps.caching.policies import OPTIMAL_MAX_MODELS, check_capacity, units_of
+from testbed.apps.caching.policies import OPTIMAL_MAX_MODELS, Units, check_capacity, units_of
 from testbed.spec.errors import SpecError, got
 from testbed.spec.topology import Topology
 
@@ -62,6 +62,7 @@ def _generated_key(spec: dict[str, Any]) -> str:
 
 
 _SYNTHETIC: dict[str, Catalogue] = {}  # generated manifests by key: a suite asks for the same one often
+_UNITS: dict[int, tuple[Catalogue, Units]] = {}  # by the catalogue's id (kept alive beside its units)
 
 
 def catalogue_for(spec: str | dict[str, Any], work: Path, built: bool) -> Catalogue:
@@ -99,7 +100,10 @@ def check_point(cat: Catalogue, point: CachePoint, source: str | Path, fields: d
     """SpecError (naming the suite's field in ``fields``, by parameter) for a point no run could do: a
     capacity below the largest model, the MILP on a catalogue too large for it."""
     cap = "capacity_bases" if point.capacity_bases is not None else "capacity_mb"
-    check_capacity(units_of(cat), capacity_bytes(cat, point), str(source), fields.get(cap, f"params.{cap}"))
+    if id(cat) not in _UNITS:  # a suite checks many points on the same catalogue
+        _UNITS[id(cat)] = (cat, units_of(cat))
+    check_capacity(_UNITS[id(cat)][1], capacity_bytes(cat, point), str(source),
+                   fields.get(cap, f"params.{cap}"))
     if point.policy == "optimal" and len(cat.models) > OPTIMAL_MAX_MODELS:
         raise SpecError(source, fields.get("policy", "params.policy"),
                         f"optimal solves a MILP and is for at most {OPTIMAL_MAX_MODELS} models; the "
