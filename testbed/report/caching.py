@@ -29,6 +29,7 @@ POLICY_COLORS = {"lru": "tab:red", "lfu": "tab:orange", "random": "tab:gray", "b
 CAPACITY_KEYS = ("capacity_bases", "capacity_mb")
 GREEDY, OPTIMUM = "trimcaching", "optimal"
 MAX_CDF_PANELS = 4
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def is_caching(records: list[dict[str, Any]]) -> bool:
@@ -58,6 +59,22 @@ def _capacity_label(bases: bool) -> str:
     return "capacity per edge (fp32 base models)" if bases else "capacity per edge (MB)"
 
 
+def _styles(lines: dict[str, list[Row]]) -> dict[str, dict[str, Any]]:
+    """Each line's color (its policy's) and line style (told apart where a policy has several lines)."""
+    seen: dict[str, int] = defaultdict(int)
+    out = {}
+    for i, (lab, rs) in enumerate(lines.items()):
+        policy = rs[0].placement_name
+        out[lab] = {"color": _color(policy, i), "linestyle": LINESTYLES[seen[policy] % len(LINESTYLES)]}
+        seen[policy] += 1
+    return out
+
+
+def byte_unit(values: list[float]) -> tuple[float, str]:
+    """(scale, name) that shows the largest of ``values`` (bytes) in GB, or in MB below 1 GB."""
+    return (1e-9, "GB") if max(values, default=0.0) >= 1e9 else (1e-6, "MB")
+
+
 def _lines(rows: list[Row]) -> dict[str, list[Row]]:
     """Rows by line: the policy and the swept parameters but the capacity, each line sorted by capacity."""
     bases = _in_bases(rows)
@@ -76,12 +93,13 @@ def hit_ratio_vs_capacity(rows: list[Row], out: Path) -> Path | None:
         return None
     bases = _in_bases(rows)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    for i, (lab, rs) in enumerate(_lines(rows).items()):
-        color = _color(rs[0].placement_name, i)
+    lines = _lines(rows)
+    styles = _styles(lines)
+    for lab, rs in lines.items():
         for a, key in ((ax, "hit_ratio"), (ax2, "byte_hit_ratio")):
             pts = [(capacity(r, bases), s) for r in rs if (s := r.spread(key))]
             if pts:
-                _errorbar(a, pts, label=lab, color=color, marker="o")
+                _errorbar(a, pts, label=lab, marker="o", **styles[lab])
     ax.set_ylabel("hit ratio (requests served from the edge's store)")
     ax2.set_ylabel("byte hit ratio (bytes of the requested models present)")
     for a in (ax, ax2):
@@ -106,13 +124,14 @@ def backhaul_per_policy(rows: list[Row], out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for a, key, what in ((axes[0], "backhaul_bytes", "backhaul (repository -> edges)"),
                          (axes[1], "edge_to_edge_bytes", "edge to edge")):
+        scale, unit_name = byte_unit([r.median(key) or 0.0 for r in rows])
         for j, cap in enumerate(caps):
             xs, hs, lo, hi = [], [], [], []
             for i, rs in enumerate(lines.values()):
                 s = next((r.spread(key) for r in rs if capacity(r, bases) == cap), None)
                 if s is None:
                     continue
-                s = s.scaled(1e-9)
+                s = s.scaled(scale)
                 xs.append(i - 0.4 + width * (j + 0.5))
                 hs.append(s.median)
                 lo.append(s.median - s.lo)
@@ -122,7 +141,7 @@ def backhaul_per_policy(rows: list[Row], out: Path) -> Path | None:
                   color=cmap(j / max(1, len(caps) - 1) * 0.9), label=f"{cap:g} {unit}")
         a.set_xticks(range(len(lines)))
         a.set_xticklabels(list(lines), rotation=20, ha="right", fontsize=8)
-        a.set_ylabel(f"{what}, GB per run")
+        a.set_ylabel(f"{what}, {unit_name} per run")
         meds = [r.median(key) or 0.0 for r in rows]
         if min(meds) > 0:
             a.set_yscale("log")
@@ -150,14 +169,15 @@ def ttft_cdf(rows: list[Row], out: Path) -> Path | None:
     if len(caps) > MAX_CDF_PANELS:  # the smallest, the largest and evenly between
         caps = [caps[int(round(k))] for k in np.linspace(0, len(caps) - 1, MAX_CDF_PANELS)]
     fig, axes = plt.subplots(1, len(caps), figsize=(4.5 * len(caps) + 1, 4.5), squeeze=False)
+    lines = _lines(rows)
+    styles = _styles(lines)
     for ax, cap in zip(axes[0], caps, strict=True):
-        for i, (lab, rs) in enumerate(_lines(rows).items()):
+        for lab, rs in lines.items():
             r = next((r for r in rs if capacity(r, bases) == cap), None)
             if r is None:
                 continue
             v = pooled_ttft(r)
-            ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=lab,
-                    color=_color(r.placement_name, i))
+            ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=lab, **styles[lab])
         ax.set_xscale("log")
         ax.set_xlabel("time to first token, fetch included (ms)")
         ax.set_title(f"capacity {cap:g} {'bases' if bases else 'MB'}", fontsize=9)
@@ -233,8 +253,8 @@ def _cell(s: Spread | None, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(s.median)} ({fmt.format(s.lo)}–{fmt.format(s.hi)})"
 
 
-def _gb(s: Spread | None) -> Spread | None:
-    return None if s is None else s.scaled(1e-9)
+def _scaled(s: Spread | None, k: float) -> Spread | None:
+    return None if s is None else s.scaled(k)
 
 
 def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]], pngs: list[Path]) -> Path:
@@ -245,6 +265,8 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
     bases = bool(crows) and _in_bases(crows)
     generated = {(r["metrics"].get("generated_variants"), r["metrics"].get("models")) for r in ok}
     gen = "; ".join(f"{g} of {m} models" for g, m in sorted(generated, key=str))
+    moved = [r.median(k) or 0.0 for r in crows for k in ("backhaul_bytes", "edge_to_edge_bytes")]
+    scale, unit = byte_unit(moved)
     lines = [f"# Results: {suite} (caching)", "",
              f"{len(records)} records ({len(ok)} ok, {len(records) - len(ok)} failed), {len(rows)} points, "
              f"from `{out_dir / 'results.jsonl'}`.", "",
@@ -253,8 +275,8 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
              "workload (seed + repeat).  Hit ratio: requests whose model was whole in the edge's store; "
              "backhaul: bytes from the repository; edge to edge: bytes between edges (prefetches "
              "included in both); TTFT includes the fetch.", "",
-             "| point | runs | mode | capacity MB | hit ratio | byte hit ratio | backhaul GB "
-             "| edge-to-edge GB | fetch ms mean | TTFT p50 ms | TTFT p95 ms | evicted blocks |",
+             f"| point | runs | mode | capacity MB | hit ratio | byte hit ratio | backhaul {unit} "
+             f"| edge-to-edge {unit} | fetch ms mean | TTFT p50 ms | TTFT p95 ms | evicted blocks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.ok:
@@ -265,8 +287,8 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
             f"| {r.point} | {len(r.ok)}/{len(r.records)} | {r.params.get('cache_mode', '-')} "
             f"| {_cell(cap.scaled(1e-6) if cap else None, '{:.0f}')} "
             f"| {_cell(r.spread('hit_ratio'), '{:.3f}')} | {_cell(r.spread('byte_hit_ratio'), '{:.3f}')} "
-            f"| {_cell(_gb(r.spread('backhaul_bytes')), '{:.2f}')} "
-            f"| {_cell(_gb(r.spread('edge_to_edge_bytes')), '{:.2f}')} "
+            f"| {_cell(_scaled(r.spread('backhaul_bytes'), scale), '{:.2f}')} "
+            f"| {_cell(_scaled(r.spread('edge_to_edge_bytes'), scale), '{:.2f}')} "
             f"| {_cell(r.spread('fetch_ms_mean'), '{:.0f}')} | {_cell(r.spread('ttft_ms_p50'), '{:.0f}')} "
             f"| {_cell(r.spread('ttft_ms_p95'), '{:.0f}')} | {_cell(r.spread('evictions'), '{:.0f}')} |")
     pairs = greedy_pairs(rows)

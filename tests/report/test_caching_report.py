@@ -11,7 +11,7 @@ import pytest
 
 from testbed.experiments.results import read_records
 from testbed.experiments.runner import run_suite
-from testbed.report.caching import greedy_pairs, greedy_ratio, is_caching, pooled_ttft
+from testbed.report.caching import byte_unit, greedy_pairs, greedy_ratio, is_caching, pooled_ttft
 from testbed.report.commands import make_report
 from testbed.report.data import load_rows
 from testbed.spec.suite import load_suite
@@ -45,11 +45,13 @@ def test_figures_from_real_records(results):
     assert "(caching)" in text and "Generated variants (from a seed, not trained): 8 of 10 models" in text
     rows, _ = load_rows(results)
     assert len(rows) == 6
+    scale, unit = byte_unit([r.median("backhaul_bytes") for r in rows])
+    assert f"| backhaul {unit} |" in text
     for r in rows:  # each point's medians appear in its table row
         line = next(line for line in text.splitlines() if line.startswith(f"| {r.point} |"))
         assert line.split(" | ")[1] == "2/2"
         assert f"{r.median('hit_ratio'):.3f}" in line and f"{r.median('ttft_ms_p50'):.0f}" in line
-        assert f"{r.median('backhaul_bytes') / 1e9:.2f}" in line
+        assert f"{r.median('backhaul_bytes') * scale:.2f}" in line
         assert pooled_ttft(r).size == 2 * 201  # both repeats' distributions
     for g, o in greedy_pairs(rows):  # the greedy-vs-optimum table: both hit ratios and their ratio
         line = next(line for line in text.splitlines() if line.startswith(f"| {g.point.partition('/')[2]} |"))
