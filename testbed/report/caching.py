@@ -61,7 +61,7 @@ def _capacity_label(bases: bool) -> str:
 
 def _styles(lines: dict[str, list[Row]]) -> dict[str, dict[str, Any]]:
     """Each line's color (its policy's) and line style (told apart where a policy has several lines)."""
-    seen: dict[str, int] = defaultdict(int)
+    seen: dict[str, int] = defaultdict(int, {OPTIMUM: 1})  # dashed: greedy and optimum often coincide
     out = {}
     for i, (lab, rs) in enumerate(lines.items()):
         policy = rs[0].placement_name

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from testbed.apps.caching.catalogue import Catalogue, build_catalogue, load_catalogue, synthetic_catalogue
-from testbed.apps.caching.policies import OPTIMAL_MAX_MODELS, Units, check_capacity, units_of
+from testbed.apps.caching.policies import OPTIMAL_MAX_MODELS, Units, units_of
 from testbed.spec.errors import SpecError, got
 from testbed.spec.topology import Topology
 
@@ -102,8 +104,13 @@ def check_point(cat: Catalogue, point: CachePoint, source: str | Path, fields: d
     cap = "capacity_bases" if point.capacity_bases is not None else "capacity_mb"
     if id(cat) not in _UNITS:  # a suite checks many points on the same catalogue
         _UNITS[id(cat)] = (cat, units_of(cat))
-    check_capacity(_UNITS[id(cat)][1], capacity_bytes(cat, point), str(source),
-                   fields.get(cap, f"params.{cap}"))
+    units = _UNITS[id(cat)][1]
+    i = int(np.argmax(units.model_bytes))  # the rule of the policies' own check_capacity, in the suite's unit
+    need = int(units.model_bytes[i])
+    if capacity_bytes(cat, point) < need:
+        raise SpecError(source, fields.get(cap, f"params.{cap}"),
+                        f"smaller than the largest model, {units.models[i]} ({need / 1e6:.2f} MB = "
+                        f"{need / base_bytes(cat):.3f} bases) {got(getattr(point, cap))}")
     if point.policy == "optimal" and len(cat.models) > OPTIMAL_MAX_MODELS:
         raise SpecError(source, fields.get("policy", "params.policy"),
                         f"optimal solves a MILP and is for at most {OPTIMAL_MAX_MODELS} models; the "
