@@ -204,7 +204,7 @@ def _check_caching(suite: Suite, points: list[Point], out_dir: Path, info: dict[
         fields = {k: f"sweep.{k}[{suite.sweep[k].index(p.params[k])}]" if k in suite.sweep
                   else f"params.{k}" for k in ("capacity_mb", "capacity_bases", "policy")
                   if k in p.params}
-        cat = catalogue_for(_catalogue_spec(suite, p), out_dir, info["catalogue_built"])
+        cat = catalogue_for(_catalogue_spec(suite, p), out_dir, info["catalogue_built"], suite.source)
         check_point(cat, CachePoint.of(p.params), suite.source, fields)
 
 
@@ -237,7 +237,7 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
 
 
 def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) -> list[Point]:
-    points = [p for p in expand(suite, info["layers"]) if p.matches(only)]
+    points = [p for p in expand(suite, info.get("layers", 0)) if p.matches(only)]
     if not points:
         raise SpecError(suite.source, "--only", f"no point matches {only!r}")
     if suite.workload.kind == "caching":
@@ -285,7 +285,7 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
             results.rename(out_dir / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
         done = set()
     if suite.workload.kind == "caching":  # no model to prepare: a point's models are its catalogue's
-        model_dir, info = out_dir, {"layers": 0, "catalogue": suite.workload.catalogue,
+        model_dir, info = out_dir, {"catalogue": suite.workload.catalogue,
                                     "catalogue_built": builds_catalogue(suite)}
     else:
         model_dir = prepare_model(suite, out_dir)

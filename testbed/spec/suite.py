@@ -516,7 +516,9 @@ def _caching_workload(c: Checker, wl: Mapping[str, Any], base: Path) -> Workload
     given = wl.get("catalogue", {})
     catalogue: str | dict[str, Any]
     if isinstance(given, str):
-        path = _resolve(base, c.text(given, "workload.catalogue", "a catalogue folder"))
+        if "\0" in c.text(given, "workload.catalogue", "a catalogue folder"):
+            raise c.fail("workload.catalogue", f"must be a folder path without NUL bytes {got(given)}")
+        path = _resolve(base, given)
         if not (path / "catalogue.json").is_file():
             raise c.fail("workload.catalogue", "not a catalogue folder (no catalogue.json; "
                                                f"testbed catalogue build --out DIR) {got(str(path))}")

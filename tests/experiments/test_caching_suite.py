@@ -84,6 +84,7 @@ def test_variants_refused_with_a_built_catalogue(tmp_path):
     (["sweep.capacity_bases=[2, 1]"], "sweep.capacity_bases[1]", "smaller than the largest model"),
     (["workload.catalogue={base: tiny, adapters: 120, partial: 0}", "sweep.capacity_bases=[5]"],
      "sweep.policy[4]", "at most 100 models"),
+    (["workload.catalogue={shared_layers: 30}"], "workload.catalogue.shared_layers", "must be in 0..29"),
 ])
 def test_impossible_points_fail_before_running(tmp_path, sets, field, message):
     """Errors only the catalogue shows (a capacity below the largest model, a MILP too large) come when

@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from testbed.apps.caching.catalogue import Catalogue, build_catalogue, load_catalogue, synthetic_catalogue
+from testbed.apps.caching.catalogue import (
+    SMOLLM2_SHAPE,
+    TINY_SHAPE,
+    Catalogue,
+    build_catalogue,
+    load_catalogue,
+    synthetic_catalogue,
+)
 from testbed.apps.caching.policies import OPTIMAL_MAX_MODELS, Units, units_of
 from testbed.spec.errors import SpecError, got
 from testbed.spec.topology import Topology
@@ -67,12 +74,19 @@ _SYNTHETIC: dict[str, Catalogue] = {}  # generated manifests by key: a suite ask
 _UNITS: dict[int, tuple[Catalogue, Units]] = {}  # by the catalogue's id (kept alive beside its units)
 
 
-def catalogue_for(spec: str | dict[str, Any], work: Path, built: bool) -> Catalogue:
+def catalogue_for(spec: str | dict[str, Any], work: Path, built: bool,
+                  source: str | Path = "cache-run") -> Catalogue:
     """The catalogue of a point: ``spec`` is a built catalogue's folder, or a generated one's mapping
     (``base``, ``adapters``, ``partial``, ``seed``, ``shared_layers``), synthetic unless ``built`` (then
-    built once under ``work/catalogues/KEY``)."""
+    built once under ``work/catalogues/KEY``).  A ``shared_layers`` the base does not have is a
+    SpecError naming ``source``'s ``workload.catalogue.shared_layers``."""
     if isinstance(spec, str):
         return load_catalogue(spec)
+    layers = (SMOLLM2_SHAPE if spec["base"] == "smollm2" else TINY_SHAPE)["layers"]
+    k = spec.get("shared_layers")
+    if k is not None and not 0 <= k < layers:
+        raise SpecError(source, "workload.catalogue.shared_layers",
+                        f"must be in 0..{layers - 1} (the {spec['base']} base has {layers} layers) {got(k)}")
     key = _generated_key(spec)
     args = (spec["adapters"], spec["partial"], spec["base"], spec["seed"], spec.get("shared_layers"))
     if not built:
