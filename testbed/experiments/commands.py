@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
                 failed.append(f"{label}: {rec['error']}")
                 first = rec["error"].splitlines()[0][:200]
                 progress.console.print(f"[red]failed[/] {escape(label)}: {escape(first)}")
+            elif "caching" in rec:
+                m = rec["metrics"]
+                progress.console.print(
+                    f"[green]ok[/] {escape(label)}: hit ratio {m['hit_ratio']:.3f}, "
+                    f"backhaul {m['backhaul_bytes'] / 1e6:.1f} MB, TTFT p50 {m['ttft_ms_p50']} ms "
+                    f"({rec['duration_s']:.1f} s)")
             elif "training" in rec:
                 m = rec["metrics"]
                 progress.console.print(

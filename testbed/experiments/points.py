@@ -27,6 +27,9 @@ from testbed.spec.suite import NETWORK_PARAMS, Suite
 from testbed.spec.topology import Topology, parse_topology
 
 DEFAULTS: dict[str, Any] = {"quant": "none", "codec": "fp32", "kv_cache": True}
+PROACTIVE_POLICIES = ("trimcaching", "optimal")  # the caching policies that use ``window``
+CACHING_DEFAULTS: dict[str, Any] = {"zipf": 0.8, "mobility": 0.0, "seed": 1, "window": 200,
+                                    "cache_mode": "replay"}  # cache-run's defaults
 TRAINING_DEFAULTS: dict[str, Any] = {"codec": "fp32", "grad_codec": "fp32", "scheme": "sl",
                                      "schedule": "gpipe", "micro_batches": 1, "freeze_client": 0.0,
                                      "freeze_server": 0.0}
@@ -38,8 +41,8 @@ class Point:
 
     id: str
     placement_name: str
-    kind: str  # "on-device" | "edge-offload" | "cloud-offload" | "split"
-    placement: str  # resolved, e.g. "phone=0:8,mec=8:30"
+    kind: str  # "on-device" | "edge-offload" | "cloud-offload" | "split" | "caching"
+    placement: str  # resolved, e.g. "phone=0:8,mec=8:30"; a caching point: its policy
     params: dict[str, Any] = field(hash=False)  # every effective parameter value
     swept: tuple[str, ...] = ()  # the parameter names that vary in this suite
     labels: dict[str, str] = field(default_factory=dict, hash=False)  # swept value as the id shows it
@@ -88,7 +91,10 @@ def baseline_placement(kind: str, roles: dict[str, str], layers: int) -> str:
 
 
 def irrelevant(kind: str, template: str) -> set[str]:
-    """Parameters that do not affect a placement of this kind."""
+    """Parameters that do not affect a placement of this kind (for caching, ``template`` is the policy:
+    only the proactive ones re-place every ``window`` requests)."""
+    if kind == "caching":
+        return set() if template in PROACTIVE_POLICIES else {"window"}
     if kind == "on-device":
         return {*NETWORK_PARAMS, "codec", "cut"}
     if kind in ("edge-offload", "cloud-offload"):
@@ -148,14 +154,22 @@ def expand(suite: Suite, layers: int) -> list[Point]:
         swept.append("prompt")
     names = {k: value_labels([c[k] for c in combos if k in c]) for k in swept}
     kinds = [(b, b, "") for b in suite.baselines] + [(n, "split", t) for n, t in suite.placements.items()]
+    caching = suite.workload.kind == "caching"
+    if caching:  # one "placement" per point: its policy, which names the point (lru/capacity_bases=2)
+        swept = [k for k in swept if k != "policy"]
     points: list[Point] = []
     seen: dict[str, dict[str, Any]] = {}
     for combo in combos:
+        if caching:
+            policy = {**suite.params, **combo}["policy"]
+            kinds = [(policy, "caching", policy)]
         for name, kind, template in kinds:
             drop = irrelevant(kind, template)
             params: dict[str, Any] = {**workload_defaults(suite), **suite.params, **combo}
             params = {k: v for k, v in params.items() if k not in drop}
-            if kind == "split":
+            if kind == "caching":
+                placement = name
+            elif kind == "split":
                 placement = template.replace("{layers}", str(layers))
                 if "cut" in params:
                     placement = placement.replace("{cut}", str(params["cut"]))
@@ -175,6 +189,10 @@ def expand(suite: Suite, layers: int) -> list[Point]:
 def workload_defaults(suite: Suite) -> dict[str, Any]:
     """Every point's parameters before the suite's own: the workload's figures and the defaults."""
     wl = suite.workload
+    if wl.kind == "caching":
+        generated = wl.catalogue if isinstance(wl.catalogue, dict) else {}
+        return {**CACHING_DEFAULTS, "requests": wl.requests,
+                **{k: generated[k] for k in ("adapters", "partial") if k in generated}}
     if wl.kind == "training":
         return {**TRAINING_DEFAULTS, "steps": wl.steps, "batch": wl.batch, "seq": wl.seq,
                 "devices": wl.devices}

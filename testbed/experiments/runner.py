@@ -75,14 +75,17 @@ def kv_cache_bytes(info: dict[str, Any], start: int, end: int, positions: int) -
 
 
 def execute(suite: Suite, point: Point, model_dir: Path, info: dict[str, Any],
-            logs: Path | None = None) -> dict[str, Any]:
+            logs: Path | None = None, repeat: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
     """Bring the point's topology up, run its workload, tear it down; return the measured part.
 
-    ``logs``: where the node programs' logs go (kept whole)."""
+    ``logs``: where the node programs' logs go (kept whole); ``repeat`` and ``out_dir`` (where a
+    generated catalogue is built) matter to caching points only."""
     from testbed.net.network import EmulatedNetwork
 
     if suite.workload.kind == "training":
         return execute_training(suite, point, model_dir, logs)
+    if suite.workload.kind == "caching":
+        return execute_caching(suite, point, info, repeat, out_dir or Path("."), logs)
     topo = build_topology(suite, point)
     chains = chains_for(suite, point, topo, info["layers"])
     p = point.params
@@ -162,6 +165,49 @@ def execute_training(suite: Suite, point: Point, model_dir: Path, logs: Path | N
             "topology": topo.to_dict()}
 
 
+def builds_catalogue(suite: Suite) -> bool:
+    """A generated catalogue is built (real blocks) when any point of the suite is emulated."""
+    return any(p.params.get("cache_mode") == "emulated" for p in expand(suite, 0))
+
+
+def execute_caching(suite: Suite, point: Point, info: dict[str, Any], repeat: int, out_dir: Path,
+                    logs: Path | None) -> dict[str, Any]:
+    """A caching point (``testbed.apps.caching.point``): replay on the point's topology, or an emulated
+    run that brings it up and tears it down.  ``metrics`` hold the summary figures, ``caching`` the run."""
+    from testbed.apps.caching.point import CachePoint, catalogue_for, run_point, summary
+
+    topo = build_topology(suite, point)
+    cp = CachePoint.of(point.params)
+    t0 = time.monotonic()
+    cat = catalogue_for(_catalogue_spec(suite, point), out_dir, info["catalogue_built"])
+    started = time.monotonic()
+    res = run_point(topo, cat, cp, repeat, shaper=suite.shaper, runtime=point.params.get("runtime"),
+                    logs=logs)
+    phases = {"catalogue_s": round(started - t0, 3), "workload_s": round(time.monotonic() - started, 3)}
+    return {"metrics": summary(res), "caching": res, "phases": phases, "shaper": res.get("shaper"),
+            "topology": topo.to_dict()}
+
+
+def _catalogue_spec(suite: Suite, point: Point) -> str | dict[str, Any]:
+    """The point's catalogue: the suite's folder, or its generated mapping with the point's variants."""
+    spec = suite.workload.catalogue
+    if isinstance(spec, dict):
+        return {**spec, **{k: point.params[k] for k in ("adapters", "partial") if k in point.params}}
+    return str(spec)
+
+
+def _check_caching(suite: Suite, points: list[Point], out_dir: Path, info: dict[str, Any]) -> None:
+    """Capacities below the largest model and MILPs too large fail now, naming the suite's field."""
+    from testbed.apps.caching.point import CachePoint, catalogue_for, check_point
+
+    for p in points:
+        fields = {k: f"sweep.{k}[{suite.sweep[k].index(p.params[k])}]" if k in suite.sweep
+                  else f"params.{k}" for k in ("capacity_mb", "capacity_bases", "policy")
+                  if k in p.params}
+        cat = catalogue_for(_catalogue_spec(suite, p), out_dir, info["catalogue_built"], suite.source)
+        check_point(cat, CachePoint.of(p.params), suite.source, fields)
+
+
 def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], info: dict[str, Any]) -> dict:
     """The record skeleton: what was run (the full resolved configuration) and where."""
     return {
@@ -191,9 +237,11 @@ def record_for(suite: Suite, point: Point, repeat: int, env: dict[str, Any], inf
 
 
 def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) -> list[Point]:
-    points = [p for p in expand(suite, info["layers"]) if p.matches(only)]
+    points = [p for p in expand(suite, info.get("layers", 0)) if p.matches(only)]
     if not points:
         raise SpecError(suite.source, "--only", f"no point matches {only!r}")
+    if suite.workload.kind == "caching":
+        _check_caching(suite, points, out_dir, info)
     for p in points:  # bad overrides fail now, not after an hour of running
         build_topology(suite, p)
         if suite.workload.kind == "training":  # layers out of the model's range, a device that cannot reach
@@ -236,8 +284,12 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
         if results.exists():
             results.rename(out_dir / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
         done = set()
-    model_dir = prepare_model(suite, out_dir)
-    info = model_info(model_dir)
+    if suite.workload.kind == "caching":  # no model to prepare: a point's models are its catalogue's
+        model_dir, info = out_dir, {"catalogue": suite.workload.catalogue,
+                                    "catalogue_built": builds_catalogue(suite)}
+    else:
+        model_dir = prepare_model(suite, out_dir)
+        info = model_info(model_dir)
     points = plan(suite, out_dir, only, info)
     header = "".join(f"# run with --set {s}\n" for s in suite.sets)
     write_atomic(out_dir / "suite.yaml", header + suite.source.read_text())
@@ -254,7 +306,7 @@ def run_suite(suite: Suite, out_dir: Path, *, resume: bool = False, only: str | 
         rec["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine: note its load
         try:
             logs = out_dir / "logs" / f"{re.sub(r'[^A-Za-z0-9._=,-]+', '_', point.id)}.r{repeat}"
-            rec.update(execute(suite, point, model_dir, info, logs))
+            rec.update(execute(suite, point, model_dir, info, logs, repeat=repeat, out_dir=out_dir))
             rec["status"] = "ok"
         except KeyboardInterrupt:
             raise

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from testbed.report import plots, training
+from testbed.report import caching, plots, training
 from testbed.report.data import load_rows
 from testbed.report.summary import write_summary
 from testbed.spec.errors import SpecError
@@ -34,6 +34,9 @@ def make_report(out_dir: Path, warn: Callable[[str], None] = _stderr) -> tuple[P
         raise SpecError(out_dir / "results.jsonl", "records", what)
     for line in skipped:
         warn(line)
+    if caching.is_caching(records):
+        pngs = caching.plots(rows, out_dir)
+        return caching.write_summary(out_dir, rows, records, pngs), pngs
     if training.is_training(records):
         pngs = training.plots(rows, out_dir)
         return training.write_summary(out_dir, rows, records, pngs), pngs

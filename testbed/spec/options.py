@@ -19,5 +19,5 @@ CACHE_POLICIES = ("lru", "lfu", "block-lru", "trimcaching", "random", "optimal")
 CATALOGUE_BASES = ("tiny", "smollm2")  # the base model a catalogue is built from
 TRAIN_SCHEMES = ("sl", "sfl", "psl")  # split training: taking turns, federated, parallel
 TRAIN_SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules of multi-hop training
-WORKLOAD_KINDS = ("inference", "training")  # what a suite's points run
+WORKLOAD_KINDS = ("inference", "training", "caching")  # what a suite's points run
 CACHE_MODES = ("emulated", "replay")  # real bytes over emulated links, or analytic delivery times

@@ -27,6 +27,14 @@ A training suite (``workload: {kind: training, steps: 4, batch: 4, seq: 64, data
 trains at every point instead (``testbed.apps.training.workload``); it has no baselines, and takes the
 training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).
 
+A caching suite (``workload: {kind: caching, catalogue: {...} or PATH, requests: 300}``) runs one edge
+caching policy on a seeded request workload at every point (``testbed.apps.caching.point``, the engine
+of ``testbed cache-run``); it has no baselines or placements and takes the caching parameters
+(``CACHING_PARAMS``: ``policy`` and ``capacity_mb`` or ``capacity_bases`` are required), ``runtime``
+and the link and node fields, nothing else.  ``catalogue`` is a built catalogue folder (``testbed
+catalogue build``) or a mapping ``{base, adapters, partial, seed, shared_layers}`` of one the runner
+generates (then ``adapters`` and ``partial`` are parameters too).
+
 Parameters (in ``params`` or ``sweep``): see ``PARAMS``; besides those,
 ``links.A-B.up.FIELD`` / ``links.A-B.down.FIELD`` set one direction of the link
 written ``between: [A, B]`` and ``nodes.N.FIELD`` sets a node field.
@@ -41,12 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.spec import caching as cache_limits
 from testbed.spec import check
 from testbed.spec.check import Checker
 from testbed.spec.checkpoint import check_model_path
 from testbed.spec.errors import SpecError, got
 from testbed.spec.options import (
     BASELINES,
+    CACHE_MODES,
+    CACHE_POLICIES,
+    CATALOGUE_BASES,
     CODECS,
     QUANTS,
     RUNTIMES,
@@ -85,13 +97,30 @@ PARAMS: dict[str, str] = {
     "grad_codec": "training: activation-gradient codec on the wire (upstream)",
     "freeze_client": "training: share of the device's layers without adapters (0..1)",
     "freeze_server": "training: share of the stage servers' layers without adapters (0..1)",
+    "policy": "caching: every edge's policy (lru | lfu | block-lru | trimcaching | random | optimal)",
+    "capacity_mb": "caching: each edge's store in MB (10^6 bytes)",
+    "capacity_bases": "caching: each edge's store in base models (x the bytes of the catalogue's fp32 base)",
+    "zipf": "caching: Zipf exponent of the models' popularity",
+    "mobility": "caching: probability that a device hands over to another cell after a request",
+    "seed": "caching: workload seed of the first repeat (repeat r uses seed + r)",
+    "window": "caching: requests between proactive placements (trimcaching, optimal)",
+    "requests": "caching: requests per run (default: workload.requests)",
+    "cache_mode": "caching: replay (analytic delivery times) or emulated (real blocks over the links)",
+    "adapters": "caching: LoRA variants of a generated catalogue",
+    "partial": "caching: partial fine-tunes of a generated catalogue",
 }
 TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server")
 INFERENCE_PARAMS = ("quant", "kv_cache", "prompt", "max_new_tokens", "duration_s")
+CACHING_PARAMS = ("policy", "capacity_mb", "capacity_bases", "zipf", "mobility", "seed", "window", "requests",
+                  "cache_mode", "adapters", "partial")
+CATALOGUE_KEYS = ("base", "adapters", "partial", "seed", "shared_layers")
+CATALOGUE_DEFAULTS: dict[str, Any] = {"base": "smollm2", "adapters": 40, "partial": 8, "seed": 1,
+                                      "shared_layers": None}
 NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
             "params", "sweep", "repeats", "shaper", "energy", "analytic")
-WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data")
+WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "catalogue",
+                 "requests")
 ENERGY_KEYS = ("compute_w", "idle_w", "tx_nj_per_bit", "rx_nj_per_bit")
 ANALYTIC_KEYS = ("band",)
 ROLE_KEYS = ("device", "edge", "cloud")
@@ -107,10 +136,15 @@ _PARAM_RANGES: dict[str, check.Range] = {
     "max_new_tokens": check.MAX_NEW_TOKENS, "devices": check.DEVICES, "trace_start_s": check.TRACE_START_S,
     "duration_s": check.DURATION_S, "micro_batches": check.Range(ge=1, le=4096, integer=True),
     "freeze_client": check.PROBABILITY, "freeze_server": check.PROBABILITY,
+    "capacity_mb": cache_limits.CAPACITY_MB, "capacity_bases": cache_limits.CAPACITY_BASES,
+    "zipf": cache_limits.ZIPF, "mobility": check.PROBABILITY, "seed": check.SEED,
+    "window": cache_limits.WINDOW,
+    "requests": cache_limits.REQUESTS, "adapters": cache_limits.VARIANTS, "partial": cache_limits.VARIANTS,
 }
 _PARAM_CHOICES: dict[str, tuple[str, ...]] = {"quant": QUANTS, "codec": CODECS, "runtime": RUNTIMES,
                                               "grad_codec": CODECS, "scheme": TRAIN_SCHEMES,
-                                              "schedule": TRAIN_SCHEDULES}
+                                              "schedule": TRAIN_SCHEDULES, "policy": CACHE_POLICIES,
+                                              "cache_mode": CACHE_MODES}
 TRAIN_STEPS = check.Range(ge=1, le=1_000_000, integer=True)
 TRAIN_BATCH = check.Range(ge=1, le=4096, integer=True)
 TRAIN_SEQ = check.Range(ge=1, le=8192, integer=True, note="the model's context")
@@ -141,6 +175,9 @@ class Workload:
     batch: int = 4  # training: sequences per step
     seq: int = 64  # training: tokens per sequence
     data: list[str] = field(default_factory=list)  # training: text files or built-in corpora, one per client
+    # caching: a built catalogue folder (absolute path) or the mapping of a generated one (CATALOGUE_KEYS)
+    catalogue: str | dict[str, Any] | None = None
+    requests: int = 300  # caching: requests per run
 
 
 @dataclass
@@ -358,6 +395,8 @@ def parse_suite(data: Any, src: Path) -> Suite:
     n_devices = c.number(wl.get("devices", 1), "workload.devices", check.DEVICES)
     if kind == "training":
         workload = _training_workload(c, wl, base, n_devices)
+    elif kind == "caching":
+        workload = _caching_workload(c, wl, base)
     else:
         pfile = _resolve(base, c.text(wl.get("prompts"), "workload.prompts", "a prompt set file"))
         workload = Workload(
@@ -371,6 +410,11 @@ def parse_suite(data: Any, src: Path) -> Suite:
     baselines = data.get("baselines", list(BASELINES) if kind == "inference" else [])
     if kind == "training" and baselines:
         raise c.fail("baselines", f"a training suite compares its placements only (got {baselines!r})")
+    if kind == "caching" and baselines:
+        raise c.fail("baselines", f"a caching suite compares its policies (sweep policy) {got(baselines)}")
+    if kind == "caching" and data.get("placements"):
+        raise c.fail("placements", "a caching suite has no placements: every device sends requests to "
+                                   f"its cell's edge (sweep policy instead) {got(data['placements'])}")
     if not isinstance(baselines, list):
         raise c.fail("baselines", f"must be a list of {', '.join(BASELINES)} {got(baselines)}")
     for i, b in enumerate(baselines):
@@ -394,7 +438,7 @@ def parse_suite(data: Any, src: Path) -> Suite:
             node = part.split("=", 1)[0].strip()
             if node not in topo.nodes or topo.nodes[node].role == "cell":
                 raise c.fail(fld, f"no node {node!r} in the topology")
-    if not baselines and not placements:
+    if not baselines and not placements and kind != "caching":
         raise c.fail("placements", "nothing to run: no baselines and no placements")
 
     repeats = c.number(data.get("repeats", 3), "repeats", check.REPEATS)
@@ -462,16 +506,78 @@ def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices:
                     seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files)
 
 
+def _caching_workload(c: Checker, wl: Mapping[str, Any], base: Path) -> Workload:
+    """``workload: {kind: caching, catalogue, requests}``: ``catalogue`` is a built catalogue folder
+    (resolved against the suite's folder) or the mapping of a generated one (``CATALOGUE_KEYS``)."""
+    for key in ("prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data"):
+        if key in wl:
+            raise c.fail(f"workload.{key}", "is not a field of a caching workload (kind: caching takes "
+                                            "catalogue and requests; every device of the topology sends)")
+    given = wl.get("catalogue", {})
+    catalogue: str | dict[str, Any]
+    if isinstance(given, str):
+        if "\0" in c.text(given, "workload.catalogue", "a catalogue folder"):
+            raise c.fail("workload.catalogue", f"must be a folder path without NUL bytes {got(given)}")
+        path = _resolve(base, given)
+        if not (path / "catalogue.json").is_file():
+            raise c.fail("workload.catalogue", "not a catalogue folder (no catalogue.json; "
+                                               f"testbed catalogue build --out DIR) {got(str(path))}")
+        catalogue = str(path)
+    else:
+        m = c.mapping(given, "workload.catalogue", CATALOGUE_KEYS,
+                      "a catalogue folder or a mapping {base, adapters, partial, seed, shared_layers}")
+        catalogue = dict(CATALOGUE_DEFAULTS)
+        catalogue["base"] = c.choice(m.get("base", catalogue["base"]), "workload.catalogue.base",
+                                     CATALOGUE_BASES)
+        for key, rng in (("adapters", cache_limits.VARIANTS), ("partial", cache_limits.VARIANTS),
+                         ("seed", check.SEED)):
+            catalogue[key] = c.number(m.get(key, catalogue[key]), f"workload.catalogue.{key}", rng)
+        if m.get("shared_layers") is not None:
+            catalogue["shared_layers"] = c.number(m["shared_layers"], "workload.catalogue.shared_layers",
+                                                  cache_limits.SHARED_LAYERS)
+    return Workload(prompts_file=base, prompts={}, kind="caching", catalogue=catalogue,
+                    requests=c.number(wl.get("requests", 300), "workload.requests", cache_limits.REQUESTS))
+
+
+def _kind_params(kind: str) -> set[str]:
+    """The parameters of ``PARAMS`` a workload kind takes (link and node fields: every kind)."""
+    if kind == "caching":
+        return {*CACHING_PARAMS, "runtime"}
+    other = TRAINING_PARAMS if kind == "inference" else INFERENCE_PARAMS
+    return set(PARAMS) - set(other) - set(CACHING_PARAMS)
+
+
+def _check_caching_params(c: Checker, suite: Suite) -> None:
+    """A policy and one capacity are required; a given catalogue fixes its own variants."""
+    have = {*suite.params, *suite.sweep}
+    if "policy" not in have:
+        raise c.fail("params.policy", "missing (set params.policy or sweep.policy: "
+                                      f"{', '.join(CACHE_POLICIES)})")
+    caps = [k for k in ("capacity_mb", "capacity_bases") if k in have]
+    if len(caps) != 1:
+        raise c.fail("params.capacity_mb", "set exactly one of capacity_mb and capacity_bases "
+                                           f"(in params or sweep) {got(caps)}")
+    if isinstance(suite.workload.catalogue, str):
+        for key in ("adapters", "partial"):
+            if key in have:
+                where = "sweep" if key in suite.sweep else "params"
+                raise c.fail(f"{where}.{key}", "is for a generated catalogue (workload.catalogue is the "
+                                               f"folder {suite.workload.catalogue})")
+
+
 def _check_kind_params(c: Checker, suite: Suite) -> None:
-    """Parameters of the other workload kind are refused; micro-batches must divide the batch."""
-    training = suite.workload.kind == "training"
-    foreign = INFERENCE_PARAMS if training else TRAINING_PARAMS
+    """Parameters of the other workload kinds are refused; micro-batches must divide the batch."""
+    kind = suite.workload.kind
+    training = kind == "training"
+    own = _kind_params(kind)
     for where, values in (("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)):
         for k, vals in values.items():
-            if k in foreign:
-                raise c.fail(f"{where}.{k}", f"is not a parameter of a {suite.workload.kind} workload")
+            if k in PARAMS and k not in own:
+                raise c.fail(f"{where}.{k}", f"is not a parameter of a {kind} workload")
             if k == "micro_batches" and training:
                 for v in vals:
                     if suite.workload.batch % v:
                         raise c.fail(f"{where}.{k}",
                                      f"must divide workload.batch ({suite.workload.batch}) (got {v})")
+    if kind == "caching":
+        _check_caching_params(c, suite)

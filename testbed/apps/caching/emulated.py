@@ -49,7 +49,7 @@ from testbed.apps.caching.catalogue import Catalogue, Manifest, load_catalogue, 
 from testbed.apps.caching.delivery import DEFAULT_CHUNK, credit_for
 from testbed.apps.caching.edge_agent import EdgeAgentSettings
 from testbed.apps.caching.policies import DEFAULT_WINDOW, Plan, Policy, make_policy, units_of
-from testbed.apps.caching.replay import Metrics, sources, workload_for
+from testbed.apps.caching.replay import Metrics, quantiles, sources, workload_for
 from testbed.apps.caching.settings import BlockNodeSettings
 from testbed.apps.caching.workload import Request, digest, generate
 from testbed.apps.launch import (
@@ -289,8 +289,9 @@ def _sender_counters(runs) -> dict[str, int]:
 def run_emulated(topo: Topology, catalogue: Catalogue, policy_name: str, capacity_bytes: int, zipf: float,
                  requests: int, mobility: float, seed: int, window: int = DEFAULT_WINDOW,
                  shaper: str = "auto", runtime: str | None = None,
-                 logs: Path | None = None) -> dict[str, Any]:
-    """One emulated run (what ``cache-run`` without ``--replay`` does after parsing)."""
+                 logs: Path | None = None, ttft_quantiles: bool = False) -> dict[str, Any]:
+    """One emulated run (what ``cache-run`` without ``--replay`` does after parsing); ``ttft_quantiles``:
+    add the TTFT distribution (``testbed.apps.caching.replay.quantiles``), as suites record it."""
     from testbed.net.network import EmulatedNetwork
 
     if catalogue.synthetic or catalogue.root is None:
@@ -342,7 +343,8 @@ def run_emulated(topo: Topology, catalogue: Catalogue, policy_name: str, capacit
             shaper_used = net.shaper
         shutil.rmtree(work, ignore_errors=True)
     wall_s = round(time.perf_counter() - start, 3)
-    out = run.metrics.result(policy, catalogue.generated_variants(), wall_s=wall_s)
+    extra = {"ttft_ms_quantiles": quantiles(run.metrics.ttft_ms)} if ttft_quantiles else {}
+    out = run.metrics.result(policy, catalogue.generated_variants(), wall_s=wall_s, **extra)
     out.update({"models": len(catalogue.models), "edges": len(view.edges), "zipf": zipf, "mobility": mobility,
                 "seed": seed, "window": window, "catalogue_synthetic": False, "workload_digest": digest(reqs),
                 "fetched_bytes": run.fetched_bytes,

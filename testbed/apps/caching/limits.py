@@ -1,13 +1,11 @@
-"""Bounds of the caching commands' numeric flags (checked by ``testbed.cli`` with the usual messages)."""
+"""Bounds of the caching commands' numeric flags (checked by ``testbed.cli`` with the usual messages).
+
+Defined in :mod:`testbed.spec.caching`, where the suite validator checks the caching suites'
+parameters against the same bounds.
+"""
 
 from __future__ import annotations
 
-from testbed.spec.check import Range
+from testbed.spec.caching import CAPACITY_MB, RATE, REQUESTS, SHARED_LAYERS, VARIANTS, WINDOW, ZIPF
 
-VARIANTS = Range(ge=0, le=10_000, integer=True)
-SHARED_LAYERS = Range(ge=0, le=1024, integer=True)  # and below the base's layer count
-CAPACITY_MB = Range(gt=0, le=10_000_000, note="10 TB")  # and at least the largest model
-ZIPF = Range(ge=0, le=10)
-REQUESTS = Range(ge=1, le=10_000_000, integer=True)
-WINDOW = Range(ge=1, le=10_000_000, integer=True)
-RATE = Range(gt=0, le=1_000_000)
+__all__ = ["CAPACITY_MB", "RATE", "REQUESTS", "SHARED_LAYERS", "VARIANTS", "WINDOW", "ZIPF"]

@@ -28,6 +28,18 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
+QUANTILE_STEP = 0.5  # percent between two points of ``ttft_ms_quantiles`` (a CDF of bounded size)
+
+
+def quantiles(values: Sequence[float], step: float = QUANTILE_STEP) -> list[float]:
+    """The 0th, ``step``-th, ... 100th percentiles of ``values``: a run's distribution in a fixed number of
+    figures whatever its number of requests (suites record it for the TTFT CDF)."""
+    if not len(values):
+        return []
+    qs = np.linspace(0.0, 100.0, int(round(100 / step)) + 1)
+    return [round(float(v), 3) for v in np.percentile(values, qs)]
+
+
 @dataclass
 class Metrics:
     """The ``cache-run --json`` fields, filled request by request (replay and emulated alike)."""
@@ -132,8 +144,10 @@ def _deliver(net: CacheNetwork, model: AnalyticModel, policy: Policy, metrics: M
 
 
 def replay(units: Units, net: CacheNetwork, policy: Policy, requests: Sequence[Request],
-           model: AnalyticModel | None = None, generated_variants: int = 0) -> dict[str, Any]:
-    """Run ``policy`` over ``requests``; the item-7 fields with ``mode: replay``."""
+           model: AnalyticModel | None = None, generated_variants: int = 0,
+           ttft_quantiles: bool = False) -> dict[str, Any]:
+    """Run ``policy`` over ``requests``; the item-7 fields with ``mode: replay`` (and with
+    ``ttft_quantiles``, the TTFT distribution as ``ttft_ms_quantiles``, see ``quantiles``)."""
     model = model or AnalyticModel()
     metrics = Metrics(policy.name, "replay", units)
     start = time.perf_counter()
@@ -149,7 +163,8 @@ def replay(units: Units, net: CacheNetwork, policy: Policy, requests: Sequence[R
             metrics.evicted(p.evict)
             if p.fetch:
                 _deliver(net, model, policy, metrics, edge, p.fetch, True)
-    return metrics.result(policy, generated_variants, wall_s=round(time.perf_counter() - start, 3))
+    extra = {"ttft_ms_quantiles": quantiles(metrics.ttft_ms)} if ttft_quantiles else {}
+    return metrics.result(policy, generated_variants, wall_s=round(time.perf_counter() - start, 3), **extra)
 
 
 def workload_for(catalogue, net: CacheNetwork, zipf: float, requests: int, mobility: float, seed: int,
@@ -162,13 +177,13 @@ def workload_for(catalogue, net: CacheNetwork, zipf: float, requests: int, mobil
 
 def run_replay(catalogue, net: CacheNetwork, policy_name: str, capacity_bytes: int, zipf: float,
                requests: int, mobility: float, seed: int, window: int = DEFAULT_WINDOW,
-               model: AnalyticModel | None = None) -> dict[str, Any]:
+               model: AnalyticModel | None = None, ttft_quantiles: bool = False) -> dict[str, Any]:
     """One replay run from its parameters (what ``cache-run --replay`` does after parsing)."""
     units = units_of(catalogue)
     policy = make_policy(policy_name, units, net.edges, capacity_bytes, seed=seed, window=window)
     spec = workload_for(catalogue, net, zipf, requests, mobility, seed)
     reqs = generate(spec)
-    out = replay(units, net, policy, reqs, model, catalogue.generated_variants())
+    out = replay(units, net, policy, reqs, model, catalogue.generated_variants(), ttft_quantiles)
     out.update({"models": len(catalogue.models), "edges": len(net.edges), "zipf": zipf, "mobility": mobility,
                 "seed": seed, "window": window, "catalogue_synthetic": bool(catalogue.synthetic),
                 "workload_digest": digest(reqs)})
