@@ -180,6 +180,12 @@ class Checker:
             raise self.fail(field, f"must be {what} {got(value)}")
         return value
 
+    def path(self, value: Any, field: str, what: str = "a file path") -> str:
+        """A path as written: non-empty text without NUL bytes (no file system call takes one)."""
+        if "\0" in self.text(value, field, what):
+            raise self.fail(field, f"must be {what} without NUL bytes {got(value)}")
+        return value
+
     def items(self, value: Any, field: str, what: str = "a non-empty list") -> list[Any]:
         if not isinstance(value, list) or not value:
             raise self.fail(field, f"must be {what} {got(value)}")

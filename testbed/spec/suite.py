@@ -251,7 +251,7 @@ def _check_events(src: Path, fld: str, value: Any, suite: Suite) -> Any:
 
     topo = parse_topology(suite.topology_data, suite.topology_path)
     if isinstance(value, str):
-        path = _resolve(suite.source.resolve().parent, value)
+        path = _resolve(suite.source.resolve().parent, Checker(src).path(value, fld, "an events file"))
         load_events(path, topo, src, fld)
         return str(path)
     parse_events(value, topo, src, fld)
@@ -271,8 +271,7 @@ def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any
     if name == "kv_cache":
         return c.boolean(value, fld)
     if name == "trace":
-        c.text(value, fld, "a trace path")
-        p = _resolve(suite.source.resolve().parent, value)
+        p = _resolve(suite.source.resolve().parent, c.path(value, fld, "a trace path"))
         if not p.is_file() and not (Path(f"{p}.up").is_file() and Path(f"{p}.down").is_file()):
             raise c.fail(fld, f"no such trace file (or .up/.down pair): {p}")
         return str(p)
@@ -374,7 +373,7 @@ def parse_suite(data: Any, src: Path) -> Suite:
         raise c.fail("name", f"must be letters, digits, '-', '_' or '.' {got(name)}")
     if "topology" not in data:
         raise c.fail("topology", "missing (the topology file the suite runs on)")
-    topo_path = _resolve(base, c.text(data["topology"], "topology", "a topology file path"))
+    topo_path = _resolve(base, c.path(data["topology"], "topology", "a topology file path"))
     # the topology's own errors (syntax, duplicate keys, values) name the topology file
     topo_data = load_yaml(topo_path, src, "topology")
     topo = parse_topology(topo_data, topo_path)
@@ -382,7 +381,7 @@ def parse_suite(data: Any, src: Path) -> Suite:
         topo_data["links"] = []
 
     model = data.get("model", "default")
-    c.text(model, "model", "default, tiny or a checkpoint path")
+    c.path(model, "model", "default, tiny or a checkpoint path")
     if model not in ("default", "tiny"):
         model = str(check_model_path(_resolve(base, model), src, "model"))
 
@@ -398,7 +397,7 @@ def parse_suite(data: Any, src: Path) -> Suite:
     elif kind == "caching":
         workload = _caching_workload(c, wl, base)
     else:
-        pfile = _resolve(base, c.text(wl.get("prompts"), "workload.prompts", "a prompt set file"))
+        pfile = _resolve(base, c.path(wl.get("prompts"), "workload.prompts", "a prompt set file"))
         workload = Workload(
             prompts_file=pfile,
             prompts=load_prompts(pfile, src, "workload.prompts"),
@@ -498,7 +497,7 @@ def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices:
         raise c.fail("workload.data", f"must be a list of text files or built-in corpora {got(data)}")
     files = []
     for i, d in enumerate(data):
-        text = c.text(d, f"workload.data[{i}]", "a text file or a built-in corpus")
+        text = c.path(d, f"workload.data[{i}]", "a text file or a built-in corpus")
         files.append(text if re.match(r"^[a-z]+:", text) else str(_resolve(base, text)))
     return Workload(prompts_file=base, prompts={}, devices=n_devices, kind="training",
                     steps=c.number(wl.get("steps", 4), "workload.steps", TRAIN_STEPS),
@@ -516,9 +515,7 @@ def _caching_workload(c: Checker, wl: Mapping[str, Any], base: Path) -> Workload
     given = wl.get("catalogue", {})
     catalogue: str | dict[str, Any]
     if isinstance(given, str):
-        if "\0" in c.text(given, "workload.catalogue", "a catalogue folder"):
-            raise c.fail("workload.catalogue", f"must be a folder path without NUL bytes {got(given)}")
-        path = _resolve(base, given)
+        path = _resolve(base, c.path(given, "workload.catalogue", "a catalogue folder"))
         if not (path / "catalogue.json").is_file():
             raise c.fail("workload.catalogue", "not a catalogue folder (no catalogue.json; "
                                                f"testbed catalogue build --out DIR) {got(str(path))}")

@@ -79,6 +79,12 @@ BAD = [
     ({"energy__compute_w": -1}, "energy.compute_w", "must be >= 0"),
     ({"analytic__band": [2, 1]}, "analytic.band", "0 < low < high"),
     ({"roles__device": "ghost"}, "roles.device", "no node 'ghost'"),
+    # a NUL byte in a path would reach the file system (ValueError): one line instead
+    ({"workload__prompts": "a\0b.yaml"}, "workload.prompts", "without NUL bytes"),
+    ({"topology": "t\0.yaml"}, "topology", "without NUL bytes"),
+    ({"model": "m\0"}, "model", "without NUL bytes"),
+    ({"sweep__trace": ["x\0y"]}, "sweep.trace[0]", "without NUL bytes"),
+    ({"params__events": "e\0.yaml"}, "params.events", "without NUL bytes"),
 ]
 
 
