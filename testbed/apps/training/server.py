@@ -152,13 +152,19 @@ class StageServer:
             raise WireError(f"micro-batch {m} outside 0..{self.total - 1}")
         return m
 
-    def _upstream(self, g: int) -> tuple[bytes, int, int]:
-        """(identity, session, micro-batch field) of a message for micro-batch ``g`` going upstream."""
+    def _upstream(self, g: int, step: int) -> tuple[bytes, int, int]:
+        """(identity, session, micro-batch field) of a message of micro-batch ``g`` of ``step`` going
+        upstream."""
         s = self.s
         if not self.facing_clients:
             return self.ups[0], 0, g
-        c, m = (self.step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
+        c, m = (step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
         return self.ups[c], c, m
+
+    def _row_of(self, step: int) -> np.ndarray:
+        """The statistics row of ``step``: the current one, or that of a step this stage is done with."""
+        i = len(self.rows) - (self.step - step)
+        return self.rows[i] if step < self.step and i >= 0 else self.row
 
     # ---- receiving --------------------------------------------------------------------------
     def on_front(self) -> None:
@@ -185,23 +191,28 @@ class StageServer:
             c = msg.session if self.facing_clients else 0
             if self.ups.get(c, ident) != ident:
                 raise WireError(f"a second upstream hop for client {c}")
-            if msg.step < self.step:
+            # a head gradient passing through may belong to a step this stage is done with (nothing
+            # trainable here or above: no gradient to wait for); it counts in that step's row
+            relay = msg.kind == Kind.TRAIN_HEAD_GRAD and self.back is not None
+            if msg.step < self.step and not relay:
                 raise WireError(f"step {msg.step} is over (at step {self.step})")
             self.ups[c] = ident
-            if self.t_step0 is None:
+            if self.t_step0 is None and not relay:
                 self.t_step0 = t
-            self.row[tw.F["bytes_from_up"]] += msg.nbytes
+            row = self._row_of(msg.step)
+            row[tw.F["bytes_from_up"]] += msg.nbytes
             key = (msg.step, g)
             if msg.kind == Kind.TRAIN_SAMPLES:
                 self._samples(c, key, msg)
             elif msg.kind == Kind.TRAIN_HEAD_GRAD:  # U-shaped: down to the last server, its output's gradient
-                self.row[tw.F["bytes_head_grad_from_up"]] += msg.nbytes
-                self.row[tw.F["t_recv_fwd"]] += t
-                if self.back is not None:
+                row[tw.F["bytes_head_grad_from_up"]] += msg.nbytes
+                row[tw.F["t_recv_fwd"]] += t
+                if relay:
                     tw.check_hidden(msg, self.hidden)
                     msg.session, msg.position_start = c, g
+                    assert self.back is not None
                     self.back.send_multipart(msg.frames(), copy=False)
-                    self.row[tw.F["t_send_fwd"]] += time.monotonic()
+                    row[tw.F["t_send_fwd"]] += time.monotonic()
                 else:
                     t0 = time.perf_counter()
                     self.grads[key] = tw.decode(msg, self.hidden)
@@ -356,15 +367,16 @@ class StageServer:
                 tw.check_hidden(msg, self.hidden)
                 if not 0 <= msg.position_start < self.total:
                     raise WireError(f"micro-batch {msg.position_start} outside 0..{self.total - 1}")
-                ident, msg.session, msg.position_start = self._upstream(msg.position_start)
+                ident, msg.session, msg.position_start = self._upstream(msg.position_start, msg.step)
             except (WireError, KeyError) as e:
                 print(f"train_stage: dropped a bad TRAIN_OUTPUT from downstream: {e}", file=sys.stderr)
                 return
             n = wire_size(frames)
-            self.row[tw.F["bytes_from_down"]] += n
-            self.row[tw.F["bytes_output_from_down"]] += n
-            self.row[tw.F["t_recv_bwd"]] += t
-            self.row[tw.F["t_send_bwd"]] += self._to(ident, msg)
+            row = self._row_of(msg.step)  # a stage with nothing to train may be done with that step
+            row[tw.F["bytes_from_down"]] += n
+            row[tw.F["bytes_output_from_down"]] += n
+            row[tw.F["t_recv_bwd"]] += t
+            row[tw.F["t_send_bwd"]] += self._to(ident, msg)
         elif msg.kind == Kind.TRAIN_BACKWARD:
             self.row[tw.F["bytes_from_down"]] += wire_size(frames)
             self.row[tw.F["t_recv_bwd"]] += t
@@ -413,7 +425,7 @@ class StageServer:
                     row[tw.F["loss"]] += p.loss * scale
                 elif self.back is None:  # U-shaped: the output goes up to the device's head
                     t1 = time.perf_counter()
-                    ident, c_up, m_up = self._upstream(g)
+                    ident, c_up, m_up = self._upstream(g, self.step)
                     msg = tw.encode(Kind.TRAIN_OUTPUT, c_up, self.step, m_up, p.out.detach(), s.codec)
                     row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
                     row[tw.F["t_send_bwd"]] += self._to(ident, msg)

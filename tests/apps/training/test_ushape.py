@@ -1,5 +1,6 @@
-"""U-shaped split training (``--head-on-device``): the device keeps the head, the loss and the labels;
-with fp32 on the wire it still equals the one-process reference."""
+"""U-shaped split training (``--head-on-device``): the device keeps the final norm, the head, the loss and
+the labels; the last server's output comes back to it and the head's gradient goes down the chain.  With
+fp32 on the wire it still equals the one-process reference, and no message carries a label."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed.apps.training.local import SHIPPED_TEXT, run_local, train_batches
+from testbed.apps.training import analytic
+from testbed.apps.training.local import (
+    SHIPPED_TEXT,
+    client_data,
+    run_local,
+    run_local_clients,
+    take_batches,
+    train_batches,
+)
 from testbed.apps.training.lora import LoraSpec
-from tests.apps.training.threads import split_run
+from testbed.apps.training.run import merge_clients
+from testbed.wire.message import Kind
+from tests.apps.training.threads import split_run, split_run_clients
 
 N_LAYERS = 4
-LR = 2e-2
+LR = 2e-2  # large, so that three steps move the adapters far from their start
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +36,136 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize(("cuts", "micro", "schedule"), [([2], 2, "gpipe"), ([1, 3], 4, "1f1b")])
-def test_ushape_equals_local(tiny4: Path, batches, cuts, micro, schedule) -> None:
+def _spy(monkeypatch) -> list[tuple[Kind, bytes]]:
+    """Every message any node of a threaded run receives (so every one sent): kind and payload bytes."""
+    from testbed.apps.training import client, server
+    from testbed.wire import message
+
+    seen: list[tuple[Kind, bytes]] = []
+
+    def parse(frames):
+        msg = message.parse(frames)
+        seen.append((msg.kind, b"".join(bytes(memoryview(f).cast("B")) for f in msg.payload)))
+        return msg
+
+    monkeypatch.setattr(client, "parse", parse)
+    monkeypatch.setattr(server, "parse", parse)
+    return seen
+
+
+def _carries_labels(seen: list[tuple[Kind, bytes]], batches, micro: int) -> bool:
+    rows = [bytes(ym.contiguous().numpy().tobytes()) for _, y in batches for ym in y.chunk(micro)]
+    return any(r in payload for r in rows for _, payload in seen)
+
+
+@pytest.mark.parametrize(("cuts", "micro", "schedule"), [
+    ([2], 2, "gpipe"), ([1, 3], 4, "1f1b"), ([1, 2, 3], 2, "gpipe"), ([3], 2, "1f1b"),
+])
+def test_ushape_equals_local(tiny4: Path, batches, cuts, micro, schedule, monkeypatch) -> None:
     ref, ref_adapters = run_local(tiny4, N_LAYERS, batches, LoraSpec(), LR, 1, micro)
+    seen = _spy(monkeypatch)
     out, adapters = split_run(tiny4, cuts, N_LAYERS, batches, micro_batches=micro, schedule=schedule,
                               lr=LR, seed=1, head_on_device=True)
-    print(out["losses"], ref["losses"])
+    assert len(out["losses"]) == 3 and out["head_on_device"]
     for a, b in zip(out["losses"], ref["losses"], strict=True):
         assert abs(a - b) <= 1e-6 * abs(b)
+    assert sorted(adapters) == sorted(ref_adapters)
+    assert max(float(t.abs().max()) for n, t in ref_adapters.items() if ".lora_B." in n) > 1e-3
     for name, t in ref_adapters.items():
         assert _rel(adapters[name], t) <= 1e-6, name
+    # the labels never left the device: no TRAIN_LABELS, and no payload holds a micro-batch's label row
+    kinds = {k for k, _ in seen}
+    assert Kind.TRAIN_LABELS not in kinds and {Kind.TRAIN_OUTPUT, Kind.TRAIN_HEAD_GRAD} <= kinds
+    assert not _carries_labels(seen, batches, micro)
+    # every step: M outputs back over every hop and M head gradients down it, next to the usual traffic
+    assert sum(k == Kind.TRAIN_OUTPUT for k, _ in seen) == 3 * micro * len(cuts)
+    for hop in out["per_hop"][1:]:
+        # fp32 both ways, same shapes: the outputs are half of what comes down, the head's gradients half
+        # of what goes up
+        assert hop["output_bytes_per_step"] == pytest.approx(hop["bytes_down_per_step"] / 2)
+        assert hop["head_grad_bytes_per_step"] == pytest.approx(hop["bytes_up_per_step"] / 2)
+    dev = out["per_hop"][0]
+    assert dev["head_fwd_ms"] > 0 and dev["head_bwd_ms"] > 0 and dev["peak_act_bytes"] > 0
+    assert out["bytes_down"][0] == out["per_hop"][1]["bytes_down_per_step"]
+
+
+def test_spy_sees_labels_without_the_u(tiny4: Path, batches, monkeypatch) -> None:
+    """The check above can fail: with the head on the last server the labels do cross, and the U-shaped
+    run moves twice the bytes down (outputs next to the gradients) that this one does."""
+    seen = _spy(monkeypatch)
+    plain, _ = split_run(tiny4, [2], N_LAYERS, batches[:1], micro_batches=2, lr=LR, seed=1)
+    assert _carries_labels(seen, batches[:1], 2)
+    u, _ = split_run(tiny4, [2], N_LAYERS, batches[:1], micro_batches=2, lr=LR, seed=1, head_on_device=True)
+    assert u["bytes_down_per_step"] == 2 * plain["bytes_down_per_step"]
+    assert u["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+
+
+def test_ushape_frozen_device(tiny4: Path, batches) -> None:
+    """A device without adapters gets no gradient of its own output but still computes the loss."""
+    ref, ref_adapters = run_local(tiny4, N_LAYERS, batches[:2], LoraSpec(), LR, 1, 2, {2, 3})
+    out, adapters = split_run(tiny4, [1, 2], N_LAYERS, batches[:2], micro_batches=2, schedule="1f1b",
+                              lr=LR, seed=1, trainable=[2, 3], head_on_device=True)
+    assert out["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    for name, t in ref_adapters.items():
+        assert _rel(adapters[name], t) <= 1e-6, name
+    hop1 = out["per_hop"][1]
+    assert hop1["bytes_down_per_step"] == hop1["output_bytes_per_step"] > 0  # outputs only, no gradient
+
+
+@pytest.mark.parametrize(("k", "cuts", "schedule"), [(1, [1, 3], "1f1b"), (0, [2], "gpipe")])
+def test_ushape_clients_equal_local(tiny4: Path, k, cuts, schedule) -> None:
+    """sfl (k = 1) and psl (k = 0): each device holds its head; the run's loss sums their shares."""
+    data = client_data(tiny4, [str(SHIPPED_TEXT)], 2, 2, 8)
+    batches = [take_batches(cd.train, 2, 2, 8, seed=2, stream=c) for c, cd in enumerate(data)]
+    ref, ref_adapters = run_local_clients(tiny4, N_LAYERS, cuts[0], batches, LoraSpec(), LR, 1, 2,
+                                          aggregate_every=k)
+    outs = split_run_clients(tiny4, cuts, N_LAYERS, batches, micro_batches=2, schedule=schedule, lr=LR,
+                             seed=1, aggregate_every=k, head_on_device=True)
+    merged = merge_clients([{**o, "adapter_dir": None} for o, _ in outs], ["a", "b"])
+    assert merged["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    for (_, adapters), want in zip(outs, ref_adapters, strict=True):
+        for name, t in want.items():
+            assert _rel(adapters[name], t) <= 1e-6, name
+
+
+def test_ushape_turns_equal_local(tiny4: Path) -> None:
+    """sl with two devices taking turns: each step's loss is the device's whose turn it was."""
+    data = client_data(tiny4, [str(SHIPPED_TEXT)], 2, 2, 8)
+    turns = [take_batches(data[0].train, 2, 2, 8, seed=2, stream=0)[:2],
+             take_batches(data[1].train, 1, 2, 8, seed=2, stream=1)]
+    ref, ref_adapters = run_local_clients(tiny4, N_LAYERS, 1, turns, LoraSpec(), LR, 1, 2, turns=True)
+    outs = split_run_clients(tiny4, [1], N_LAYERS, turns, micro_batches=2, schedule="1f1b", lr=LR, seed=1,
+                             turns=True, head_on_device=True)
+    merged = merge_clients([{**o, "adapter_dir": None} for o, _ in outs], ["a", "b"])
+    assert merged["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    for name, t in ref_adapters[0].items():
+        assert _rel(outs[0][1][name], t) <= 1e-6, name
+
+
+def test_relayed_hop_adds_up_the_links() -> None:
+    hop = analytic.relayed(1000, 2000, [(8e6, 4e6, 5.0), (8e6, 8e6, 10.0)])
+    assert hop.latency_ms == 15.0
+    assert hop.forward_ms == pytest.approx(1000 * 8e3 / 8e6 * 2)  # 1 ms on each link
+    assert hop.backward_ms == pytest.approx(2000 * 8e3 / 4e6 + 2000 * 8e3 / 8e6)
+    with pytest.raises(ValueError):
+        analytic.relayed(1, 1, [])
+
+
+def test_prediction_counts_the_return_leg() -> None:
+    """The head as one more stage behind a relayed hop: a step at least the U's four chain crossings."""
+    from testbed.apps.training.placement import Stage
+    from testbed.apps.training.run import TrainOptions, predict_step_ms
+    from testbed.spec.topology import load_topology
+
+    topo = load_topology(Path(__file__).resolve().parents[3] / "topologies" / "device-edge-cloud.yaml")
+    stages = [Stage("phone", 0, 1), Stage("mec", 1, 2), Stage("cloud", 2, 4)]
+    hop = {"fwd_ms": 1.0, "bwd_ms": 1.0, "bytes_up_per_step": 4096, "bytes_down_per_step": 4096}
+    plain = [hop, hop, hop]
+    u = [{**hop, "head_fwd_ms": 1.0, "head_bwd_ms": 1.0}] + [
+        {**hop, "bytes_up_per_step": 8192, "bytes_down_per_step": 8192, "output_bytes_per_step": 4096,
+         "head_grad_bytes_per_step": 4096}] * 2
+    one_way = 15 + 25  # phone-mec and mec-cloud delays (ms)
+    p_plain = predict_step_ms(plain, stages, TrainOptions(micro_batches=1), topo)
+    p_u = predict_step_ms(u, stages, TrainOptions(micro_batches=1, head_on_device=True), topo)
+    assert 2 * one_way <= p_plain < 3 * one_way
+    assert 4 * one_way <= p_u < 5 * one_way
