@@ -169,3 +169,56 @@ def test_prediction_counts_the_return_leg() -> None:
     p_u = predict_step_ms(u, stages, TrainOptions(micro_batches=1, head_on_device=True), topo)
     assert 2 * one_way <= p_plain < 3 * one_way
     assert 4 * one_way <= p_u < 5 * one_way
+
+
+def test_drop_after_goes_without_the_u(tiny4: Path, capsys) -> None:
+    from testbed.cli import main
+
+    topo = Path(__file__).resolve().parents[3] / "topologies" / "device-edge-cloud.yaml"
+    assert main(["train", str(topo), "--model", str(tiny4), "--placement", "phone=0:1,mec=1:4",
+                 "--head-on-device", "--drop-after", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "train: --drop-after: goes without --head-on-device: a device left out of a round would hold its "
+        "micro-batches' loss (got 5)")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_ushape_across_topology_equals_local(tiny4: Path, tmp_path: Path) -> None:
+    """Over the shaped links (one server, to keep it short: relays are tested above): the U's four
+    crossings of the access link per step, and --local's figures."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from testbed.apps.training.run import TrainOptions, run_training
+
+    repo = Path(__file__).resolve().parents[3]
+    placement = "phone=0:2,mec=2:4"
+    common = ["--model", str(tiny4), "--steps", "2", "--batch", "2", "--seq", "8", "--micro-batches", "2",
+              "--schedule", "1f1b", "--lr", "0.02", "--seed", "4", "--no-eval", "--json"]
+    topo = repo / "topologies" / "device-edge-cloud.yaml"
+    r = subprocess.run([sys.executable, "-m", "testbed", "train", str(topo), "--placement", placement,
+                        "--head-on-device", "--out", str(tmp_path / "u"), *common],
+                       text=True, cwd=repo, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    opt = TrainOptions(steps=2, batch=2, seq=8, micro_batches=2, schedule="1f1b", lr=0.02, seed=4,
+                       evaluate=False, head_on_device=True)
+    ref = run_training(None, placement, opt, model=tiny4, local=True, out=tmp_path / "local")
+    assert res["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert res["options"]["head_on_device"] and res["network"].startswith("emulated")
+    a = load_file(str(Path(res["adapter_dir"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(ref["adapter_dir"]) / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert float((a[k] - b[k]).abs().max()) <= 1e-6 * max(1e-30, float(b[k].abs().max())), k
+    one_way = 15  # phone-mec delay (ms)
+    for hop in res["per_hop"][1:]:
+        assert hop["output_bytes_per_step"] == pytest.approx(hop["bytes_down_per_step"] / 2)
+        assert hop["head_grad_bytes_per_step"] == pytest.approx(hop["bytes_up_per_step"] / 2)
+    # activations to the server, its output back, the head's gradient to it, the gradients back
+    assert res["step_ms_mean"] > 4 * one_way * 0.9
+    assert 4 * one_way * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
