@@ -224,7 +224,10 @@ class TrainClient:
         except WireError as e:
             raise TrainError(f"malformed output from the last server: {e}") from None
         row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
-        loss, grad, fwd_ms, bwd_ms = self.head.loss_and_grad(h, ys[m], self.loss_scale)
+        try:
+            loss, grad, fwd_ms, bwd_ms = self.head.loss_and_grad(h, ys[m], self.loss_scale)
+        except ValueError as e:  # activations of another shape than this micro-batch's labels
+            raise TrainError(f"output of micro-batch {m} from the last server: {e}") from None
         heads.add(m)
         row[tw.F["bytes_output_from_down"]] += n
         row[tw.F["loss"]] += loss * self.loss_scale

@@ -59,7 +59,7 @@ def _carries_labels(seen: list[tuple[Kind, bytes]], batches, micro: int) -> bool
 
 
 @pytest.mark.parametrize(("cuts", "micro", "schedule"), [
-    ([2], 2, "gpipe"), ([1, 3], 4, "1f1b"), ([1, 2, 3], 2, "gpipe"), ([3], 2, "1f1b"),
+    ([2], 2, "gpipe"), ([1, 3], 4, "1f1b"), ([1, 2, 3], 2, "gpipe"),
 ])
 def test_ushape_equals_local(tiny4: Path, batches, cuts, micro, schedule, monkeypatch) -> None:
     ref, ref_adapters = run_local(tiny4, N_LAYERS, batches, LoraSpec(), LR, 1, micro)
@@ -222,3 +222,37 @@ def test_ushape_across_topology_equals_local(tiny4: Path, tmp_path: Path) -> Non
     # activations to the server, its output back, the head's gradient to it, the gradients back
     assert res["step_ms_mean"] > 4 * one_way * 0.9
     assert 4 * one_way * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
+
+
+def test_server_refuses_labels_in_a_u(tiny4: Path) -> None:
+    """A U-shaped last server answers TRAIN_LABELS with an error and holds no head of its own."""
+    import threading
+
+    import zmq
+
+    from testbed.apps.training.run import free_ports
+    from testbed.apps.training.server import StageServer
+    from testbed.apps.training.settings import StageSettings
+    from testbed.apps.training.stage import TrainStage
+    from testbed.wire.message import parse, train_labels
+
+    addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    s = StageSettings(model=str(tiny4), start=2, end=N_LAYERS, stage=1, bind=addr, head_on_device=True,
+                      timeout_s=30.0)
+    srv = StageServer(TrainStage(tiny4, 2, N_LAYERS, LoraSpec(), 0), s)
+    assert not srv.stage.has_loss and srv.stage.shard.lm_head is None
+    t = threading.Thread(target=srv.serve, daemon=True)
+    t.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(addr)
+        sock.send_multipart(train_labels(0, 0, 0, torch.zeros(1, 8, dtype=torch.int64)).frames())
+        assert sock.poll(20_000)
+        reply = parse(sock.recv_multipart())
+        assert reply.kind == Kind.ERROR and "labels stay on the device" in reply.text()
+    finally:
+        sock.close(0)
+        srv.running = False
+        t.join(5)
+        srv.close()
