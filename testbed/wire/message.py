@@ -56,6 +56,8 @@ class Kind(IntEnum):
     TRAIN_PULL = 20  # request (NONE): the adapter weights of hop ``position_start``
     TRAIN_WEIGHTS = 21  # reply: those weights, flat in the adapters' order (FLOAT64, zero-padded [R, C])
     TRAIN_SAMPLES = 22  # a frozen device's micro-batch: its sample ids [B] (INT64), the edge keeps its data
+    TRAIN_OUTPUT = 23  # U-shaped: the last server's output activations, relayed up to the device (HIDDEN)
+    TRAIN_HEAD_GRAD = 24  # U-shaped: the gradient of the loss w.r.t. them, relayed down (HIDDEN)
     # ---- recovery and KV budget (see the block at the end of this module) ----
     EVICTED = 8  # reply: this session's KV cache was evicted here; re-prefill it from position 0
     HOP_DOWN = 9  # reply: a hop below stopped answering; position_start = its distance (1: my next hop)
@@ -87,6 +89,8 @@ _KIND_DTYPES = {
     Kind.TRAIN_PULL: {DType.NONE},
     Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
     Kind.TRAIN_SAMPLES: {DType.INT64},
+    Kind.TRAIN_OUTPUT: {DType.HIDDEN},
+    Kind.TRAIN_HEAD_GRAD: {DType.HIDDEN},
     Kind.EVICTED: {DType.NONE},
     Kind.HOP_DOWN: {DType.NONE},
     Kind.REROUTE: {DType.NONE},
@@ -279,8 +283,9 @@ def pong(counters: list[int]) -> Message:
 
 def train_hidden(kind: Kind, session: int, step: int, micro: int, shape: Sequence[int], codec: str,
                  frames: list[Frame]) -> Message:
-    """TRAIN_FORWARD (activations) or TRAIN_BACKWARD (their gradient), already encoded by ``codec``."""
-    if kind not in (Kind.TRAIN_FORWARD, Kind.TRAIN_BACKWARD):
+    """TRAIN_FORWARD / TRAIN_OUTPUT (activations) or TRAIN_BACKWARD / TRAIN_HEAD_GRAD (their gradient),
+    already encoded by ``codec``."""
+    if kind not in (Kind.TRAIN_FORWARD, Kind.TRAIN_BACKWARD, Kind.TRAIN_OUTPUT, Kind.TRAIN_HEAD_GRAD):
         raise WireError(f"{kind.name} does not carry activations")
     msg = forward_hidden(session, step, micro, shape, codec, frames, False)
     msg.kind = kind

@@ -33,9 +33,15 @@ exact figure of the model rather than its closed form.
 Each stage's optimizer update (``update_ms``) runs after its last backward; the step ends when the last
 stage is done.
 
+**U-shaped** runs (the device keeps the final norm, the head and the loss) are a pipeline of ``P + 1``
+stages: the device's head is the last, reached from the last server over the whole chain backwards
+(its output relayed up to the device, the head's gradient relayed back down), which :func:`relayed`
+folds into one hop.  The model lets the head run while the device's own layers do, which one CPU does
+not: it is a lower bound there.
+
 Public API: ``SCHEDULES``, :class:`Stage`, :class:`Hop`, :class:`StageTimes`, :class:`Prediction`,
 :func:`bubble_fraction`, :func:`peak_micro_batches`, :func:`schedule_ops`, :func:`predict`,
-:func:`simulate`, :func:`simulated_peaks`.
+:func:`simulate`, :func:`simulated_peaks`, :func:`relayed`.
 """
 
 from __future__ import annotations
@@ -73,6 +79,19 @@ class Hop:
     @property
     def backward_ms(self) -> float:
         return self.backward_bytes * 8e3 / self.rate_bps
+
+
+def relayed(forward_bytes: int, backward_bytes: int, links: Sequence[tuple[float, float, float]]) -> Hop:
+    """One hop standing for links crossed in a row by relays that each take a whole message before
+    sending it on (the U-shaped return leg): serialization times add up, and so do latencies.
+    ``links``: (rate of the forward direction, rate of the backward direction (bit/s), one-way latency
+    ms) each, in the order crossed.  The backward bytes are scaled to take their own rates' time."""
+    if not links:
+        raise ValueError("a relayed hop needs at least one link")
+    inv_f = sum(1.0 / f for f, _, _ in links)
+    inv_b = sum(1.0 / b for _, b, _ in links)
+    return Hop(forward_bytes, round(backward_bytes * inv_b / inv_f), 1.0 / inv_f,
+               sum(lat for _, _, lat in links))
 
 
 @dataclass(frozen=True)

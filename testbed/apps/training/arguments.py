@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-after", type=flag_number(Range(ge=0, le=86400)), default=0.0, metavar="S",
                    help="sfl/psl with one stage server: a device that sends nothing for S seconds in a "
                         "round is left out and the round completes with the others (0: wait for it)")
+    p.add_argument("--head-on-device", action="store_true",
+                   help="U-shaped: the device also holds the final norm, the head and the loss, so the "
+                        "labels never leave it (the last server's output comes back to it)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest complete checkpoint")
     p.add_argument("--json", action="store_true")
@@ -89,5 +92,8 @@ def check(args: argparse.Namespace) -> None:
                         f"must divide --batch ({args.batch}) (got {args.micro_batches})")
     if args.resume and not args.out:
         raise SpecError("train", "--resume", "needs --out, the folder of the run to continue (got none)")
+    if args.head_on_device and args.drop_after:
+        raise SpecError("train", "--drop-after", "goes without --head-on-device: a device left out of a "
+                        f"round would hold its micro-batches' loss (got {args.drop_after:g})")
     if args.local and args.loopback:
         raise SpecError("train", "--loopback", "goes without --local (got both)")

@@ -4,6 +4,10 @@ Each step: the batch is split into micro-batches; the device runs its passes in 
 order (forwards send labels and activations downstream, backwards wait for the gradient of its
 output), then steps its optimizer.  At the end it gathers every stage's statistics rows and
 adapter weights over the chain and reports per-step losses, times, bytes and per-hop figures.
+
+U-shaped (``head_on_device``): no labels leave the device; each micro-batch's output comes back
+from the last server (TRAIN_OUTPUT), the device's :class:`HeadStage` computes the loss and its
+gradient at once, whenever one arrives, and sends that gradient down the chain (TRAIN_HEAD_GRAD).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from testbed.apps.training.batches import micro_batches
 from testbed.apps.training.lora import LoraSpec, adapter_layout, unflatten
 from testbed.apps.training.schedule import stage_ops
 from testbed.apps.training.settings import ClientSettings
-from testbed.apps.training.stage import Pending, TrainStage
+from testbed.apps.training.stage import HeadStage, Pending, TrainStage
 from testbed.spec.errors import TestbedError
 from testbed.wire.message import Kind, Message, WireError, control, parse, train_labels, wire_size
 
@@ -55,8 +59,16 @@ class TrainClient:
         self.sock.connect(self.s.next)
         params = self.stage.adapters()
         self.opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=0.0) if params else None
-        self.ops = stage_ops(self.s.schedule, 0, self.s.stages, self.s.micro_batches)
+        self.ops = stage_ops(self.s.schedule, 0, self.s.pipeline_stages, self.s.micro_batches)
         self.hidden = int(self.stage.shard.config.hidden_size)
+        self.head: HeadStage | None = None
+        if self.s.head_on_device:
+            emb = self.stage.shard.embed_tokens
+            self.head = HeadStage(self.s.model, self.stage.meter, emb.weight if emb is not None else None)
+            # each micro-batch's share of the step's loss, as on the last server (sfl/psl: of all devices')
+            self.loss_scale = 1.0 / (self.s.micro_batches * (1 if self.s.turns else self.s.clients))
+            # a run with no adapter at all needs no gradient anywhere
+            self.send_head_grad = self.s.trainable is None or bool(self.s.trainable)
         self.name = f"client{self.s.client}"
         self.parent = os.getppid()
         if self.s.resume_step:
@@ -130,6 +142,7 @@ class TrainClient:
         row = np.zeros(tw.K)
         up = down = 0
         grads: dict[int, torch.Tensor] = {}
+        heads: set[int] = set()  # U-shaped: micro-batches whose loss the device's head computed
         pending: dict[int, Pending | None] = {}
         t_start = time.monotonic()
         for kind, m in self.ops:
@@ -138,14 +151,16 @@ class TrainClient:
                     up += self._send(train_samples(self.session, step, m, ids_m[m]))
                     if all(i in self.uploaded for i in ids_m[m]):  # the edge has them: no forward at all
                         pending[m] = None
-                        up += self._send(train_labels(self.session, step, m, ys[m]))
+                        if self.head is None:
+                            up += self._send(train_labels(self.session, step, m, ys[m]))
                         continue
                     self.uploaded.update(ids_m[m])
                 t0 = time.perf_counter()
                 p = st.forward_micro(xs[m])
                 row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
                 pending[m] = p
-                up += self._send(train_labels(self.session, step, m, ys[m]))
+                if self.head is None:  # U-shaped: the labels stay here
+                    up += self._send(train_labels(self.session, step, m, ys[m]))
                 t1 = time.perf_counter()
                 msg = tw.encode(Kind.TRAIN_FORWARD, self.session, step, m, p.out, s.codec)
                 row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
@@ -153,21 +168,18 @@ class TrainClient:
                 row[tw.F["t_send_fwd"]] += time.monotonic()
                 continue
             while st.grad_out and m not in grads:  # a frozen device needs no gradient
-                msg, n, t = self._recv()
-                if msg.kind != Kind.TRAIN_BACKWARD or msg.step != step:
-                    raise TrainError(f"expected a gradient of step {step}, got {msg.kind.name} "
-                                     f"of step {msg.step}")
-                down += n
-                row[tw.F["t_recv_bwd"]] += t
-                t1 = time.perf_counter()
-                grads[msg.position_start] = tw.decode(msg, self.hidden)
-                row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                sent, got = self._take(step, ys, grads, heads, row)
+                up, down = up + sent, down + got
             t0 = time.perf_counter()
             done = pending.pop(m)
             if done is not None:
                 st.backward_micro(done, grads.pop(m, None))
             row[tw.F["bwd_ms"]] += (time.perf_counter() - t0) * 1e3
             row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
+        while self.head is not None and len(heads) < s.micro_batches:  # e.g. a frozen device: no waits above
+            sent, got = self._take(step, ys, grads, heads, row)
+            up, down = up + sent, down + got
+        row[tw.F["peak_act_bytes"]] = max(row[tw.F["peak_act_bytes"]], st.meter.peak)
         t0 = time.perf_counter()
         if self.opt is not None:
             self.opt.step()
@@ -187,6 +199,48 @@ class TrainClient:
         self.step_ms.append(row[tw.F["step_ms"]])
         self.bytes_up.append(up)
         self.bytes_down.append(down)
+
+    def _take(self, step: int, ys: list[torch.Tensor], grads: dict[int, torch.Tensor], heads: set[int],
+              row: np.ndarray) -> tuple[int, int]:
+        """Receive one message of ``step``: a gradient of this device's output (kept in ``grads``) or,
+        U-shaped, the last server's output of a micro-batch, whose loss and gradient are computed here
+        and the gradient sent down at once.  Bytes (sent, received)."""
+        msg, n, t = self._recv()
+        row[tw.F["t_recv_bwd"]] += t
+        m = msg.position_start
+        if msg.step != step or not 0 <= m < self.s.micro_batches:
+            raise TrainError(f"expected a message of step {step}, got {msg.kind.name} of step {msg.step} "
+                             f"micro-batch {m}")
+        if msg.kind == Kind.TRAIN_BACKWARD and self.stage.grad_out and m not in grads:
+            t1 = time.perf_counter()
+            grads[m] = tw.decode(msg, self.hidden)
+            row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+            return 0, n
+        if msg.kind != Kind.TRAIN_OUTPUT or self.head is None or m in heads:
+            raise TrainError(f"unexpected {msg.kind.name} of step {step} micro-batch {m}")
+        t1 = time.perf_counter()
+        try:
+            h = tw.decode(msg, self.hidden)
+        except WireError as e:
+            raise TrainError(f"malformed output from the last server: {e}") from None
+        row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+        try:
+            loss, grad, fwd_ms, bwd_ms = self.head.loss_and_grad(h, ys[m], self.loss_scale)
+        except ValueError as e:  # activations of another shape than this micro-batch's labels
+            raise TrainError(f"output of micro-batch {m} from the last server: {e}") from None
+        heads.add(m)
+        row[tw.F["bytes_output_from_down"]] += n
+        row[tw.F["loss"]] += loss * self.loss_scale
+        row[tw.F["head_fwd_ms"]] += fwd_ms
+        row[tw.F["head_bwd_ms"]] += bwd_ms
+        if not self.send_head_grad:
+            return 0, n
+        t4 = time.perf_counter()
+        out = tw.encode(Kind.TRAIN_HEAD_GRAD, self.session, step, m, grad, self.s.grad_codec)
+        row[tw.F["codec_ms"]] += (time.perf_counter() - t4) * 1e3
+        sent = self._send(out)
+        row[tw.F["t_send_fwd"]] += time.monotonic()
+        return sent, n
 
     def take_turn(self, step: int) -> None:
         """Before this device's turn at ``step``: the adapters the previous device handed on."""
@@ -274,8 +328,11 @@ def train_samples(session: int, step: int, micro: int, ids: list[int]) -> Messag
 def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict:
     """Losses, step times, bytes and per-hop figures from the device's rows and the servers' table."""
     s = client.s
-    losses = [float(v) for v in servers[-1][:, tw.F["loss"]]]  # every step so far, this device's or not
-    rows = np.concatenate([np.stack(client.rows)[None], servers[:, client.steps]])  # [stages, steps, K]
+    mine = np.stack(client.rows)
+    # every step so far, this device's or not; U-shaped: this device's own steps, its share of each
+    # (the run's record sums the devices': run.merge_clients)
+    losses = [float(v) for v in (mine if s.head_on_device else servers[-1])[:, tw.F["loss"]]]
+    rows = np.concatenate([mine[None], servers[:, client.steps]])  # [stages, steps, K]
     f = tw.F
     step_ms = [float(v) for v in client.step_ms]
     per_hop = []
@@ -286,6 +343,11 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
                "codec_ms": _mean(r[:, f["codec_ms"]]),
                "idle_ms": _mean(np.maximum(0.0, np.asarray(step_ms) - busy)),
                "peak_act_bytes": int(r[:, f["peak_act_bytes"]].max())}
+        if s.head_on_device:
+            busy = busy + r[:, f["head_fwd_ms"]] + r[:, f["head_bwd_ms"]]
+            hop["idle_ms"] = _mean(np.maximum(0.0, np.asarray(step_ms) - busy))
+        if s.head_on_device and i == 0:  # the device's head: final norm, output layer, loss
+            hop.update(head_fwd_ms=_mean(r[:, f["head_fwd_ms"]]), head_bwd_ms=_mean(r[:, f["head_bwd_ms"]]))
         if i > 0:
             prev = rows[i - 1]
             shared = i == 1 and s.clients > 1  # the first server's receipts are all devices', sends ours
@@ -297,11 +359,14 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
                        transfer_down_ms=None if shared else _mean(down * 1e3),
                        bytes_up_per_step=_mean(r[:, f["bytes_from_up"]]),
                        bytes_down_per_step=_mean(prev[:, f["bytes_from_down"]]))
+            if s.head_on_device:  # the extra crossing, included in the bytes above
+                hop.update(output_bytes_per_step=_mean(prev[:, f["bytes_output_from_down"]]),
+                           head_grad_bytes_per_step=_mean(r[:, f["bytes_head_grad_from_up"]]))
         per_hop.append(hop)
     tokens = s.batch * s.seq
     total_s = sum(step_ms) / 1e3
     return {
-        "losses": losses, "steps": list(client.steps),
+        "losses": losses, "steps": list(client.steps), "head_on_device": s.head_on_device,
         "step_ms": [round(v, 3) for v in step_ms],
         "step_ms_mean": round(statistics.fmean(step_ms), 3),
         "step_ms_p50": round(statistics.median(step_ms), 3),

@@ -66,6 +66,7 @@ class TrainOptions:
     aggregate_every: int = 1  # K of sfl
     checkpoint_every: int = 0  # a checkpoint of every program after every K steps (0: none)
     drop_after_s: float = 0.0  # sfl/psl: leave out a device this late in a round (0: wait for it)
+    head_on_device: bool = False  # U-shaped: the device holds the final norm, head and loss (and labels)
 
     def fields(self) -> dict[str, Any]:
         """The options every node program's settings carry."""
@@ -245,6 +246,12 @@ def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, 
             for k, lists in by_step.items():
                 lists[steps.index(s)].append(r[k][i])
     first = dict(max(results, key=lambda r: len(r["losses"])))  # taking turns: the last device's
+    if first.get("head_on_device"):  # each device computed its own share of each step's loss
+        losses = [0.0 for _ in steps]
+        for r in results:
+            for s, loss in zip(r["steps"], r["losses"], strict=True):
+                losses[steps.index(s)] += loss
+        first["losses"] = losses
     step_ms = [max(v) for v in by_step["step_ms"]]
     up = [sum(v) for v in by_step["bytes_up"]]
     down = [sum(v) for v in by_step["bytes_down"]]
@@ -467,12 +474,21 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
 
     m = opt.micro_batches
     model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
-    hops = []
+    hops, links = [], []
     for i in range(1, len(stages)):
         up, down, delay = _link(topo, stages[i - 1].node, stages[i].node)
+        links.append((up, down, delay))
+        # U-shaped: the return leg's bytes cross this link too; the model has them on a hop of their own
+        fwd = per_hop[i]["bytes_up_per_step"] - per_hop[i].get("head_grad_bytes_per_step", 0)
+        bwd = per_hop[i]["bytes_down_per_step"] - per_hop[i].get("output_bytes_per_step", 0)
         # one rate per hop in the model: the gradients' bytes are scaled to take their own direction's time
-        hops.append(analytic.Hop(int(per_hop[i]["bytes_up_per_step"] / m),
-                                 int(per_hop[i]["bytes_down_per_step"] / m * up / down), up, delay))
+        hops.append(analytic.Hop(int(fwd / m), int(bwd / m * up / down), up, delay))
+    if opt.head_on_device:  # the device's head: one more stage, reached back over the whole chain
+        dev, last = per_hop[0], per_hop[-1]
+        model_stages.append(analytic.Stage(dev["head_fwd_ms"] / m, dev["head_bwd_ms"] / m))
+        hops.append(analytic.relayed(int(last["output_bytes_per_step"] / m),
+                                     int(last["head_grad_bytes_per_step"] / m),
+                                     [(down, up, delay) for up, down, delay in reversed(links)]))
     return round(analytic.predict(model_stages, hops, m, opt.schedule).step_ms, 3)
 
 
@@ -489,7 +505,8 @@ def train(args: argparse.Namespace) -> int:
                        grad_codec=args.grad_codec, data=args.data, freeze_client=args.freeze_client,
                        freeze_server=args.freeze_server, evaluate=not args.no_eval, scheme=args.scheme,
                        clients=args.clients, aggregate_every=args.aggregate_every,
-                       checkpoint_every=args.checkpoint_every, drop_after_s=args.drop_after)
+                       checkpoint_every=args.checkpoint_every, drop_after_s=args.drop_after,
+                       head_on_device=args.head_on_device)
     out = Path(args.out) if args.out else None
     try:
         result = run_training(topo, args.placement, opt, model=args.model, local=args.local,

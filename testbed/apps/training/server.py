@@ -13,6 +13,12 @@ that order; every micro-batch's loss is scaled by 1/(C M), so the server-side ad
 on the mean over all clients' samples.  With ``aggregate_every`` K > 0 the first server is also the
 aggregation node: every K steps each client sends its adapters (TRAIN_WEIGHTS) and gets the FedAvg
 of all C back.
+
+U-shaped (``head_on_device``): the last server holds no norm, head or loss; it sends each
+micro-batch's output up (TRAIN_OUTPUT, relayed by every server to the device that sent it) and waits
+for the gradient of the loss w.r.t. that output (TRAIN_HEAD_GRAD, relayed down) before its backward.
+No labels ever come: one would be refused.  The schedule counts the device's head as a stage after
+the last server.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class StageServer:
     def __init__(self, stage: TrainStage, s: StageSettings, ctx: zmq.Context | None = None) -> None:
         if (s.next is None) != stage.is_last:
             raise ValueError("the last stage, and only it, has no next hop")
+        if s.head_on_device:
+            stage.drop_head()
         self.stage, self.s = stage, s
         self.ctx = ctx or zmq.Context.instance()
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -70,7 +78,7 @@ class StageServer:
         self.total = s.micro_batches if s.turns else s.clients * s.micro_batches
         self.handoff: tuple[int, torch.Tensor] | None = None  # turns: the last device's adapters
         self.waiting: list[tuple[bytes, Message]] = []  # turns: devices asking for them
-        self.ops = stage_ops(s.schedule, s.stage, s.stages, self.total)
+        self.ops = stage_ops(s.schedule, s.stage, s.pipeline_stages, self.total)
         self.hidden = int(stage.shard.config.hidden_size)
         self.vocab = int(stage.shard.config.vocab_size)
         self.ups: dict[int, bytes] = {}  # client index (0 past the first server) -> ROUTER identity
@@ -144,6 +152,20 @@ class StageServer:
             raise WireError(f"micro-batch {m} outside 0..{self.total - 1}")
         return m
 
+    def _upstream(self, g: int, step: int) -> tuple[bytes, int, int]:
+        """(identity, session, micro-batch field) of a message of micro-batch ``g`` of ``step`` going
+        upstream."""
+        s = self.s
+        if not self.facing_clients:
+            return self.ups[0], 0, g
+        c, m = (step % s.clients, g) if s.turns else divmod(g, s.micro_batches)
+        return self.ups[c], c, m
+
+    def _row_of(self, step: int) -> np.ndarray:
+        """The statistics row of ``step``: the current one, or that of a step this stage is done with."""
+        i = len(self.rows) - (self.step - step)
+        return self.rows[i] if step < self.step and i >= 0 else self.row
+
     # ---- receiving --------------------------------------------------------------------------
     def on_front(self) -> None:
         frames = self.front.recv_multipart(copy=False)
@@ -160,20 +182,41 @@ class StageServer:
             self._fail(ident, msg.session, msg.step, f"{type(e).__name__}: {e}")
 
     def _from_up(self, ident: bytes, msg: Message, t: float) -> None:
-        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS, Kind.TRAIN_SAMPLES):
+        if msg.kind in (Kind.TRAIN_FORWARD, Kind.TRAIN_LABELS, Kind.TRAIN_SAMPLES, Kind.TRAIN_HEAD_GRAD):
+            if msg.kind == Kind.TRAIN_LABELS and self.s.head_on_device:
+                raise WireError("labels stay on the device in a U-shaped run (head on the device)")
+            if msg.kind == Kind.TRAIN_HEAD_GRAD and not self.s.head_on_device:
+                raise WireError("a head gradient in a run with the head on the last server")
             g = self._g(msg)
             c = msg.session if self.facing_clients else 0
             if self.ups.get(c, ident) != ident:
                 raise WireError(f"a second upstream hop for client {c}")
-            if msg.step < self.step:
+            # a head gradient passing through may belong to a step this stage is done with (nothing
+            # trainable here or above: no gradient to wait for); it counts in that step's row
+            relay = msg.kind == Kind.TRAIN_HEAD_GRAD and self.back is not None
+            if msg.step < self.step and not relay:
                 raise WireError(f"step {msg.step} is over (at step {self.step})")
             self.ups[c] = ident
-            if self.t_step0 is None:
+            if self.t_step0 is None and not relay:
                 self.t_step0 = t
-            self.row[tw.F["bytes_from_up"]] += msg.nbytes
+            row = self._row_of(msg.step)
+            row[tw.F["bytes_from_up"]] += msg.nbytes
             key = (msg.step, g)
             if msg.kind == Kind.TRAIN_SAMPLES:
                 self._samples(c, key, msg)
+            elif msg.kind == Kind.TRAIN_HEAD_GRAD:  # U-shaped: down to the last server, its output's gradient
+                row[tw.F["bytes_head_grad_from_up"]] += msg.nbytes
+                row[tw.F["t_recv_fwd"]] += t
+                if relay:
+                    tw.check_hidden(msg, self.hidden)
+                    msg.session, msg.position_start = c, g
+                    assert self.back is not None
+                    self.back.send_multipart(msg.frames(), copy=False)
+                    row[tw.F["t_send_fwd"]] += time.monotonic()
+                else:
+                    t0 = time.perf_counter()
+                    self.grads[key] = tw.decode(msg, self.hidden)
+                    self.row[tw.F["codec_ms"]] += (time.perf_counter() - t0) * 1e3
             elif msg.kind == Kind.TRAIN_LABELS:
                 if self.back is not None:  # relayed to the stage with the loss
                     msg.session, msg.position_start = c, g
@@ -318,7 +361,23 @@ class StageServer:
         except WireError as e:
             print(f"train_stage: dropped a malformed message from downstream: {e}", file=sys.stderr)
             return
-        if msg.kind == Kind.TRAIN_BACKWARD:
+        if msg.kind == Kind.TRAIN_OUTPUT and self.s.head_on_device and self.ups:
+            # U-shaped: the last server's output, on its way up to the device with the head
+            try:
+                tw.check_hidden(msg, self.hidden)
+                if not 0 <= msg.position_start < self.total:
+                    raise WireError(f"micro-batch {msg.position_start} outside 0..{self.total - 1}")
+                ident, msg.session, msg.position_start = self._upstream(msg.position_start, msg.step)
+            except (WireError, KeyError) as e:
+                print(f"train_stage: dropped a bad TRAIN_OUTPUT from downstream: {e}", file=sys.stderr)
+                return
+            n = wire_size(frames)
+            row = self._row_of(msg.step)  # a stage with nothing to train may be done with that step
+            row[tw.F["bytes_from_down"]] += n
+            row[tw.F["bytes_output_from_down"]] += n
+            row[tw.F["t_recv_bwd"]] += t
+            row[tw.F["t_send_bwd"]] += self._to(ident, msg)
+        elif msg.kind == Kind.TRAIN_BACKWARD:
             self.row[tw.F["bytes_from_down"]] += wire_size(frames)
             self.row[tw.F["t_recv_bwd"]] += t
             t0 = time.perf_counter()
@@ -348,7 +407,7 @@ class StageServer:
                 self.k += 1  # a left-out device's micro-batch: the round goes on without it
                 continue
             if kind == "F":
-                if key not in self.fwd or (st.is_last and key not in self.labels):
+                if key not in self.fwd or (st.has_loss and key not in self.labels):
                     # a device not heard from yet may still be loading: only one that ran is left out
                     if self._may_drop() and c in self.ups and self.t_step0 is not None \
                             and self._late(self.t_step0):
@@ -362,8 +421,14 @@ class StageServer:
                 p = st.forward_micro(x, self.labels.pop(key, None), scale)
                 row[tw.F["fwd_ms"]] += (time.perf_counter() - t0) * 1e3
                 self.pending[g] = p
-                if st.is_last:
+                if st.has_loss:
                     row[tw.F["loss"]] += p.loss * scale
+                elif self.back is None:  # U-shaped: the output goes up to the device's head
+                    t1 = time.perf_counter()
+                    ident, c_up, m_up = self._upstream(g, self.step)
+                    msg = tw.encode(Kind.TRAIN_OUTPUT, c_up, self.step, m_up, p.out.detach(), s.codec)
+                    row[tw.F["codec_ms"]] += (time.perf_counter() - t1) * 1e3
+                    row[tw.F["t_send_bwd"]] += self._to(ident, msg)
                 else:
                     t1 = time.perf_counter()
                     msg = tw.encode(Kind.TRAIN_FORWARD, c, self.step, g, p.out, s.codec)
@@ -372,7 +437,7 @@ class StageServer:
                     self.back.send_multipart(msg.frames(), copy=False)
                     row[tw.F["t_send_fwd"]] += time.monotonic()
             else:
-                if not st.is_last and st.grad_out and key not in self.grads:
+                if not st.has_loss and st.grad_out and key not in self.grads:
                     return  # a stage with nothing trainable at or above it gets no gradient
                 p = self.pending.pop(g)
                 t0 = time.perf_counter()

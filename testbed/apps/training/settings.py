@@ -62,6 +62,12 @@ class TrainFields:
     checkpoint_every: int = 0  # a checkpoint after every K steps; 0: none
     resume_step: int = 0  # start after this many steps, from their checkpoint (0: from scratch)
     drop_after_s: float = 0.0  # sfl/psl: a device this late in a round is left out of it and after; 0: never
+    head_on_device: bool = False  # U-shaped: the device holds the final norm, head and loss (and labels)
+
+    @property
+    def pipeline_stages(self) -> int:
+        """Stages of the schedule: U-shaped, the device's head is one more, after the last server."""
+        return self.stages + 1 if self.head_on_device else self.stages
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")
@@ -96,6 +102,8 @@ class TrainFields:
             yield "timeout_s", f"must be in (0, {MAX_TIMEOUT_S:.0f}]"
         if not 0 <= self.drop_after_s <= MAX_TIMEOUT_S:
             yield "drop_after_s", f"must be in 0..{MAX_TIMEOUT_S:.0f}"
+        if self.head_on_device and self.drop_after_s:
+            yield "drop_after_s", "goes without head_on_device (a left-out device holds the loss)"
         if not 0 <= self.checkpoint_every <= MAX_STEPS:
             yield "checkpoint_every", f"must be in 0..{MAX_STEPS}"
         if not 0 <= self.resume_step <= MAX_STEPS:
