@@ -26,7 +26,12 @@ KEY_PUB=$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub
 
 mkdir -p "$OUT"
 BOX=$OUT/debian-bookworm64-libvirt.box
-stamp=$(cat "$0" "$HERE/Vagrantfile.box" | sha256sum | cut -c1-16)
+# The testbed's own system packages (provision.sh's APT_PKGS) are installed in the box at native
+# speed: dpkg inside a TCG guest took most of an hour for them; provision.sh then finds them there.
+PROVISION=$HERE/../provision.sh
+APT_PKGS=$(sed -n '/^APT_PKGS=(/,/)/p' "$PROVISION" | sed -e 's/#.*//' -e 's/APT_PKGS=(//' -e 's/)//' | xargs)
+[ -n "$APT_PKGS" ] || { echo "build.sh: no APT_PKGS list found in $PROVISION" >&2; exit 1; }
+stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS") | sha256sum | cut -c1-16)
 if [ -s "$BOX" ] && [ "$(cat "$BOX.key" 2>/dev/null)" = "$stamp" ]; then
   log "cached: $BOX"
 else
@@ -64,6 +69,14 @@ else
   echo 'vagrant ALL=(ALL) NOPASSWD: ALL' > "$mnt/etc/sudoers.d/vagrant" && chmod 440 "$mnt/etc/sudoers.d/vagrant"
   echo 'UseDNS no' > "$mnt/etc/ssh/sshd_config.d/vagrant.conf"
   chroot "$mnt" systemctl enable ssh >/dev/null 2>&1 || true
+  log "installing the testbed's system packages in the box: $APT_PKGS"
+  # no service starts inside the chroot (docker, openvswitch): policy-rc.d says no while installing
+  printf '#!/bin/sh\nexit 101\n' > "$mnt/usr/sbin/policy-rc.d" && chmod 755 "$mnt/usr/sbin/policy-rc.d"
+  # shellcheck disable=SC2086
+  chroot "$mnt" env DEBIAN_FRONTEND=noninteractive sh -c "apt-get update -qq && \
+    apt-get install -y -qq --no-install-recommends $APT_PKGS" >> "$OUT/debootstrap.log" 2>&1 \
+    || { tail -20 "$OUT/debootstrap.log"; exit 1; }
+  rm -f "$mnt/usr/sbin/policy-rc.d"
   chroot "$mnt" apt-get clean
   kver=$(ls "$mnt/lib/modules" | sort -V | tail -1)
 
@@ -85,15 +98,22 @@ menuentry "Debian GNU/Linux ($kver)" {
 CFG
   grub-mkimage -O i386-pc -o "$OUT/core.img" -p '(hd0,msdos1)/boot/grub' biosdisk part_msdos ext2
   for m in dev/pts dev proc sys; do umount "$mnt/$m"; done
-  umount "$mnt"; losetup -d "$loop"; loop=
+  umount "$mnt"; blockdev --flushbufs "$loop" 2>/dev/null || true; losetup -d "$loop"; loop=
   dd if=/usr/lib/grub/i386-pc/boot.img of="$raw" bs=440 count=1 conv=notrunc status=none
   dd if="$OUT/core.img" of="$raw" bs=512 seek=1 conv=notrunc status=none
   rm -f "$OUT/core.img"
   # without this sync the qcow2 silently lost blocks here (grub rescue: normal.mod not found)
   sync
   log "qemu-img convert"
-  qemu-img convert -O qcow2 "$raw" "$OUT/box.img"
-  qemu-img compare -q "$raw" "$OUT/box.img" || { echo "build.sh: box.img differs from the raw disk" >&2; exit 1; }
+  # once here a first convert still differed from the raw disk (writeback not finished): a second
+  # sync and convert, and only then an error
+  for try in 1 2; do
+    qemu-img convert -O qcow2 "$raw" "$OUT/box.img"
+    qemu-img compare "$raw" "$OUT/box.img" > "$OUT/compare.log" 2>&1 && break
+    [ "$try" = 2 ] && { echo "build.sh: box.img differs from the raw disk: $(tail -1 "$OUT/compare.log")" >&2; exit 1; }
+    log "box.img differs from the raw disk ($(tail -1 "$OUT/compare.log")): sync and convert again"
+    sync; sleep 5
+  done
   printf '{"provider": "libvirt", "format": "qcow2", "virtual_size": %d}\n' "$DISK_GB" > "$OUT/metadata.json"
   cp "$HERE/Vagrantfile.box" "$OUT/Vagrantfile"
   tar -C "$OUT" -cf "$BOX.tmp" metadata.json Vagrantfile box.img
