@@ -62,3 +62,13 @@ def test_infer_refuses_an_adapter_of_another_base(tiny2: Path, tmp_path: Path) -
     assert r.returncode == 2
     assert r.stderr.strip() == ("--adapter: adapter: must be a peft adapter folder (no such folder) "
                                 f"(got {str(tmp_path / 'none')!r})")
+
+
+def test_node_settings_name_a_missing_adapter(tiny2: Path, adapter: Path, tmp_path: Path) -> None:
+    from testbed.apps.inference.settings import DriverSettings, ShardSettings
+
+    good = ShardSettings(bind="tcp://127.0.0.1:5601", model=str(tiny2), start=1, end=2, adapter=str(adapter))
+    assert list(good.problems()) == []
+    bad = DriverSettings(model=str(tiny2), start=0, end=2, adapter=str(tmp_path))
+    assert list(bad.problems()) == [("adapter", "must be a peft adapter folder (no adapter_config.json, "
+                                                "adapter_model.safetensors)")]
