@@ -74,7 +74,8 @@ def driver(s: DriverSettings) -> int:
     try:
         try:
             client.connect()
-            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            lora = f" adapter={s.adapter} merged={shard.adapter_layers if shard else []}" if s.adapter else ""
+            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}{lora}")
             out = client.generate(ids, s.max_new_tokens, stop)
         except SplitError as e:  # the record so far goes with the error
             print(json.dumps({"error": str(e), **getattr(client, "partial", {})}), flush=True)
