@@ -254,8 +254,10 @@ class TrainClient:
         return msg
 
     def stats(self) -> np.ndarray:
-        """Statistics of every stage server: [stages - 1, steps, K]."""
-        msg = self._barrier(self.steps[-1])
+        """Statistics of every stage server: [stages - 1, steps, K].  Taking turns: once the whole run
+        is done, so that the servers' adapters pulled next are their final ones for every device (as
+        ``--local`` saves them), not those of whatever step another device had reached."""
+        msg = self._barrier(self.s.steps - 1 if self.s.turns else self.steps[-1])
         if msg.kind != Kind.TRAIN_STATS:
             raise TrainError(f"expected statistics, got {msg.kind.name}")
         table = msg.tensor().numpy()

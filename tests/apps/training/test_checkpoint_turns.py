@@ -92,13 +92,15 @@ def test_devices_taking_turns_resume_with_the_same_state(tiny4: Path, tmp_path: 
     losses = [checkpoint.load(d / "checkpoints", "stage1", STEPS)["rows"][:, tw.F["loss"]]
               for d in (cut, whole)]
     assert len(losses[0]) == STEPS and torch.equal(*losses)
-    for dev in ("dev1", "dev2"):  # the saved adapters: the device's own layers, the last turn's server's
+    server = {}
+    for dev in ("dev1", "dev2"):  # the saved adapters: the device's own (its last turn's), the server's final
         a = load_file(str(cut / "adapters" / dev / "adapter_model.safetensors"))
         b = load_file(str(whole / "adapters" / dev / "adapter_model.safetensors"))
-        assert sorted(a) == sorted(b)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), dev
         own = [k for k in a if k.split(".")[4] in ("0", "1")]
-        assert own and all(torch.equal(a[k], b[k]) for k in (a if dev == "dev2" else own))
         assert max(float(a[k].abs().max()) for k in own if "lora_B" in k) > 1e-3  # really trained
+        server[dev] = {k: v for k, v in a.items() if k not in own}
+    assert all(torch.equal(v, server["dev2"][k]) for k, v in server["dev1"].items())
 
     with pytest.raises(SpecError, match="several devices in one process"):
         prepare_checkpoints(tmp_path / "local", _opt(), parse_placement("dev1=0:2,mec=2:4", None, 4), tiny4,
