@@ -139,8 +139,13 @@ def check_adapter(path: str | Path, model_dir: str | Path, source: str = "--adap
             raise SpecError(wfile, f"{name}.lora_A/B", f"shapes {list(a)} and {list(b)} do not fit the "
                                                        f"base's {module} ({in_f} in, {out_f} out): an "
                                                        f"adapter of another base? {got([list(a), list(b)])}")
+        if not cfg.get("rank_pattern") and a[0] != cfg.get("r"):
+            raise SpecError(p / CONFIG_FILE, "r", f"{name} has rank {a[0]}, the config another "
+                                                 f"{got(cfg.get('r'))}")
+    targets = cfg.get("target_modules") or []
+    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))  # peft: a regex or names
     return AdapterInfo(p, tuple(sorted(layers)), int(cfg.get("r", 0)), float(cfg.get("lora_alpha", 0)),
-                       tuple(sorted(cfg.get("target_modules") or [])))
+                       targets)
 
 
 def _layer_tensors(path: Path, start: int, end: int) -> dict[int, dict[str, torch.Tensor]]:

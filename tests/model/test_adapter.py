@@ -103,6 +103,9 @@ def test_check_adapter_names_what_does_not_fit(tiny_dir: Path, adapter: Path, tm
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     assert _problem(dora, tiny_dir) == f"{dora / 'adapter_config.json'}: use_dora: cannot be served: " \
                                        "plain LoRA only (got True)"
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    assert _problem(dora, tiny_dir).endswith("r: base_model.model.model.layers.0.mlp.down_proj has rank 4, "
+                                             "the config another (got 8)")
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     assert "peft_type: only LoRA adapters can be served (got 'IA3')" in _problem(dora, tiny_dir)
     head = save_peft_adapter(tiny_dir, tmp_path / "head", targets=("q_proj", "lm_head"))
