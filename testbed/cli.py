@@ -100,6 +100,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kv-cache", action="store_true",
                    help="resend and recompute the whole sequence each step")
     p.add_argument("--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a peft LoRA folder (testbed train's adapters/), merged into each shard's layers")
     p.add_argument("--json", action="store_true")
 
 

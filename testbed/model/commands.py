@@ -50,7 +50,12 @@ def generate(args: argparse.Namespace) -> int:
     config = load_config(model_dir)
     cuts = _cuts(args, config.num_hidden_layers)
     tok = load_tokenizer(model_dir)
-    shards = load_shards(model_dir, cuts, args.quant)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        from testbed.model.adapter import check_adapter
+
+        check_adapter(adapter, model_dir)
+    shards = load_shards(model_dir, cuts, args.quant, adapter=adapter)
     res = generate_split(
         shards, format_prompt(tok, args.prompt), args.max_new_tokens, kv_cache=not args.no_kv_cache,
         codec=args.codec, eos_ids=eos_ids(tok, config),
@@ -60,7 +65,7 @@ def generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "text": text, "tokens": res.tokens, "ttft_ms": round(res.ttft_ms, 3),
             "tpot_ms": round(res.tpot_ms, 3), "quant": args.quant, "codec": args.codec,
-            "cuts": cuts, "kv_cache": res.kv_cache, "prompt_tokens": res.prompt_tokens,
+            "cuts": cuts, "kv_cache": res.kv_cache, "prompt_tokens": res.prompt_tokens, "adapter": adapter,
             "per_shard_ms": [round(x, 3) for x in res.per_shard_ms], "wire_bytes": res.wire_bytes,
             "omp": omp.in_effect(), "thread_plan": omp.summary(_threads_in_use()),
         }))

@@ -113,9 +113,11 @@ def generate_split(
     )
 
 
-def load_shards(model_dir, cuts: list[int], quant: str = "none", threads: int | None = None) -> list[Shard]:
-    """All shards of ``model_dir`` for the given cut points."""
+def load_shards(model_dir, cuts: list[int], quant: str = "none", threads: int | None = None,
+                adapter=None) -> list[Shard]:
+    """All shards of ``model_dir`` for the given cut points; ``adapter``: a peft LoRA folder merged in."""
     from testbed.model.shard import load_config, split_points
 
     n = load_config(model_dir).num_hidden_layers
-    return [Shard.load(model_dir, a, b, quant=quant, threads=threads) for a, b in split_points(cuts, n)]
+    return [Shard.load(model_dir, a, b, quant=quant, threads=threads, adapter=adapter)
+            for a, b in split_points(cuts, n)]

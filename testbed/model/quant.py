@@ -405,8 +405,10 @@ def _make(quant: str, w: torch.Tensor, grid: dict | None, names: list[str], opts
     raise ValueError(f"unknown quant {quant!r} or int8 layout {opts.int8_layout!r}")
 
 
-def quantize_shard(shard, quant: str, model_dir: Path, opts: QuantOptions | None = None) -> None:
-    """Replace the shard's linear layers (and output layer) by ``quant`` versions, in place."""
+def quantize_shard(shard, quant: str, model_dir: Path | None, opts: QuantOptions | None = None) -> None:
+    """Replace the shard's linear layers (and output layer) by ``quant`` versions, in place.
+
+    ``model_dir``: where int4 looks for the GGUF's own Q4_1 grid (None: group-wise min/max int4)."""
     opts = opts or QuantOptions()
     if quant not in ("bf16", "int8", "int4"):
         raise ValueError(f"unknown quant {quant!r}")
@@ -415,7 +417,7 @@ def quantize_shard(shard, quant: str, model_dir: Path, opts: QuantOptions | None
         prefix = f"model.layers.{shard.start + local}"
         parents += [(layer.self_attn, f"{prefix}.self_attn"), (layer.mlp, f"{prefix}.mlp")]
     all_names = [f"{p}.{a}.weight" for parent, p in parents for a in _LINEAR_NAMES if hasattr(parent, a)]
-    grid = _gguf_grid(model_dir, all_names) if quant == "int4" else None
+    grid = _gguf_grid(model_dir, all_names) if quant == "int4" and model_dir is not None else None
     for parent, prefix in parents:
         fuse = opts.fuse and quant != "bf16"
         groups = [g for g in _FUSED_GROUPS if fuse and all(hasattr(parent, a) for a in g)]

@@ -91,9 +91,14 @@ class Shard(nn.Module):
 
     @classmethod
     def load(
-        cls, model_dir: Path, start: int, end: int, quant: str = "none", threads: int | None = None
+        cls, model_dir: Path, start: int, end: int, quant: str = "none", threads: int | None = None,
+        adapter: str | Path | None = None,
     ) -> Shard:
-        """Build on the meta device, then read only this shard's tensors from the checkpoint."""
+        """Build on the meta device, then read only this shard's tensors from the checkpoint.
+
+        ``adapter``: a peft LoRA folder whose layers ``start:end`` are merged into the fp32 weights
+        (``testbed.model.adapter``) before any quantization; int4 then quantizes the merged weights
+        group-wise (min/max per 32), the GGUF's own grid being the base's."""
         from safetensors import safe_open
 
         if quant not in QUANTS:
@@ -118,10 +123,16 @@ class Shard(nn.Module):
         # rotary inverse frequencies are buffers computed from the config, not stored in the checkpoint
         shard.rotary_emb = type(shard.rotary_emb)(config=config)
         shard.eval().requires_grad_(False)
+        shard.adapter_layers = []
+        if adapter is not None:
+            from testbed.model.adapter import merge_adapter
+
+            shard.adapter_layers = merge_adapter(shard, adapter)
         if quant != "none":
             from testbed.model.quant import quantize_shard
 
-            quantize_shard(shard, quant, model_dir)
+            # merged layers no longer match the GGUF's Q4_1 grid (None: group-wise int4 instead)
+            quantize_shard(shard, quant, None if shard.adapter_layers else model_dir)
         return shard
 
     # -- running --------------------------------------------------------------------------------

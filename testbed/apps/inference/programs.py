@@ -24,7 +24,7 @@ def shard_node(s: ShardSettings) -> int:
     from testbed.model.shard import Shard
 
     torch.set_num_threads(s.threads)
-    shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
+    shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads, adapter=s.adapter)
     shard.eval()
     if s.warmup:
         with torch.inference_mode():
@@ -40,7 +40,8 @@ def shard_node(s: ShardSettings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    announce_ready(f"{s.bind} layers={s.start}:{s.end} threads={s.threads}")
+    lora = f" adapter={s.adapter} merged={shard.adapter_layers}" if s.adapter else ""
+    announce_ready(f"{s.bind} layers={s.start}:{s.end} threads={s.threads}{lora}")
     try:
         server.serve()
     finally:
@@ -58,7 +59,7 @@ def driver(s: DriverSettings) -> int:
     torch.set_num_threads(s.threads)
     shard = None  # 0:0: no layer on the device, token ids go upstream
     if s.end > s.start:
-        shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads)
+        shard = Shard.load(s.model, s.start, s.end, quant=s.quant, threads=s.threads, adapter=s.adapter)
         shard.eval()
     tok = load_tokenizer(s.model)
     if s.prompt_ids is not None:
@@ -73,7 +74,8 @@ def driver(s: DriverSettings) -> int:
     try:
         try:
             client.connect()
-            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
+            lora = f" adapter={s.adapter} merged={shard.adapter_layers if shard else []}" if s.adapter else ""
+            announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}{lora}")
             out = client.generate(ids, s.max_new_tokens, stop)
         except SplitError as e:  # the record so far goes with the error
             print(json.dumps({"error": str(e), **getattr(client, "partial", {})}), flush=True)

@@ -49,11 +49,13 @@ def model_layers(model_dir: Path) -> int:
 def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, model_dir: Path, quant: str,
                   idle_timeout_s: float = 60.0, threads: int | None = None,
                   next_standbys: list[str] | None = None, node: str | None = None,
-                  topo: Topology | None = None, curve_keys: str | None = None) -> Program:
+                  topo: Topology | None = None, curve_keys: str | None = None,
+                  adapter: str | None = None) -> Program:
     """The shard node of ``stage`` on ``node`` (default: the stage's own node; else one of its
     standbys, which warms up before its ready line).  A primary that has standbys may die without
     failing the run: the client takes over with a standby.  ``topo``: the nodes' KV budgets;
-    ``curve_keys``: the run's key file (``security: curve``)."""
+    ``curve_keys``: the run's key file (``security: curve``); ``adapter``: a peft LoRA folder whose
+    layers of the stage the node merges in (``testbed.model.adapter``)."""
     node = node or stage.node
     spec = topo.nodes.get(node) if topo is not None else None
     settings = ShardSettings(bind=bind, model=str(model_dir), start=stage.start, end=stage.end,
@@ -61,7 +63,7 @@ def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, mo
                              next_standbys=list(next_standbys or []),
                              kv_budget_mb=getattr(spec, "kv_budget_mb", None),
                              kv_int8=bool(getattr(spec, "kv_int8", False)), warmup=node != stage.node,
-                             curve_keys=curve_keys)
+                             curve_keys=curve_keys, adapter=adapter)
     return Program(f"shard-{node}", "shard_node.py", settings, host, threads=threads,
                    service=node != stage.node or not stage.standbys)
 
@@ -97,7 +99,7 @@ def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model
                    max_new_tokens: int, quant: str, codec: str, kv_cache: bool,
                    prompt_ids: list[int] | None = None, timeout_s: float = 300.0,
                    next_standbys: list[str] | None = None, detect_floor_ms: float = 50.0,
-                   curve_keys: str | None = None) -> Program:
+                   curve_keys: str | None = None, adapter: str | None = None) -> Program:
     first = stages[0]
     settings = DriverSettings(model=str(model_dir), start=first.start, end=first.end, next=next_addr,
                               hops=[s.layers for s in stages], prompt=prompt, prompt_ids=prompt_ids,
@@ -105,7 +107,7 @@ def driver_program(host: Host, stages: list[Stage], next_addr: str | None, model
                               timeout_s=timeout_s, next_standbys=list(next_standbys or []),
                               # standbys only where they were started (next_standbys given)
                               routes=[s.nodes if next_standbys is not None else [s.node] for s in stages],
-                              detect_floor_ms=detect_floor_ms, curve_keys=curve_keys)
+                              detect_floor_ms=detect_floor_ms, curve_keys=curve_keys, adapter=adapter)
     return Program(f"driver-{first.node}", "driver.py", settings, host, service=False)
 
 
@@ -161,7 +163,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
                    logs: Path | None = None, events: list[Any] | None = None,
                    standby_ports: list[list[int]] | None = None,
                    on_ready: Callable[[dict[str, Running]], None] | None = None,
-                   detect_floor_ms: float = 50.0) -> dict:
+                   detect_floor_ms: float = 50.0, adapter: str | Path | None = None) -> dict:
     """Start the shard nodes on ``net`` (an EmulatedNetwork that is up), run the driver, stop all.
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
@@ -174,19 +176,22 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     ends ``sum(token_ms[:i+1])`` ms after it).  A run that fails keeps its events' records on the
     error (``error.events``).  ``on_ready``: called with every program by node once the driver
     started (fault injection in tests and benches); ``detect_floor_ms``: the smallest step
-    deadline of the driver (``recovery.StepClock``)."""
+    deadline of the driver (``recovery.StepClock``); ``adapter``: a peft LoRA folder every program
+    merges into the layers it holds (checked first with ``testbed.model.adapter.check_adapter``)."""
     logs = logs or default_logs_dir("infer")
     ports = ports or [BASE_PORT + i for i in range(len(stages))]
     addrs: list[str | None] = [None] + [f"tcp://{net.ip(s.node, stages[i - 1].node)}:{ports[i]}"
                                         for i, s in enumerate(stages) if i > 0]
     node_keys, device_keys = run_key_files(net.topo.security, logs)
     sb_addrs = standby_addresses(net, stages, standby_ports)
+    lora = str(Path(adapter).resolve()) if adapter is not None else None  # nodes run elsewhere (cwd)
     shards = shard_programs(stages, addrs, lambda node: NetHost(net, node), model_dir, quant,
-                            standby_addrs=sb_addrs, topo=getattr(net, "topo", None), curve_keys=node_keys)
+                            standby_addrs=sb_addrs, topo=getattr(net, "topo", None), curve_keys=node_keys,
+                            adapter=lora)
     drv = driver_program(NetHost(net, stages[0].node), stages, addrs[1] if len(stages) > 1 else None,
                          model_dir, prompt, max_new_tokens, quant, codec, kv_cache, prompt_ids,
                          next_standbys=sb_addrs[1] if len(stages) > 1 else None,
-                         detect_floor_ms=detect_floor_ms, curve_keys=device_keys)
+                         detect_floor_ms=detect_floor_ms, curve_keys=device_keys, adapter=lora)
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
@@ -222,6 +227,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     result["node_exits"] = exits
     result["omp"] = describe(program_env(d.plan), role="node")
     result["logs"] = str(logs)
+    result["adapter"] = lora
     return result
 
 
@@ -231,7 +237,7 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
                         runtime: str | None = None, prompt_ids: list[int] | None = None,
                         logs: Path | None = None, events: list[Any] | None = None,
                         on_ready: Callable[[dict[str, Running]], None] | None = None,
-                        detect_floor_ms: float = 50.0) -> dict:
+                        detect_floor_ms: float = 50.0, adapter: str | Path | None = None) -> dict:
     """Split inference of ``prompt`` across ``topo``; returns the driver's measurements.
 
     Result keys: text, tokens, prompt_tokens, ttft_ms, tpot_ms, token_ms (every step's
@@ -250,7 +256,7 @@ def run_split_inference(topo: Topology, placement: str | list[Stage], prompt: st
         result = run_on_network(net, stages, model_dir, prompt, max_new_tokens, quant, codec, kv_cache,
                                 prompt_ids=prompt_ids, logs=logs,
                                 events=topo.events if events is None else events,
-                                on_ready=on_ready, detect_floor_ms=detect_floor_ms)
+                                on_ready=on_ready, detect_floor_ms=detect_floor_ms, adapter=adapter)
         shaper_used, tcp_cc = net.shaper, net.tcp_cc
     for hop, st in zip(result["per_hop"], stages, strict=True):
         hop["node"] = st.node
@@ -272,11 +278,16 @@ def infer(args: argparse.Namespace) -> int:
         events = combined(events, load_events(args.events, topo, source="infer"), topo, args.events)
     model_dir = prepare_model_dir(args.model)
     stages = parse_placement(args.placement, topo, model_layers(model_dir))
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:  # before the network: one line naming what does not fit
+        from testbed.model.adapter import check_adapter
+
+        check_adapter(adapter, model_dir)
     logs = Path(args.logs) if getattr(args, "logs", None) else default_logs_dir("infer")
     try:
         result = run_split_inference(topo, stages, args.prompt, args.max_new_tokens, args.quant, args.codec,
                                      not args.no_kv_cache, args.shaper, model_dir, args.runtime, logs=logs,
-                                     events=events)
+                                     events=events, adapter=adapter)
     except LaunchError as e:
         if args.json and getattr(e, "events", None) is not None:  # what had happened by then
             print(json.dumps({"error": str(e).splitlines()[0], "events": e.events, "logs": str(logs)}))

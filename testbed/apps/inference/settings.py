@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.model.adapter import folder_problem
 from testbed.spec.options import CODECS, QUANTS
 from testbed.wire.security import key_file_problem
 
@@ -45,6 +46,8 @@ def _common(s: ShardSettings | DriverSettings) -> Iterator[tuple[str, str]]:
         yield "start", "must be >= 0"
     if (problem := key_file_problem(s.curve_keys)) is not None:
         yield "curve_keys", problem
+    if s.adapter is not None and (problem := folder_problem(s.adapter)) is not None:
+        yield "adapter", problem
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ShardSettings:
     kv_budget_mb: int | None = None  # the sessions' KV caches together (LRU eviction beyond it)
     kv_int8: bool = False  # int8 KV caches with per-head scales
     warmup: bool = False  # run one forward pass before the ready line (a standby takes over warm)
+    adapter: str | None = None  # a peft LoRA folder: its LoRA of layers start:end merged in at load
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.bind, "bind", wildcard_ok=False)
@@ -104,6 +108,7 @@ class DriverSettings:
     next_standbys: list[str] = field(default_factory=list)  # the next stage's standbys
     routes: list[list[str]] = field(default_factory=list)  # every stage's nodes, primary first (records)
     detect_floor_ms: float = 50.0  # the smallest step deadline before a stage counts as failed
+    adapter: str | None = None  # a peft LoRA folder: its LoRA of layers start:end merged in at load
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from _address(self.next, "next")

@@ -8,6 +8,13 @@ file or none.  The programs reach step K at slightly different times, so each ke
 saved (:func:`common_step`).  The data cursor is the step count: the batches are drawn from the seed,
 so a resumed device skips the first K of them.
 
+Devices taking turns (``sl`` with C > 1 devices: step s is device ``s % C``'s): a device's state does
+not change between its turns, so after each turn (and at its start) a device writes the checkpoints
+of every due step up to its next turn at once; the steps of the others' turns are thus covered when
+they come, and it keeps :func:`keep_for_turns` files (its newest run up to C steps ahead of the
+servers').  The adapters handed on at the checkpoint's step are the saved adapters of the device
+whose turn it was: after ``--resume`` that device hands them on again (``TrainClient.hand_on_again``).
+
 A file is safetensors: the tensors by a path of keys, and the rest of the state (numbers, lists,
 strings; mappings with any keys, the optimizer's are integers) as typed JSON in its metadata.
 Nothing is unpickled.
@@ -33,8 +40,13 @@ def path(folder: str | Path, name: str, step: int) -> Path:
     return Path(folder) / f"{name}.step{step:07d}.safetensors"
 
 
-def save(folder: str | Path, name: str, step: int, state: dict[str, Any]) -> Path:
-    """Write program ``name``'s state after ``step`` steps; drop its files older than the last KEEP."""
+def keep_for_turns(clients: int, every: int) -> int:
+    """Files a device taking turns keeps: KEEP, and its write-ahead until its next turn."""
+    return KEEP + -(-clients // max(1, every))
+
+
+def save(folder: str | Path, name: str, step: int, state: dict[str, Any], keep: int = KEEP) -> Path:
+    """Write program ``name``'s state after ``step`` steps; drop its files older than the last ``keep``."""
     from safetensors.torch import save as save_tensors
 
     tensors: dict[str, torch.Tensor] = {}
@@ -42,7 +54,7 @@ def save(folder: str | Path, name: str, step: int, state: dict[str, Any]) -> Pat
     target = path(folder, name, step)
     write_atomic(target, save_tensors(tensors, metadata={"state": meta}))
     old = sorted(s for s in saved_steps(folder).get(name, []) if s < step)
-    for s in old[:max(0, len(old) - (KEEP - 1))]:
+    for s in old[:max(0, len(old) - (keep - 1))]:
         path(folder, name, s).unlink(missing_ok=True)
     return target
 

@@ -84,21 +84,28 @@ class TrainClient:
         self.bytes_up = [int(v) for v in state["bytes_up"]]
         self.bytes_down = [int(v) for v in state["bytes_down"]]
 
-    def checkpoint(self, done: int) -> None:
-        """After ``done`` steps of the run: this device's state, when a checkpoint is due."""
+    def checkpoint(self, done: int, until: int | None = None) -> None:
+        """After ``done`` steps of the run: this device's state, when a checkpoint is due.  ``until``
+        (devices taking turns): the state holds until that many steps are done (the device's next
+        turn), and goes out as the checkpoint of every step due up to then."""
         k = self.s.checkpoint_every
-        if not k or done % k:
+        last = done if until is None else until  # below done: nothing (its turn comes first)
+        due = [d for d in range(done, last + 1) if k and d % k == 0]
+        if not due:
             return
         from testbed.apps.training import checkpoint
         from testbed.apps.training.lora import flatten
 
         assert self.s.checkpoint_dir is not None
-        checkpoint.save(self.s.checkpoint_dir, self.name, done, {
+        keep = checkpoint.keep_for_turns(self.s.clients, k) if self.s.turns else checkpoint.KEEP
+        state = {
             "adapters": flatten(self.stage.named_adapters),
             "opt": self.opt.state_dict() if self.opt is not None else {},
             "rows": torch.from_numpy(np.stack(self.rows)) if self.rows else torch.zeros(0, tw.K),
             "steps": [int(v) for v in self.steps], "step_ms": [float(v) for v in self.step_ms],
-            "bytes_up": [int(v) for v in self.bytes_up], "bytes_down": [int(v) for v in self.bytes_down]})
+            "bytes_up": [int(v) for v in self.bytes_up], "bytes_down": [int(v) for v in self.bytes_down]}
+        for d in due:
+            checkpoint.save(self.s.checkpoint_dir, self.name, d, state, keep=keep)
 
     # ---- messages -------------------------------------------------------------------------
     def _send(self, msg: Message) -> int:
@@ -264,6 +271,15 @@ class TrainClient:
         self.bytes_up[-1] += sent
         self.bytes_down[-1] += got
 
+    def hand_on_again(self, step: int) -> None:
+        """After ``--resume`` from ``step + 1`` steps, by the device whose turn ``step`` was: its
+        restored adapters (those it handed on then) to the first server once more, for the next device.
+        The bytes were counted when it first handed them on."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        self._send(weights_message(self.session, flatten(self.stage.named_adapters), 0, step))
+
     def _load(self, flat: torch.Tensor) -> None:
         with torch.no_grad():
             i = 0
@@ -292,8 +308,10 @@ class TrainClient:
         return msg
 
     def stats(self) -> np.ndarray:
-        """Statistics of every stage server: [stages - 1, steps, K]."""
-        msg = self._barrier(self.steps[-1])
+        """Statistics of every stage server: [stages - 1, steps, K].  Taking turns: once the whole run
+        is done, so that the servers' adapters pulled next are their final ones for every device (as
+        ``--local`` saves them), not those of whatever step another device had reached."""
+        msg = self._barrier(self.s.steps - 1 if self.s.turns else self.steps[-1])
         if msg.kind != Kind.TRAIN_STATS:
             raise TrainError(f"expected statistics, got {msg.kind.name}")
         table = msg.tensor().numpy()

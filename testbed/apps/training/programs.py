@@ -69,6 +69,10 @@ def client_node(s: ClientSettings) -> int:
             client.connect()
             announce_ready(f"next={s.next} layers={s.start}:{s.end} threads={s.threads}")
             parent = os.getppid()
+            if s.turns:  # until its first turn: the state it starts with (or resumed), then what it handed on
+                client.checkpoint(s.resume_step + 1, next((t for t in turns if t >= s.resume_step), s.steps))
+                if s.resume_step and (s.resume_step - 1) % s.clients == s.client:
+                    client.hand_on_again(s.resume_step - 1)
             for step, (x, y), sample_ids in zip(turns, batches, ids, strict=True):
                 if step < s.resume_step:  # done before the checkpoint: the data cursor moves past it
                     continue
@@ -79,7 +83,7 @@ def client_node(s: ClientSettings) -> int:
                 client.train_step(step, x, y, sample_ids)
                 if s.turns:
                     client.hand_on(step)
-                client.checkpoint(step + 1)
+                client.checkpoint(step + 1, min(step + s.clients, s.steps) if s.turns else None)
             out = summarize(client, client.stats(), list(s.hops))
             hops = [tuple(int(v) for v in h.split(":")) for h in s.hops]
             tensors = client.pull_adapters(hops, _spec(s))

@@ -373,9 +373,9 @@ def prepare_checkpoints(folder: Path, opt: TrainOptions, stages: list[Stage], mo
     ``resume`` checked against them (a different run cannot continue these weights)."""
     from testbed.apps.training import checkpoint
 
-    if (local or opt.scheme == "sl") and len(opt.clients) > 1:
-        raise SpecError("train", "--checkpoint-every", "is not supported yet for several devices taking "
-                        f"turns or in one process (got {len(opt.clients)} devices)")
+    if local and len(opt.clients) > 1:
+        raise SpecError("train", "--checkpoint-every", "is not supported yet for several devices in one "
+                        f"process (--local) (got {len(opt.clients)} devices)")
     mine = {"options": {k: v for k, v in asdict(opt).items() if k not in ("checkpoint_every", "evaluate",
                                                                              "drop_after_s")},
             "placement": [s.layers for s in stages], "local": local, "model": str(model_dir)}
