@@ -73,9 +73,9 @@ def test_wire_rejects_malformed_messages():
 
 
 def test_credit_covers_the_bandwidth_delay_product():
-    # 50 Mbit/s x 40 ms = 250 kB: four times that in 128 KiB chunks
-    assert credit_for(50, 40, 128 * 1024) == 8
-    assert credit_for(50, 40, 16 * 1024) == 62
+    # 50 Mbit/s x 40 ms = 250 kB: eight times that in 128 KiB chunks
+    assert credit_for(50, 40, 128 * 1024) == 16
+    assert credit_for(50, 40, 16 * 1024) == 123
     assert credit_for(50, 40, 128 * 1024, factor=2) == 4
     assert credit_for(None, None) == 4
     assert transfer_bound_s(6_250_000, 50, 40) == pytest.approx(1.0 + 0.04)
