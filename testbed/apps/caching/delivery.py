@@ -1,13 +1,15 @@
 """Model-block delivery over ZeroMQ: chunked, credit-based flow control, resumable, verified.
 
 The receiver pulls (the idea of the ZeroMQ guide's file-transfer chapter): it keeps up to
-``credit`` chunk requests outstanding and sends a new one for each chunk that arrives, so the
-sender never pushes more than the receiver asked for and the pipe stays full when
-``credit x chunk`` covers the link's bandwidth-delay product (``credit_for``).
+``window_bytes`` of chunk requests outstanding and sends new ones as chunks arrive, so the sender
+never pushes more than the receiver asked for and the pipe stays full when the window covers the
+link's bandwidth-delay product (``credit_for``: eight times it).  With the blocks' sizes known every
+request of a fetch goes out at once (one round trip; see ``BlockFetcher``).
 
-* **Verified.**  A block is named by the SHA-256 of its bytes.  The receiver first asks for the
-  SHA-256 of each chunk (``META``); a chunk whose digest does not match is asked for again and
-  never written; the whole block is checked against its name before ``write_block`` sees it.
+* **Verified.**  A block is named by the SHA-256 of its bytes.  For a block of more than one chunk the
+  receiver asks for the SHA-256 of each chunk (``META``, answered before the block's chunks); a chunk
+  whose digest does not match is asked for again and never written; a one-chunk block is checked
+  against its name; the whole block is checked against its name before ``write_block`` sees it.
 * **Resumable.**  Chunks are requested by offset.  After a link outage TCP carries on; requests
   a restarted sender lost are noticed in order (the sender answers requests in the order they
   came, so a reply to a later request means every earlier unanswered one is gone) or, when
