@@ -456,6 +456,8 @@ class BlockFetcher:
         blocks: dict[bytes, _Block] = {}
         for i, h in enumerate(hexdigests):
             blk = _Block(h.lower(), int(sizes[i]) if sizes is not None else None)
+            if blk.hint is not None and (blk.hint < 0 or (blk.hint == 0) != (blk.digest == EMPTY)):
+                raise ValueError(f"block {blk.hex[:12]}: size {blk.hint} cannot be right")
             blocks.setdefault(blk.digest, blk)
         rep = FetchReport(blocks=len(blocks), chunk_bytes=self.chunk_bytes, credit=self.credit,
                           window_bytes=self.window_bytes)
@@ -627,9 +629,9 @@ class BlockFetcher:
                         continue
                     if blk.size is None:  # the first chunk came before the digests: it tells the size
                         blk.sized(msg.total, self.chunk_bytes)
-                    if msg.total != blk.size:
-                        rep.duplicates += 1
-                        continue
+                    if msg.total != blk.size:  # a size given for the fetch, or told before, is wrong
+                        raise DeliveryError(f"block {blk.hex[:12]} is {msg.total} bytes at the sender, "
+                                            f"{blk.size} expected")
                     answered((msg.digest, idx), msg.seq)  # a late reply to a request thought lost counts
                     if blk.have[idx]:
                         rep.duplicates += 1

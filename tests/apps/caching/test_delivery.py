@@ -252,9 +252,13 @@ def test_a_wrong_size_and_a_failed_write_stop_the_fetch():
     blocks = make_blocks(3 * CHUNK)
     name, data = next(iter(blocks.items()))
     with BlockServer("tcp://127.0.0.1:*", blocks.get) as srv:
+        for wrong in (2 * CHUNK, 100):  # told by the digests; told by the one chunk asked for
+            with BlockFetcher(srv.endpoint, lambda h, b: None, chunk_bytes=CHUNK) as f, \
+                    pytest.raises(DeliveryError, match="expected"):
+                f.fetch([name], [wrong])
         with BlockFetcher(srv.endpoint, lambda h, b: None, chunk_bytes=CHUNK) as f, \
-                pytest.raises(DeliveryError, match="expected"):
-            f.fetch([name], [2 * CHUNK])
+                pytest.raises(ValueError, match="cannot be right"):
+            f.fetch([name], [0])
 
         def full(h: str, b: bytes) -> None:
             raise OSError("disk full")
