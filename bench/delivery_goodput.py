@@ -48,16 +48,22 @@ def role_serve(root: Path, bind: str) -> int:
     return 0
 
 
-def role_fetch(endpoint: str, name: str) -> int:
+def role_fetch(endpoint: str, name: str, size: int) -> int:
     from testbed.apps.caching.delivery import BlockFetcher, credit_for
 
-    print("start", time.time(), flush=True)
     factor = float(os.environ.get("BENCH_CREDIT_FACTOR", "0")) or None
-    credit = credit_for(RATE, 2 * DELAY, CHUNK, factor) if factor else None
+    window = credit_for(RATE, 2 * DELAY, CHUNK, factor) * CHUNK if factor else None
     with BlockFetcher(endpoint, lambda h, b: None, chunk_bytes=CHUNK, rate_mbit=RATE, rtt_ms=2 * DELAY,
-                      credit=credit, give_up_s=60) as f:
-        rep = f.fetch([name])
-    print(json.dumps(rep.to_dict()), flush=True)
+                      window_bytes=window, give_up_s=60) as f:
+        # an edge keeps its connections to the senders open: a fetch starts on an established one
+        t = time.monotonic()
+        f.wait_connected(10.0)
+        connect_s = time.monotonic() - t
+        print("start", time.time(), flush=True)
+        rep = f.fetch([name], [size])
+    rep = {**rep.to_dict(), "connect_s": connect_s}
+    rep.pop("per_block")
+    print(json.dumps(rep), flush=True)
     return 0
 
 
@@ -74,7 +80,7 @@ def one_run(root: Path, name: str, nbytes: int, outages: bool) -> dict:
         sender = link.run2([*me, "--role", "serve", str(root), f"tcp://{link.ip2}:5700"],
                            stdout=subprocess.PIPE, text=True, env=env)
         assert sender.stdout.readline().startswith("ready")
-        recv = link.run1([*me, "--role", "fetch", f"tcp://{link.ip2}:5700", name],
+        recv = link.run1([*me, "--role", "fetch", f"tcp://{link.ip2}:5700", name, str(nbytes)],
                          stdout=subprocess.PIPE, text=True, env=env)
         t0 = float(recv.stdout.readline().split()[1])
         down_s = 0.0
@@ -91,10 +97,16 @@ def one_run(root: Path, name: str, nbytes: int, outages: bool) -> dict:
         sent = json.loads(sender.communicate(timeout=10)[0].strip().splitlines()[-1])
         # what plain TCP (iperf3, cubic) gets on this link right now: the machine's load shows here too
         tcp = None if outages else probe.measure_throughput(link.run2, link.run1, link.ip1, 4)
+    from testbed.apps.caching.analytic import framing_bytes, tcp_transfer_s
+
     up_s = rep["elapsed_s"] - down_s
+    # replay's analytic model: one round trip, slow start from TCP's initial window, headers, framing
+    model_s = tcp_transfer_s(nbytes + framing_bytes(nbytes, CHUNK), RATE, 2 * DELAY)
     return {"goodput_mbit": rep["goodput_mbit"], "of_rate": rep["goodput_mbit"] / RATE,
             "of_available": nbytes * 8 / up_s / 1e6 / RATE, "elapsed_s": rep["elapsed_s"],
-            "bound_s": rep["bound_s"], "bound_ratio": rep["bound_ratio"], "credit": rep["credit"],
+            "bound_s": rep["bound_s"], "model_s": model_s, "bound_ratio": rep["bound_ratio"],
+            "window_bytes": rep["window_bytes"],
+            "connect_s": rep["connect_s"], "first_reply_s": rep["first_reply_s"],
             "chunks": -(-nbytes // CHUNK), "chunks_sent": sent["chunks_sent"],
             "rerequested": rep["rerequested"], "timeouts": rep["timeouts"], "duplicates": rep["duplicates"],
             "iperf_mbit": tcp}
@@ -111,7 +123,8 @@ def main() -> int:
     if a.role == "serve":
         return role_serve(Path(a.args[0]), a.args[1])
     if a.role == "fetch":
-        return role_fetch(a.args[0], a.args[1])
+        return role_fetch(a.args[0], a.args[1], int(a.args[2]))
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = os.urandom(int(a.mb * 1e6))
@@ -121,24 +134,26 @@ def main() -> int:
         for _ in range(a.repeats):
             for case in runs:
                 runs[case].append(one_run(root, name, len(data), case == "outages"))
-    load = os.getloadavg()[0]
+    load = (load_start, os.getloadavg()[0])  # 1-minute load average before and after: the machine's state
     if a.json:
         print(json.dumps({"rate_mbit": RATE, "rtt_ms": 2 * DELAY, "mb": a.mb, "load_avg": load,
                           "runs": runs}))
         return 0
     print(f"{a.mb:.0f} MB block, {RATE:.0f} Mbit/s, RTT {2 * DELAY:.0f} ms, chunk {CHUNK // 1024} KiB, "
-          f"{a.repeats} repeats, load average {load:.1f}")
+          f"{a.repeats} repeats, load average {load[0]:.1f} before, {load[1]:.1f} after")
     tcp = [r["iperf_mbit"] for r in runs["steady"]]
     print(f"iperf3 TCP on the same link: {statistics.median(tcp):.1f} Mbit/s ({min(tcp):.1f}-{max(tcp):.1f})")
-    print("| case | goodput Mbit/s | of link rate | of time up | elapsed / bound | chunks sent / in block |")
-    print("|---|---|---|---|---|---|")
+    print("| case | goodput Mbit/s | of link rate | of time up | elapsed / bound | elapsed / model "
+          "| chunks sent / in block |")
+    print("|---|---|---|---|---|---|---|")
     for case, rs in runs.items():
         def med(k: str, rs=rs) -> str:
             v = [r[k] for r in rs]
             return f"{statistics.median(v):.3g} ({min(v):.3g}-{max(v):.3g})"
         sent = "; ".join(f"{r['chunks_sent']}/{r['chunks']}" for r in rs)
         print(f"| {case} | {med('goodput_mbit')} | {med('of_rate')} | {med('of_available')} | "
-              f"{statistics.median(r['elapsed_s'] / r['bound_s'] for r in rs):.3f} | {sent} |")
+              f"{statistics.median(r['elapsed_s'] / r['bound_s'] for r in rs):.3f} | "
+              f"{statistics.median(r['elapsed_s'] / r['model_s'] for r in rs):.3f} | {sent} |")
     return 0
 
 

@@ -1,8 +1,11 @@
 """Wire format of model-block delivery: one fixed-layout header frame, then at most one payload frame.
 
 A block is named by the SHA-256 of its bytes.  The receiver asks for a block's chunk digests
-(``META_REQ`` -> ``META``), then for chunks by offset (``CHUNK_REQ`` -> ``CHUNK``); ``MISSING``
-says the sender does not hold the block, ``ERROR`` carries a short text.  As for the activation
+(``META_REQ`` -> ``META``) and for chunks by offset (``CHUNK_REQ`` -> ``CHUNK``), both at once: the
+sender answers in the order asked, so digests come before the chunks they check.  A receiver that does
+not know a block's size asks for its first chunk with the full chunk length; the ``CHUNK`` carries the
+bytes there are and the block's ``total``.  ``MISSING`` says the sender does not hold the block,
+``ERROR`` carries a short text.  As for the activation
 messages (``testbed.wire.message``), nothing received is unpickled: the header is unpacked with
 ``struct`` and every field is checked before a payload is used.
 

@@ -8,19 +8,34 @@ the lowest-delay routes; a path's rate is the smallest ``bw_mbit`` along it in t
 are *connected* when a route joins them without passing through the cloud or a device: only then can an
 edge fetch blocks from another edge; otherwise every missing block comes from the repository.
 
-A fetch of ``B`` bytes over a path takes ``rtt + 8 B / (rate * efficiency)``: one round trip to ask and
-get the first byte, then the bytes at the bottleneck rate (``efficiency``: the share of the link rate left
-for payload after TCP/IP headers; the delivery protocol's credit window is sized to the bandwidth-delay
-product, so it does not stall the pipe).  Blocks from different sources (a neighbouring edge and the
-repository) arrive in parallel: the request waits for the slowest.  Concurrent fetches sharing a link are
-not modelled (replay treats requests one at a time).
+A fetch over a path is modelled as what the delivery protocol (``testbed.apps.caching.delivery``) and TCP
+must pay, each term a property of the protocol or the link (``AnalyticModel.fetch_ms``):
+
+* **one protocol round trip**: the fetcher knows the blocks' sizes from their manifest, so every request
+  (each block's chunk digests and all its chunks) goes out at once and the first byte comes back one RTT
+  later;
+* **the bytes on the wire**: the blocks' bytes plus each reply's framing (a ``CHUNK`` per chunk and a
+  ``META`` with 32 B of digest per chunk for a block of more than one chunk, each a ``FRAME_BYTES``
+  header frame and ZeroMQ's frame prefixes), carried as TCP payload: ``MSS`` of every ``MTU`` bytes the
+  link counts (the shapers count IP packet bytes; 1448 of 1500 with TCP timestamps);
+* **TCP's slow start**: a fetch starts from TCP's initial window of ``INIT_CWND`` segments (RFC 6928,
+  Linux's default; it is also the restart window after an idle connection, RFC 5681 section 4.1, which
+  Linux applies with ``tcp_slow_start_after_idle=1``, its default: an edge's fetches are seconds apart),
+  doubling every round trip until the window covers the path's bandwidth-delay product; a short fetch
+  pays several RTTs instead of bytes / rate (a 0.9 MB model over 50 Mbit/s and 40 ms: 5 rounds).
+
+The credit window is four times the bandwidth-delay product in bytes, so it never limits the rate.
+Blocks from different sources (a neighbouring edge and the repository) arrive in parallel: the request
+waits for the slowest.  Concurrent fetches sharing a link are not modelled (replay treats requests one at
+a time).  Not modelled either: the two user-space ends' processing and the store's disk writes (they
+overlap the transfer).
 
 Time to first token = fetch time + the device's RTT to its edge + prefill of the prompt and one decode
 step, modelled as ``compute_ms_per_mb`` per MB of the model's bytes.
 
 Public API: ``PathInfo``, ``CacheNetwork`` (``edges``, ``repository``, ``cells``, ``device_path``,
 ``repo_path``, ``peer_path``, ``peers``), ``cache_network``, ``AnalyticModel`` (``fetch_ms``,
-``ttft_ms``).
+``ttft_ms``), ``tcp_transfer_s``, ``framing_bytes``.
 """
 
 from __future__ import annotations
@@ -28,8 +43,10 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from testbed.apps.caching.delivery import DEFAULT_CHUNK
 from testbed.spec.errors import SpecError, got
 from testbed.spec.topology import Topology
+from testbed.wire.blockxfer import DIGEST_BYTES, HEADER
 
 UNSHAPED_MBIT = 10_000.0  # an unshaped link (no bw_mbit): 10 Gbit/s
 
@@ -144,17 +161,54 @@ def cache_network(topo: Topology) -> CacheNetwork:
     return CacheNetwork(edges, clouds[0], cells, device_path, repo_path, peer_path)
 
 
+MTU = 1500  # bytes of an IP packet on the emulated links (what their rates count)
+MSS = 1448  # TCP payload per packet: 1500 - 20 (IP) - 20 (TCP) - 12 (timestamps option)
+INIT_CWND = 10  # TCP's initial (and after-idle restart) window, in segments (RFC 6928)
+FRAME_BYTES = HEADER.size  # the delivery protocol's fixed header frame, 72 bytes
+ZMTP_PREFIX = 9  # ZeroMQ's per-frame flags + size (1 + 8 bytes for a long frame; 2 for a short one)
+
+
+def framing_bytes(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK) -> int:
+    """Reply bytes one block costs beyond its own: a ``CHUNK`` header per chunk and, for a block of more
+    than one chunk, a ``META`` with each chunk's digest (requests travel the other way)."""
+    if block_bytes <= 0:
+        return 0  # the empty block is known by its name: never asked for
+    n = -(-block_bytes // chunk_bytes)
+    reply = FRAME_BYTES + 2 * ZMTP_PREFIX
+    return n * reply + (reply + n * DIGEST_BYTES if n > 1 else 0)
+
+
+def tcp_transfer_s(nbytes: float, rate_mbit: float, rtt_ms: float, init_cwnd: int = INIT_CWND) -> float:
+    """Seconds from sending the requests to the last of ``nbytes`` of replies: one round trip, then TCP's
+    slow start from ``init_cwnd`` segments (each round a window, doubling, one RTT apart) until the window
+    covers the bandwidth-delay product; the rest at the payload rate."""
+    rate = rate_mbit * 1e6 / 8 * MSS / MTU  # payload bytes per second
+    rtt = rtt_ms / 1e3
+    bdp = rate * rtt
+    t, left, window = rtt, float(nbytes), float(init_cwnd * MSS)
+    while window < bdp and left > window:
+        left -= window
+        window *= 2
+        t += rtt
+    return t + left / rate
+
+
 @dataclass(frozen=True)
 class AnalyticModel:
-    efficiency: float = 0.95  # payload share of the link rate (TCP/IP headers on 1500-byte frames)
-    handshake_rtts: float = 1.0  # round trips before the first byte of a fetch arrives
+    """Delivery and time-to-first-token model (see the module's docstring for each term)."""
+
+    init_cwnd: int = INIT_CWND  # segments; 0: no slow start (the link rate from the first byte)
     compute_ms_per_mb: float = 0.15  # prefill + first decode step per MB of model (SmolLM2 fp32: ~80 ms)
 
-    def fetch_ms(self, nbytes: int, path: PathInfo) -> float:
-        """Time to move ``nbytes`` over ``path`` (0 when there is nothing to move)."""
+    def fetch_ms(self, nbytes: int, path: PathInfo, overhead_bytes: int = 0) -> float:
+        """Time to move ``nbytes`` of blocks (plus ``overhead_bytes`` of framing, ``framing_bytes``)
+        over ``path`` (0 when there is nothing to move)."""
         if nbytes <= 0:
             return 0.0
-        return self.handshake_rtts * path.rtt_ms + nbytes * 8 / (path.rate_mbit * self.efficiency * 1e3)
+        wire = nbytes + overhead_bytes
+        if self.init_cwnd <= 0:
+            return path.rtt_ms + wire * 8 * MTU / MSS / (path.rate_mbit * 1e3)
+        return tcp_transfer_s(wire, path.rate_mbit, path.rtt_ms, self.init_cwnd) * 1e3
 
     def ttft_ms(self, fetch_ms: float, model_bytes: int, device: PathInfo) -> float:
         return fetch_ms + device.rtt_ms + self.compute_ms_per_mb * model_bytes / 1e6

@@ -42,7 +42,9 @@ class EdgeServer:
         if manifest.kind not in ("lora", "base"):
             raise ValueError(f"{manifest.name}: a {manifest.kind} model is not served by an adapter server")
         need = self.missing(manifest)
-        report = fetcher.fetch(need) if need else None
+        sizes = {b.hash: b.bytes for b in manifest.blocks}
+        # the manifest's sizes let the fetcher ask for everything in one round trip
+        report = fetcher.fetch(need, [sizes[h] for h in need]) if need else None
         if manifest.kind == "lora" and manifest.name not in self.server.adapters:
             from peft import LoraConfig
 

@@ -3,17 +3,23 @@
 It owns the edge's :class:`~testbed.apps.caching.store.EdgeStore` and does what the driver (the policy's
 caller, outside the network) tells it, one JSON line per step on stdin, one JSON line back on stdout:
 
-    {"evict": [HASH...], "fetch": {SOURCE: [HASH...]}, "store": [HASH...], "credit": {SOURCE: N}}
-    -> {"elapsed_ms": ..., "reports": {SOURCE: {bytes, elapsed_s, goodput_mbit, ...}}, "used_bytes": ...,
-        "evicted_bytes": ...}
+    {"evict": [HASH...], "fetch": {SOURCE: [HASH...]}, "sizes": {SOURCE: [BYTES...]}, "store": [HASH...],
+     "credit": {SOURCE: N}}
+    -> {"elapsed_ms": ..., "written_ms": ..., "reports": {SOURCE: {bytes, received_s, elapsed_s, ...}},
+        "used_bytes": ..., "evicted_bytes": ...}
 
 Blocks named in ``evict`` leave the store first; then every source's blocks are fetched over the
 emulated links in parallel (one :class:`~testbed.apps.caching.delivery.BlockFetcher` per source, kept
-for the whole run: repository or a neighbouring edge's block node; ``credit``: the chunk requests it
-keeps outstanding in this fetch), each verified by the fetcher and again by the store.  Blocks in
+for the whole run: repository or a neighbouring edge's block node; ``sizes``, optional: each block's
+size, from its manifest, so that every request of a fetch goes out at once; ``credit``, optional: the
+most requests it keeps outstanding, its window being counted in bytes otherwise), each verified by the
+fetcher and again by the store.  Blocks in
 ``store`` are written to the store; the others go to a scratch folder
 from which the driver serves the request, emptied at the next step.  ``elapsed_ms`` is the wall time
-of the fetch, the slowest source included (the request's fetch time).  The lines come from the
+of the delivery, the slowest source included: until every block is verified in this process's memory,
+from which an edge serves at once (the request's fetch time); ``written_ms``: until the store has also
+written them (atomically, each with an fsync: durability, which the request need not wait for, and the
+host's disk, not the emulated network; the agent replies only once they are written).  The lines come from the
 driver, this program's parent, through a pipe; they are JSON and checked, nothing is executed.
 """
 
@@ -105,17 +111,30 @@ class EdgeAgent:
             raise ValueError(f"credit: must map sources to request counts in 1..{MAX_CREDIT}")
         for src, n in credit.items():
             self.fetchers[src].credit = n
+        sizes = cmd.get("sizes", {})
+        ok = isinstance(sizes, dict) and all(
+            src in fetch and isinstance(ns, list) and len(ns) == len(fetch[src])
+            and all(isinstance(n, int) and 0 <= n for n in ns) for src, ns in sizes.items())
+        if not ok:
+            raise ValueError("sizes: must map sources to one size in bytes per block fetched")
         t0 = time.perf_counter()
-        jobs = {src: self.pool.submit(self.fetchers[src].fetch, _hashes(hs, f"fetch.{src}"))
+
+        def timed(src: str, hashes: list[str]):
+            start = time.perf_counter()
+            return start, self.fetchers[src].fetch(hashes, sizes.get(src))
+
+        jobs = {src: self.pool.submit(timed, src, _hashes(hs, f"fetch.{src}"))
                 for src, hs in fetch.items() if hs}
-        reports = {}
+        reports, delivered = {}, 0.0
         for src, job in jobs.items():
-            d = job.result().to_dict()
+            start, rep = job.result()
+            delivered = max(delivered, start - t0 + rep.received_s)
+            d = rep.to_dict()
             d.pop("per_block", None)
             reports[src] = d
         elapsed = (time.perf_counter() - t0) * 1e3
-        return {"elapsed_ms": round(elapsed, 3), "reports": reports, "used_bytes": self.store.used_bytes,
-                "evicted_bytes": freed}
+        return {"elapsed_ms": round(delivered * 1e3, 3), "written_ms": round(elapsed, 3), "reports": reports,
+                "used_bytes": self.store.used_bytes, "evicted_bytes": freed}
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -127,6 +146,8 @@ def edge_agent(settings: EdgeAgentSettings) -> int:
     """Serve steps from stdin until it closes (see the module's docstring); an error ends the agent
     with its message on stderr (the driver sees the pipe close)."""
     agent = EdgeAgent(settings)
+    for f in agent.fetchers.values():
+        f.wait_connected(10.0)  # the block nodes are up: a first fetch must not pay the connection's set-up
     announce_ready(f"store={settings.store}")
     try:
         for line in sys.stdin:

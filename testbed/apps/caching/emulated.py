@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,6 @@ from typing import Any
 from testbed.apps.caching.analytic import CacheNetwork, cache_network
 from testbed.apps.caching.blocks import BlockDir
 from testbed.apps.caching.catalogue import Catalogue, Manifest, load_catalogue, model_files, write_model_dir
-from testbed.apps.caching.delivery import DEFAULT_CHUNK, credit_for
 from testbed.apps.caching.edge_agent import EdgeAgentSettings
 from testbed.apps.caching.policies import DEFAULT_WINDOW, Plan, Policy, make_policy, units_of
 from testbed.apps.caching.replay import Metrics, quantiles, sources, workload_for
@@ -199,15 +197,15 @@ class _Run:
         self.fetched_bytes = 0  # what the agents' fetchers delivered (the blocks' bytes)
         self.tokens = 0
         self.bound_ratio: list[float] = []  # per source of a fetch: analytic bound / wall time
+        self.write_ms: list[float] = []  # per request's fetch: the store's writes after the delivery
 
     def apply(self, edge: str, plan: Plan, prefetch: bool) -> float | None:
         """Have ``edge``'s agent carry out ``plan``; the fetch's wall time in ms (None: nothing fetched)."""
         u = self.units
         srcs = sources(self.view, self.policy, edge, plan.fetch) if plan.fetch else {}
-        cmd = {"evict": u.blocks(plan.evict), "store": u.blocks(plan.store),
-               "fetch": {(REPOSITORY if s is None else s): u.blocks(us) for s, us in srcs.items()},
-               "credit": {(REPOSITORY if s is None else s): self.credit(edge, s, u.blocks(us))
-                          for s, us in srcs.items()}}
+        fetch = {(REPOSITORY if s is None else s): u.blocks(us) for s, us in srcs.items()}
+        cmd = {"evict": u.blocks(plan.evict), "store": u.blocks(plan.store), "fetch": fetch,
+               "sizes": {src: [self.cat.block_sizes[h] for h in hs] for src, hs in fetch.items()}}
         reply = self.agents[edge].step(cmd)
         self.metrics.evicted(plan.evict)
         for s, us in srcs.items():
@@ -219,17 +217,10 @@ class _Run:
             self.fetched_bytes += rep["bytes"]
             if rep.get("bound_ratio"):
                 self.bound_ratio.append(rep["bound_ratio"])
-            self.metrics.moved(want, s is not None, rep["elapsed_s"] * 1e3, prefetch)
+            self.metrics.moved(want, s is not None, rep["received_s"] * 1e3, prefetch)
+        if plan.fetch and not prefetch:
+            self.write_ms.append(reply["written_ms"] - reply["elapsed_ms"])
         return reply["elapsed_ms"] if plan.fetch else None
-
-    def credit(self, edge: str, src: str | None, hashes: list[str]) -> int:
-        """Chunk requests to keep outstanding for this fetch: the bandwidth-delay product over the mean
-        request's bytes (``credit_for`` counts whole chunks, but a model's small tensors are blocks of
-        a few kB, each one request: sized by chunks, the window would carry a few kB per round trip)."""
-        path = self.view.repo_path[edge] if src is None else self.view.peer_path[(src, edge)]
-        sizes = [self.cat.block_sizes[h] for h in hashes]
-        nreq = sum(max(1, math.ceil(n / DEFAULT_CHUNK)) for n in sizes)
-        return credit_for(path.rate_mbit, path.rtt_ms, max(1, sum(sizes) // max(1, nreq)))
 
     def request(self, req: Request, vocab: int) -> None:
         plan = self.policy.request(req.edge, req.model)
@@ -348,6 +339,8 @@ def run_emulated(topo: Topology, catalogue: Catalogue, policy_name: str, capacit
     out.update({"models": len(catalogue.models), "edges": len(view.edges), "zipf": zipf, "mobility": mobility,
                 "seed": seed, "window": window, "catalogue_synthetic": False, "workload_digest": digest(reqs),
                 "fetched_bytes": run.fetched_bytes,
+                "store_write_ms_mean": round(sum(run.write_ms) / len(run.write_ms), 3) if run.write_ms
+                else None,
                 "fetch_bound_ratio_mean": round(sum(run.bound_ratio) / len(run.bound_ratio), 3)
                 if run.bound_ratio else None, "sender_chunk_bytes": senders,
                 "stored_bytes": stored, "tokens_generated": run.tokens, "requests_s": round(requests_s, 3),

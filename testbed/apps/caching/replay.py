@@ -13,13 +13,13 @@ Public API: ``Metrics`` (accumulates the item-7 fields, shared with the emulated
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from testbed.apps.caching.analytic import AnalyticModel, CacheNetwork
+from testbed.apps.caching.analytic import AnalyticModel, CacheNetwork, framing_bytes
 from testbed.apps.caching.policies import DEFAULT_WINDOW, Plan, Policy, Units, make_policy, units_of
 from testbed.apps.caching.workload import Request, WorkloadSpec, digest, generate
 
@@ -130,14 +130,22 @@ def sources(net: CacheNetwork, policy: Policy, edge: str,
     return out
 
 
+def unit_framing(units: Units, block_sizes: Mapping[str, int] | None) -> list[int]:
+    """Each unit's framing bytes on the wire (``analytic.framing_bytes`` of its blocks; zeros without
+    the blocks' sizes)."""
+    if block_sizes is None:
+        return [0] * len(units.us)
+    return [sum(framing_bytes(block_sizes[h]) for h in blocks) for blocks in units.unit_blocks]
+
+
 def _deliver(net: CacheNetwork, model: AnalyticModel, policy: Policy, metrics: Metrics, edge: str,
-             units: Sequence[int], prefetch: bool) -> float:
+             units: Sequence[int], prefetch: bool, framing: Sequence[int]) -> float:
     """Account one delivery; its analytic time (the slowest of its parallel sources)."""
     slowest = 0.0
     for src, us in sources(net, policy, edge, units).items():
         nbytes = policy.u.bytes_of(us)
         path = net.repo_path[edge] if src is None else net.peer_path[(src, edge)]
-        ms = model.fetch_ms(nbytes, path)
+        ms = model.fetch_ms(nbytes, path, sum(framing[u] for u in us))
         metrics.moved(nbytes, src is not None, ms, prefetch)
         slowest = max(slowest, ms)
     return slowest
@@ -145,24 +153,27 @@ def _deliver(net: CacheNetwork, model: AnalyticModel, policy: Policy, metrics: M
 
 def replay(units: Units, net: CacheNetwork, policy: Policy, requests: Sequence[Request],
            model: AnalyticModel | None = None, generated_variants: int = 0,
-           ttft_quantiles: bool = False) -> dict[str, Any]:
+           ttft_quantiles: bool = False, block_sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Run ``policy`` over ``requests``; the item-7 fields with ``mode: replay`` (and with
-    ``ttft_quantiles``, the TTFT distribution as ``ttft_ms_quantiles``, see ``quantiles``)."""
+    ``ttft_quantiles``, the TTFT distribution as ``ttft_ms_quantiles``, see ``quantiles``).
+    ``block_sizes`` (a catalogue's): count the protocol's framing of each block on the wire."""
     model = model or AnalyticModel()
+    framing = unit_framing(units, block_sizes)
     metrics = Metrics(policy.name, "replay", units)
     start = time.perf_counter()
     for req in requests:
         # sources are looked up before the policy changes this edge's store (peers are unaffected)
         plan = policy.request(req.edge, req.model)
         metrics.evicted(plan.evict)
-        fetch = _deliver(net, model, policy, metrics, req.edge, plan.fetch, False) if plan.fetch else None
+        fetch = (_deliver(net, model, policy, metrics, req.edge, plan.fetch, False, framing)
+                 if plan.fetch else None)
         mbytes = units.mb[units.index[req.model]]
         ttft = model.ttft_ms(fetch or 0.0, mbytes, net.device_path[req.device])
         metrics.request(req, plan, mbytes, fetch, ttft)
         for edge, p in policy.placement().items():
             metrics.evicted(p.evict)
             if p.fetch:
-                _deliver(net, model, policy, metrics, edge, p.fetch, True)
+                _deliver(net, model, policy, metrics, edge, p.fetch, True, framing)
     extra = {"ttft_ms_quantiles": quantiles(metrics.ttft_ms)} if ttft_quantiles else {}
     return metrics.result(policy, generated_variants, wall_s=round(time.perf_counter() - start, 3), **extra)
 
@@ -183,7 +194,8 @@ def run_replay(catalogue, net: CacheNetwork, policy_name: str, capacity_bytes: i
     policy = make_policy(policy_name, units, net.edges, capacity_bytes, seed=seed, window=window)
     spec = workload_for(catalogue, net, zipf, requests, mobility, seed)
     reqs = generate(spec)
-    out = replay(units, net, policy, reqs, model, catalogue.generated_variants(), ttft_quantiles)
+    out = replay(units, net, policy, reqs, model, catalogue.generated_variants(), ttft_quantiles,
+                 catalogue.block_sizes)
     out.update({"models": len(catalogue.models), "edges": len(net.edges), "zipf": zipf, "mobility": mobility,
                 "seed": seed, "window": window, "catalogue_synthetic": bool(catalogue.synthetic),
                 "workload_digest": digest(reqs)})

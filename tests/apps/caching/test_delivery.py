@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from testbed.apps.caching.delivery import (
     BlockFetcher,
@@ -72,12 +73,13 @@ def test_wire_rejects_malformed_messages():
 
 
 def test_credit_covers_the_bandwidth_delay_product():
-    # 50 Mbit/s x 40 ms = 250 kB: four times that in 128 KiB chunks
-    assert credit_for(50, 40, 128 * 1024) == 8
-    assert credit_for(50, 40, 16 * 1024) == 62
+    # 50 Mbit/s x 40 ms = 250 kB: eight times that in 128 KiB chunks
+    assert credit_for(50, 40, 128 * 1024) == 16
+    assert credit_for(50, 40, 16 * 1024) == 123
     assert credit_for(50, 40, 128 * 1024, factor=2) == 4
     assert credit_for(None, None) == 4
-    assert transfer_bound_s(6_250_000, 50, 40) == pytest.approx(1.0 + 0.08)
+    assert transfer_bound_s(6_250_000, 50, 40) == pytest.approx(1.0 + 0.04)
+    assert transfer_bound_s(6_250_000, 50, 40, rounds=2) == pytest.approx(1.0 + 0.08)
 
 
 def test_fetch_verifies_and_refetches_a_corrupt_chunk():
@@ -178,3 +180,88 @@ def test_restarted_sender_lost_requests_are_asked_again():
     # the two senders together sent each chunk about once: at most the window again
     sent = srv.stats.chunks_sent + second[0].stats.chunks_sent
     assert 60 <= sent <= 60 + 2 * 6
+
+
+class HoldingServer(BlockServer):
+    """The test's own sender: answers nothing until ``hold`` requests have come, then all of them in
+    order (and later ones at once).  A fetcher that waited for a reply before sending more would stall."""
+
+    def __init__(self, *a, hold: int, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.hold = hold
+        self.held: list[list[bytes]] = []
+
+    def serve(self, stop=None, poll_ms: int = 100) -> None:
+        stop = stop or self._stop
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(poll_ms):
+                continue
+            frames = self.sock.recv_multipart(copy=True)
+            self.held.append(frames)
+            if len(self.held) < self.hold:
+                continue
+            for f in self.held:
+                self.sock.send_multipart([f[0], *self.handle(f[1:])], copy=False)
+            self.held, self.hold = [], 0
+
+
+def test_with_sizes_every_request_goes_out_at_once():
+    """Sizes known: a block of more than one chunk costs its digests and every chunk, a one-chunk block
+    its chunk only (checked against its name), the empty block nothing; all asked before any reply."""
+    blocks = make_blocks(5 * CHUNK + 7, *[300 + i for i in range(20)], 0)
+    names = list(blocks)
+    got: dict[str, bytes] = {}
+    with HoldingServer("tcp://127.0.0.1:*", blocks.get, hold=1 + 6 + 20) as srv, \
+            BlockFetcher(srv.endpoint, got.__setitem__, chunk_bytes=CHUNK, window_bytes=10**7,
+                         give_up_s=5) as f:
+        rep = f.fetch(names, [len(blocks[h]) for h in names])
+    assert got == blocks
+    assert srv.stats.meta_sent == 1 and srv.stats.chunks_sent == 6 + 20 and rep.rerequested == 0
+    assert rep.chunks == 26 and rep.bound_s is None and rep.received_s <= rep.elapsed_s
+
+
+def test_without_sizes_digests_and_first_chunk_go_together():
+    """Sizes unknown: each block's digests and first chunk in one round (a first chunk counts a whole
+    chunk against the window); a one-chunk block is then done; the other chunks of a larger one follow
+    its digests."""
+    blocks = make_blocks(3 * CHUNK, *[100 + i for i in range(10)])
+    got: dict[str, bytes] = {}
+    with HoldingServer("tcp://127.0.0.1:*", blocks.get, hold=2 * 11) as srv, \
+            BlockFetcher(srv.endpoint, got.__setitem__, chunk_bytes=CHUNK, window_bytes=11 * CHUNK,
+                         give_up_s=5) as f:
+        rep = f.fetch(list(blocks))
+    assert got == blocks and rep.chunks == 3 + 10
+    assert srv.stats.chunks_sent == 13 and srv.stats.meta_sent == 11 and rep.duplicates == 0
+
+
+def test_window_counts_bytes_not_requests():
+    """Many small blocks: the requests outstanding are bounded by the window's bytes, not by a count
+    sized for full chunks (a count of 4 would stall the holding sender)."""
+    blocks = make_blocks(*[500] * 40)
+    with HoldingServer("tcp://127.0.0.1:*", blocks.get, hold=40) as srv, \
+            BlockFetcher(srv.endpoint, lambda h, b: None, chunk_bytes=CHUNK, rate_mbit=50, rtt_ms=40,
+                         give_up_s=5) as f:
+        assert f.window_bytes == credit_for(50, 40, CHUNK) * CHUNK
+        rep = f.fetch(list(blocks), [500] * 40)
+    assert rep.bytes == 40 * 500 and rep.bound_ratio is not None
+
+
+def test_a_wrong_size_and_a_failed_write_stop_the_fetch():
+    blocks = make_blocks(3 * CHUNK)
+    name, data = next(iter(blocks.items()))
+    with BlockServer("tcp://127.0.0.1:*", blocks.get) as srv:
+        for wrong in (2 * CHUNK, 100):  # told by the digests; told by the one chunk asked for
+            with BlockFetcher(srv.endpoint, lambda h, b: None, chunk_bytes=CHUNK) as f, \
+                    pytest.raises(DeliveryError, match="expected"):
+                f.fetch([name], [wrong])
+        with BlockFetcher(srv.endpoint, lambda h, b: None, chunk_bytes=CHUNK) as f, \
+                pytest.raises(ValueError, match="cannot be right"):
+            f.fetch([name], [0])
+
+        def full(h: str, b: bytes) -> None:
+            raise OSError("disk full")
+
+        with BlockFetcher(srv.endpoint, full, chunk_bytes=CHUNK) as f, pytest.raises(OSError, match="full"):
+            f.fetch([name], [len(data)])

@@ -34,12 +34,14 @@ TOPO = {
     "links": [_link("dev1", "edge1", 20, 5), _link("dev2", "edge2", 20, 5), _link("edge1", "edge2", 100, 5),
               _link("edge1", "cloud", 50, 10), _link("edge2", "cloud", 50, 10)],
 }
-# Mean fetch time against replay's analytic one (one RTT + bytes at 95 % of the bottleneck rate): the
-# protocol takes two round trips (chunk digests, then chunks), every stored block is written with an
-# fsync, and the userspace link processes, senders and agents share this machine's two cores with
-# everything else.  Measured here at load 8-9: 2.2x (README); asserted: at least replay's time less
-# 10 %, at most 6x.
-FETCH_RATIO = (0.9, 6.0)
+# Mean fetch time against replay's analytic one (one round trip, TCP's slow start from its initial
+# window, the bytes and their framing at the TCP payload rate): the protocol asks for everything at
+# once, the store's writes are left out of the delivery time (reported as ``store_write_ms_mean``).
+# A fetch that follows another from the same sender within a few RTOs finds TCP's window still open
+# and beats the model; the userspace link processes, senders and agents share this machine's two cores
+# with everything else.  Measured here at load 9-11: 0.89 and 1.0 (README: 1.04-1.17 on cells-3);
+# asserted: a range that holds on a loaded machine.
+FETCH_RATIO = (0.6, 2.0)
 
 
 @pytest.mark.root
@@ -69,7 +71,7 @@ def test_emulated_run_agrees_with_replay(tiny_catalogue, tmp_path: Path, policy:
     assert emu["fetched_bytes"] == moved == sum(emu["sender_chunk_bytes"].values())
     assert emu["stored_bytes"] == emu["storage_used_bytes"]
     assert emu["tokens_generated"] == 4 * REQUESTS
-    assert 0 < emu["fetch_bound_ratio_mean"] <= 1.05
+    assert 0 < emu["fetch_bound_ratio_mean"] <= 1.05 and emu["store_write_ms_mean"] >= 0
     ratio = emu["fetch_ms_mean"] / rep["fetch_ms_mean"]
     print(f"fetch mean emulated/replay {ratio:.2f}; wall {emu['wall_s']} s, requests {emu['requests_s']} s")
     assert FETCH_RATIO[0] <= ratio <= FETCH_RATIO[1]

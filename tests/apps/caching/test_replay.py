@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from testbed import cli
-from testbed.apps.caching.analytic import AnalyticModel, PathInfo, cache_network
+from testbed.apps.caching.analytic import AnalyticModel, PathInfo, cache_network, framing_bytes
 from testbed.apps.caching.catalogue import synthetic_catalogue
 from testbed.apps.caching.policies import make_policy, units_of
 from testbed.apps.caching.replay import replay, run_replay, workload_for
@@ -34,10 +34,26 @@ def test_cells3_caching_view(cells3):
 
 
 def test_analytic_fetch_time():
-    m = AnalyticModel(efficiency=1.0)
     path = PathInfo(50.0, 40.0, ("cloud", "edge"))
-    assert m.fetch_ms(0, path) == 0.0
-    assert m.fetch_ms(6_250_000, path) == pytest.approx(40.0 + 1000.0)  # 50 Mbit in one second + 1 RTT
+    payload = 50e6 / 8 * 1448 / 1500  # TCP payload bytes per second on a 50 Mbit/s link of 1500-byte packets
+    flat = AnalyticModel(init_cwnd=0)
+    assert flat.fetch_ms(0, path) == 0.0
+    assert flat.fetch_ms(6_250_000, path) == pytest.approx(40.0 + 6_250_000 / payload * 1e3)
+    m = AnalyticModel()
+    # a reply within the initial window (10 segments): one round trip and its bytes
+    assert m.fetch_ms(10_000, path) == pytest.approx(40.0 + 10_000 / payload * 1e3)
+    # 0.9 MB from 10 segments, doubling per round trip: 14,480 + 28,960 + 57,920 + 115,840 + 231,680
+    # (5 windows, each below the 241 kB bandwidth-delay product), then the rest at the rate
+    rest = 900_000 - 14_480 * 31
+    assert m.fetch_ms(900_000, path) == pytest.approx(40.0 * 6 + rest / payload * 1e3)
+    # slow start costs the short transfer several round trips, the long one a fraction of its time
+    assert m.fetch_ms(900_000, path) > 1.5 * flat.fetch_ms(900_000, path)
+    assert m.fetch_ms(20_000_000, path) < 1.05 * flat.fetch_ms(20_000_000, path)
+    # framing counts as bytes on the wire: a one-chunk block pays one reply header, a larger one its
+    # chunk digests too
+    assert framing_bytes(0) == 0 and framing_bytes(1000) == 72 + 18
+    assert framing_bytes(3 * 128 * 1024) == 4 * (72 + 18) + 3 * 32
+    assert m.fetch_ms(900_000, path, 9_000) > m.fetch_ms(900_000, path)
     assert m.ttft_ms(100.0, 2_000_000, PathInfo(40, 20, ())) == pytest.approx(100 + 20 + 0.3)
 
 
@@ -73,11 +89,14 @@ def test_same_seed_same_hits_and_misses(tiny_catalogue, cells3):
     cap = int(tiny_catalogue.largest_model_bytes() * 3)
     reqs = generate(workload_for(tiny_catalogue, net, 0.8, 300, 0.1, 7))
     runs = []
-    for _ in range(2):
+    for sizes in (None, None, tiny_catalogue.block_sizes):
         policy = make_policy("trimcaching", units, net.edges, cap, seed=7, window=50)
-        runs.append(replay(units, net, policy, reqs))
+        runs.append(replay(units, net, policy, reqs, block_sizes=sizes))
     for k in ("hit_ratio", "backhaul_bytes", "edge_to_edge_bytes", "fetch_ms_mean", "evictions"):
         assert runs[0][k] == runs[1][k], k
+    # with the blocks' sizes the protocol's framing counts too: the same decisions, a little more time
+    assert runs[2]["hit_ratio"] == runs[0]["hit_ratio"]
+    assert runs[0]["fetch_ms_mean"] < runs[2]["fetch_ms_mean"] < 1.1 * runs[0]["fetch_ms_mean"]
 
 
 def test_block_aware_beats_whole_model_lru(cells3):
