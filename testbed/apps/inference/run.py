@@ -126,10 +126,22 @@ def driver_result(run: Running) -> tuple[dict[str, Any], float]:
     return res, t
 
 
-def node_events(run: Launcher) -> Callable[[Any], str]:
-    """The handler of kill/restart events on a run: SIGKILL of the node's programs through the
-    launcher (the launcher then reports the node's death as it reports any), a restart starts the
-    node's killed service programs again."""
+def node_events(run: Launcher, stages: list[Stage] | None = None,
+                topo: Topology | None = None) -> Callable[[Any], str]:
+    """The handler of kill, restart and handover events on a run.
+
+    - kill: SIGKILL of the node's programs through the launcher (the launcher then reports the
+      node's death as it reports any; a stage with a standby left is taken over by it, see
+      ``split_client``);
+    - restart: the node's killed shard programs start again, on the same address with the same
+      settings.  A restarted node serves the sessions that start after it (a suite's next round);
+      the session that lost it stays on the standby that took over (a client never goes back);
+    - handover: once the network moved the device (``testbed.net.events.handover``), its driver is
+      told which candidate of the first stage after it (``stages``: ``mecA|mecB=...``) is linked to
+      the new cell (``topo``) by the signal ``recovery.handover_signal(k)``, and moves its session
+      there, rebuilding that stage's KV cache by a re-prefill."""
+    from testbed.apps.inference.recovery import handover_signal
+
     restarts: dict[str, int] = {}
 
     def handle(event: Any) -> str:
@@ -139,20 +151,87 @@ def node_events(run: Launcher) -> Callable[[Any], str]:
             for r in alive:
                 r.popen.send_signal(signal.SIGKILL)
             return f"SIGKILL to {', '.join(r.name for r in alive) or 'no running program'}"
-        if event.kind == "restart":
+        if event.kind == "restart":  # the latest program of each name that is dead (not the driver)
             dead = {r.program.name.split(".")[0]: r for r in mine
-                    if r.program.service and r.returncode is not None}
+                    if isinstance(r.program.settings, ShardSettings) and r.returncode is not None}
+            dead = {k: r for k, r in dead.items()
+                    if not any(x.returncode is None and x.program.name.split(".")[0] == k for x in mine)}
             if not dead:
                 return "nothing to restart"
             n = restarts[event.node] = restarts.get(event.node, 0) + 1
             progs = [dataclasses.replace(r.program, name=f"{name}.restart{n}") for name, r in dead.items()]
             run.start(progs)
             return f"started {', '.join(p.name for p in progs)}"
-        if event.kind == "handover":  # the network moved the device; the session is not moved
-            return "split inference does not move its session: replies to the old address are lost"
+        if event.kind == "handover":
+            drivers = [r for r in mine if r.returncode is None and r.name.startswith("driver")]
+            return _move_sessions(event, drivers, stages, topo, handover_signal)
         raise InferenceError(f"{event.kind} events are not supported by split inference yet")
 
     return handle
+
+
+def _move_sessions(event: Any, drivers: list[Running], stages: list[Stage] | None, topo: Topology | None,
+                   handover_signal: Callable[[int], int]) -> str:
+    """Tell the device's drivers to move to the candidate of stage 1 linked to the new cell."""
+    if not drivers:
+        return f"no running driver on {event.node}"
+    cands = stages[1].nodes if stages is not None and len(stages) > 1 else []
+    near = [k for k, n in enumerate(cands) if topo is not None and event.dst in topo.neighbors(n)]
+    if not near:
+        return (f"no candidate of the stage after {event.node} is linked to {event.dst} "
+                f"(candidates: {', '.join(cands) or 'none'}): the session does not move")
+    for d in drivers:
+        d.popen.send_signal(handover_signal(near[0]))
+    return f"{', '.join(d.name for d in drivers)}: stage 1 moves to {cands[near[0]]}"
+
+
+def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: float) -> None:
+    """Put a driver's recoveries and handovers on the events' clock (``t0``: its 0, monotonic) and
+    tie each to the event that caused it.
+
+    A recovery gets ``detected_s`` and, where a kill of its failed node came before it, ``event``
+    (its index in ``records``) and ``after_kill_ms`` (from the SIGKILL to the failure being declared);
+    that kill's record gets ``recovered_by``.  A handover gets ``noticed_s`` and, from its handover
+    event: ``event``, ``at_s``, ``from``/``to`` (cells), ``move_ms`` (the network's re-attachment),
+    ``notice_ms`` (from the event's start to the driver acting on it) and ``tokens_affected`` (tokens
+    whose step overlapped the time from the event's start to the rebuild's end)."""
+    for rec in result.get("recoveries") or []:
+        if "detected_at_s" not in rec:
+            continue
+        rec["detected_s"] = round(rec["detected_at_s"] - t0, 4)
+        kills = [(i, e) for i, e in enumerate(records) if e.get("kind") == "kill"
+                 and e.get("kill") == rec.get("failed_node") and "started_s" in e
+                 and e["started_s"] <= rec["detected_s"] + 1e-3]
+        if kills:
+            i, e = kills[-1]
+            rec["event"] = i
+            rec["after_kill_ms"] = round((rec["detected_s"] - e["started_s"]) * 1e3, 3)
+            e["recovered_by"] = f"{rec['standby']} (stage {rec['stage']})"
+    ends = _token_ends(result)
+    for h in result.get("handovers") or []:
+        h["noticed_s"] = round(h["noticed_at_s"] - t0, 4)
+        evs = [(i, e) for i, e in enumerate(records) if e.get("kind") == "handover"
+               and "started_s" in e and e["started_s"] <= h["noticed_s"] + 1e-3]
+        if not evs:
+            continue
+        i, e = evs[-1]
+        h.update({"event": i, "at_s": e["at_s"], "from": e["from"], "to": e["to"],
+                  "move_ms": round((e["actual_s"] - e["started_s"]) * 1e3, 3),
+                  "notice_ms": round((h["noticed_s"] - e["started_s"]) * 1e3, 3)})
+        if ends is not None:
+            until = h["noticed_s"] + (h.get("rebuild_ms") or 0.0) / 1e3
+            h["tokens_affected"] = sum(1 for a, b in ends if b >= e["started_s"] and a <= until)
+
+
+def _token_ends(result: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """(start, end) of every token's step on the events' clock, from ``gen_start_s`` and ``token_ms``."""
+    if "gen_start_s" not in result:
+        return None
+    t, out = result["gen_start_s"], []
+    for ms in result.get("token_ms") or []:
+        out.append((t, t + ms / 1e3))
+        t += ms / 1e3
+    return out
 
 
 def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_new_tokens: int,
@@ -190,7 +269,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
-        sched = EventScheduler(net, events or [], node_events(run))
+        sched = EventScheduler(net, events or [], node_events(run, stages, getattr(net, "topo", None)))
         try:
             (d,) = run.start([drv])
             if on_ready is not None:
@@ -212,6 +291,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
         assert sched.t0 is not None
         result["events"] = sched.records
         result["gen_start_s"] = round(t_line - result.get("total_ms", 0.0) / 1e3 - sched.t0, 3)
+        tie_to_events(result, sched.records, sched.t0)
     primaries = {r.program.host.name: r for r in nodes}
     for hop, st in zip(result["per_hop"][1:], stages[1:], strict=True):
         r = primaries[st.nodes[0]]
