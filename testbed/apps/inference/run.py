@@ -185,7 +185,8 @@ def _move_sessions(event: Any, drivers: list[Running], stages: list[Stage] | Non
     return f"{', '.join(d.name for d in drivers)}: stage 1 moves to {cands[near[0]]}"
 
 
-def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: float) -> None:
+def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: float,
+                  gen_start_s: float | None = None) -> None:
     """Put a driver's recoveries and handovers on the events' clock (``t0``: its 0, monotonic) and
     tie each to the event that caused it.
 
@@ -194,7 +195,8 @@ def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: flo
     that kill's record gets ``recovered_by``.  A handover gets ``noticed_s`` and, from its handover
     event: ``event``, ``at_s``, ``from``/``to`` (cells), ``move_ms`` (the network's re-attachment),
     ``notice_ms`` (from the event's start to the driver acting on it) and ``tokens_affected`` (tokens
-    whose step overlapped the time from the event's start to the rebuild's end)."""
+    whose step overlapped the time from the event's start to the rebuild's end; ``gen_start_s``: the
+    first step's start on the events' clock, default ``result["gen_start_s"]``)."""
     for rec in result.get("recoveries") or []:
         if "detected_at_s" not in rec:
             continue
@@ -207,7 +209,7 @@ def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: flo
             rec["event"] = i
             rec["after_kill_ms"] = round((rec["detected_s"] - e["started_s"]) * 1e3, 3)
             e["recovered_by"] = f"{rec['standby']} (stage {rec['stage']})"
-    ends = _token_ends(result)
+    ends = _token_ends(result, gen_start_s)
     for h in result.get("handovers") or []:
         h["noticed_s"] = round(h["noticed_at_s"] - t0, 4)
         evs = [(i, e) for i, e in enumerate(records) if e.get("kind") == "handover"
@@ -223,11 +225,12 @@ def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: flo
             h["tokens_affected"] = sum(1 for a, b in ends if b >= e["started_s"] and a <= until)
 
 
-def _token_ends(result: dict[str, Any]) -> list[tuple[float, float]] | None:
+def _token_ends(result: dict[str, Any], gen_start_s: float | None) -> list[tuple[float, float]] | None:
     """(start, end) of every token's step on the events' clock, from ``gen_start_s`` and ``token_ms``."""
-    if "gen_start_s" not in result:
+    t = result.get("gen_start_s") if gen_start_s is None else gen_start_s
+    if t is None:
         return None
-    t, out = result["gen_start_s"], []
+    out = []
     for ms in result.get("token_ms") or []:
         out.append((t, t + ms / 1e3))
         t += ms / 1e3
