@@ -4,14 +4,22 @@ tokens are the fault-free ones and the record shows the handover's cost."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from testbed.apps.inference.recovery import handover_signal, moved_to
 from testbed.apps.inference.run import run_split_inference
+from testbed.apps.inference.split_client import SplitClient
 from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.spec.topology import load_topology
+from tests.apps.inference.threaded_node import Node
 
 PROMPT = [3, 1, 4, 1, 5]
 N = 100  # ~25 ms a token over a 20 ms round trip: the handover falls inside
@@ -63,3 +71,44 @@ def test_handover_moves_the_session_to_the_new_edge(tiny2: Path, tmp_path: Path)
     assert 0 <= h["step"] < N
     # the step that met the handover waited for it; the others did not
     assert res["token_ms"][h["step"]] >= h["rebuild_ms"]
+
+
+def test_handover_signals() -> None:
+    assert handover_signal(0) == signal.SIGRTMIN and handover_signal(2) == signal.SIGRTMIN + 2
+    with pytest.raises(ValueError):
+        handover_signal(signal.SIGRTMAX)
+    # the wakeup fd delivers every handled signal's number: SIGTERM is no handover, the last one counts
+    assert moved_to(bytes([signal.SIGTERM]), 2) is None
+    assert moved_to(bytes([signal.SIGRTMIN + 1, signal.SIGTERM, signal.SIGRTMIN]), 2) == 0
+    assert moved_to(bytes([signal.SIGRTMIN + 2]), 2) is None  # no such candidate
+
+
+def test_the_client_moves_its_session_on_the_signal(tiny2: Path) -> None:
+    """In this process (shard servers in threads): the signal arrives mid-generation, the client
+    connects to the other candidate and re-prefills there; the tokens are the fault-free ones."""
+    shards = [Shard.load(tiny2, 0, 1), Shard.load(tiny2, 1, 2)]
+    a, b = Node(shards[1], None), Node(shards[1], None)
+    client = SplitClient(shards[0], a.addr, layers=["0:1", "1:2"], timeout_s=30, next_standbys=[b.addr],
+                         routes=[["phone"], ["mecA", "mecB"]], floor_ms=2000.0)
+    try:
+        client.listen_for_handovers()
+        client.connect()
+        def move() -> None:  # after 20 tokens: mid-generation whatever the machine's speed
+            while len(getattr(client, "partial", {}).get("tokens", [])) < 20:
+                time.sleep(0.001)
+            os.kill(os.getpid(), handover_signal(1))
+
+        threading.Thread(target=move, daemon=True).start()
+        got = client.generate(torch.tensor([PROMPT]), N, set())
+    finally:
+        client.close()
+        for n in (a, b):
+            n.die()
+    ref = generate_split(shards, PROMPT, N)
+    assert got["tokens"] == ref.tokens and got["recoveries"] == []
+    (h,) = got["handovers"]
+    assert (h["from_node"], h["to_node"], h["stage"]) == ("mecA", "mecB", 1)
+    assert h["rebuild_ms"] > 0 and 20 <= h["step"] < N
+    # mecB: the re-prefill, then every later step; mecA: every earlier step (and the one in flight, if
+    # it answered before the client moved)
+    assert b.server.served == N - h["step"] and a.server.served in (h["step"], h["step"] + 1)
