@@ -16,7 +16,8 @@ reference run without events comes first.  Per run it checks:
   the kill) when the kill met generation; ``split`` must end ``ok`` and identical when the kill came
   after generation, else with an error record (no standby).
 
-    .venv/bin/python bench/fault_kills.py [--runs 20] [--seed 1] [--model tiny] [--window 0.2,2.5]
+    .venv/bin/python bench/fault_kills.py [--runs 20] [--seed 1] [--model tiny] [--tokens 96]
+                                          [--window 0.2,2.0] [--restart-after 1.0]
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ SUITE = REPO / "experiments" / "faults.yaml"
 PLACEMENTS = ("split-standby", "split")
 
 
-def run_suite(out: Path, events: Path, model: str, cut: int, timeout_s: float) -> dict:
+def run_suite(out: Path, events: Path, model: str, cut: int, tokens: int, timeout_s: float) -> dict:
     """One ``testbed run`` of the two split placements with ``events``; what happened to it."""
     argv = [sys.executable, "-m", "testbed", "run", str(SUITE), "--out", str(out),
             "--only", "kind=split",  # split and split-standby: the baselines do not meet a kill here
             "--set", f"model={model}", "--set", f"params.cut={cut}", "--set", "repeats=1",
+            "--set", f"params.max_new_tokens={tokens}",
             "--set", f"sweep.events=[{events}]"]
     t0 = time.monotonic()
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -142,18 +144,20 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--model", default="tiny", help="tiny (2 layers, built from code) or default (SmolLM2)")
     ap.add_argument("--cut", type=int, default=None, help="device layers (default: 1 tiny, 4 SmolLM2)")
-    ap.add_argument("--window", default="0.2,2.5", help="kill times drawn uniformly in LO,HI seconds")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens (default: 96 tiny, 48 SmolLM2)")
+    ap.add_argument("--window", default="0.2,2.0", help="kill times drawn uniformly in LO,HI seconds")
     ap.add_argument("--restart-after", type=float, default=1.0, help="restart mec this long after (0: never)")
     ap.add_argument("--timeout", type=float, default=300.0, help="a run longer than this is a hang (s)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     cut = a.cut if a.cut is not None else (1 if a.model == "tiny" else 4)
+    tokens = a.tokens or (96 if a.model == "tiny" else 48)
     lo, hi = (float(x) for x in a.window.split(","))
     out = a.out or Path(tempfile.mkdtemp(prefix="fault-kills-"))
     rng = random.Random(a.seed)
     none = REPO / "experiments" / "events" / "none.yaml"
     print(f"reference run (no event) in {out}/ref ...", flush=True)
-    ref_res = run_suite(out / "ref", none, a.model, cut, a.timeout)
+    ref_res = run_suite(out / "ref", none, a.model, cut, tokens, a.timeout)
     ref_recs = ref_res["records"] or {}
     if "split-standby" not in ref_recs or ref_recs["split-standby"]["status"] != "ok":
         print(f"the reference run failed:\n{ref_res['output']}")
@@ -170,7 +174,7 @@ def main() -> int:
         if a.restart_after > 0:
             ev.append(f"  - {{at_s: {round(at + a.restart_after, 2)}, restart: mec}}")
         (d / "kill.yaml").write_text("events:\n" + "\n".join(ev) + "\n")
-        res = run_suite(d / "suite", d / "kill.yaml", a.model, cut, a.timeout)
+        res = run_suite(d / "suite", d / "kill.yaml", a.model, cut, tokens, a.timeout)
         row = {"run": i, "at_s": at, **check(res, ref), "wall_s": res["wall_s"]}
         rows.append(row)
         (d / "check.json").write_text(json.dumps({**row, "leftovers_found": res["leftovers"],
@@ -181,7 +185,8 @@ def main() -> int:
               flush=True)
     met = [r for r in rows if r["met"]]
     detect = [r["after_kill_ms"] for r in rows if r["after_kill_ms"] is not None]
-    print(f"\n{len(rows)} runs (seed {a.seed}, model {a.model}): hangs {sum(r['hang'] for r in rows)}, "
+    print(f"\n{len(rows)} runs (seed {a.seed}, model {a.model}, {tokens} tokens): "
+          f"hangs {sum(r['hang'] for r in rows)}, "
           f"lost records {sum(r['lost'] for r in rows)}, leftovers {sum(r['leftovers'] for r in rows)}, "
           f"standby output identical {sum(r['identical'] for r in rows)}/{len(rows)} "
           f"(kill met generation in {len(met)}; recoveries {sum(r['recoveries'] or 0 for r in rows)})")

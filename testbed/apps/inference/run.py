@@ -222,7 +222,7 @@ def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: flo
                   "notice_ms": round((h["noticed_s"] - e["started_s"]) * 1e3, 3)})
         if ends is not None:
             until = h["noticed_s"] + (h.get("rebuild_ms") or 0.0) / 1e3
-            h["tokens_affected"] = sum(1 for a, b in ends if b >= e["started_s"] and a <= until)
+            h["tokens_affected"] = sum(1 for a, b in ends if b > e["started_s"] and a < until)
 
 
 def _token_ends(result: dict[str, Any], gen_start_s: float | None) -> list[tuple[float, float]] | None:
