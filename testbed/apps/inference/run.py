@@ -51,8 +51,9 @@ def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, mo
                   next_standbys: list[str] | None = None, node: str | None = None,
                   topo: Topology | None = None, curve_keys: str | None = None) -> Program:
     """The shard node of ``stage`` on ``node`` (default: the stage's own node; else one of its
-    standbys, which warms up before its ready line).  A primary that has standbys may die without
-    failing the run: the client takes over with a standby.  ``topo``: the nodes' KV budgets;
+    standbys, which warms up before its ready line).  No program of a stage with standbys fails the
+    run by dying (a kill event may hit any of them): the client judges, taking over with a standby
+    or ending with its error; the run's ``node_exits`` lists the death.  ``topo``: the nodes' KV budgets;
     ``curve_keys``: the run's key file (``security: curve``)."""
     node = node or stage.node
     spec = topo.nodes.get(node) if topo is not None else None
@@ -63,7 +64,7 @@ def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, mo
                              kv_int8=bool(getattr(spec, "kv_int8", False)), warmup=node != stage.node,
                              curve_keys=curve_keys)
     return Program(f"shard-{node}", "shard_node.py", settings, host, threads=threads,
-                   service=node != stage.node or not stage.standbys)
+                   service=not stage.standbys)
 
 
 def shard_programs(stages: list[Stage], addrs: list[str | None], host_of: Callable[[str], Host],
@@ -163,7 +164,10 @@ def node_events(run: Launcher, stages: list[Stage] | None = None,
             run.start(progs)
             return f"started {', '.join(p.name for p in progs)}"
         if event.kind == "handover":
-            drivers = [r for r in mine if r.returncode is None and r.name.startswith("driver")]
+            # ready drivers only: a driver hears the signal from before its ready line on (an earlier
+            # one would end it: a real-time signal's default action)
+            drivers = [r for r in mine if r.returncode is None and r.ready_at is not None
+                       and r.name.startswith("driver")]
             return _move_sessions(event, drivers, stages, topo, handover_signal)
         raise InferenceError(f"{event.kind} events are not supported by split inference yet")
 
@@ -248,7 +252,8 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
     the driver's measurements, each hop's CPU time from its ready line to its stop (``cpu_ms``)
-    and thread count, ``recoveries`` (a failed stage taken over by its standby), ``node_exits``
+    and thread count, ``recoveries`` (a failed stage taken over by its standby), ``handovers`` (the
+    session moved to another cell's edge), both tied to their events (``tie_to_events``), ``node_exits``
     (shard programs the launcher saw die during the run) and ``logs``.  ``events``
     (``testbed.spec.events.Event``) run on a clock whose 0 is the start of generation (the
     driver's ready line, once its next hop answered); the result then has ``events`` (each with
@@ -382,5 +387,9 @@ def infer(args: argparse.Namespace) -> int:
     for r in result.get("recoveries", []):
         print(f"  recovery: stage {r['stage']} ({r['layers']}) {r['failed_node']} -> {r['standby']}: "
               f"{r['why']}, detected in {r['detect_ms']:.1f} ms, rebuilt in {r.get('rebuild_ms', 0):.1f} ms")
+    for h in result.get("handovers", []):
+        print(f"  handover: {h.get('from', '?')} -> {h.get('to', '?')}, stage 1 {h['from_node']} -> "
+              f"{h['to_node']} at token {h['step']}: acted on {h.get('notice_ms', 0):.1f} ms after the event "
+              f"began, rebuilt in {h.get('rebuild_ms', 0):.1f} ms")
     print(f"logs: {logs}")
     return 0
