@@ -14,7 +14,8 @@ reference run without events comes first.  Per run it checks:
   the child owned while it ran) and namespaces of those runs;
 - output: ``split-standby`` must end ``ok`` with the reference's tokens, and one recovery (tied to
   the kill) when the kill met generation; ``split`` must end ``ok`` and identical when the kill came
-  after generation, else with an error record (no standby).
+  after generation, else with an error record (no standby).  The table also says whether the
+  restart started mec's shard again (``started``) or came after the run (``skipped``).
 
     .venv/bin/python bench/fault_kills.py [--runs 20] [--seed 1] [--model tiny] [--tokens 96]
                                           [--window 0.2,2.0] [--restart-after 1.0]
@@ -110,12 +111,16 @@ def check(res: dict, ref: list[int]) -> dict:
         r.get("status") not in ("ok", "error") or (r["status"] == "error" and "events" not in r)
         for r in recs.values())
     row = {"hang": res["hang"], "lost": lost, "leftovers": sum(len(v) for v in res["leftovers"].values()),
-           "identical": False, "met": None, "recoveries": None, "after_kill_ms": None, "split": "-"}
+           "identical": False, "met": None, "recoveries": None, "after_kill_ms": None, "split": "-",
+           "restart": "-"}
     if lost:
         return row
     sb, plain = recs["split-standby"], recs["split"]
     kill = next((e for e in sb.get("events", []) if e.get("kind") == "kill"), {})
     row["kill_actual_s"] = kill.get("actual_s")
+    restart = next((e for e in sb.get("events", []) if e.get("kind") == "restart"), {})
+    row["restart"] = ("started" if str(restart.get("detail", "")).startswith("started") else
+                      "skipped" if "skipped" in restart else "error" if "error" in restart else "-")
     end = generation_end_s(sb)
     row["met"] = "actual_s" in kill and end is not None and kill["actual_s"] < end
     if sb["status"] == "ok":
@@ -165,7 +170,7 @@ def main() -> int:
     ref = ref_recs["split-standby"]["sessions"][0]["raw"]["tokens"]
     rows = []
     print(f"{'run':>3} {'kill at s':>9} {'applied':>8} {'met':>5} {'hang':>5} {'lost':>5} {'left':>5} "
-          f"{'recov':>5} {'kill->detect ms':>15} {'identical':>9}  split (no standby)  wall s")
+          f"{'recov':>5} {'kill->detect ms':>15} {'identical':>9} {'restart':>7}  split (no standby)  wall s")
     for i in range(a.runs):
         at = round(rng.uniform(lo, hi), 2)
         d = out / f"run{i:02d}"
@@ -181,7 +186,8 @@ def main() -> int:
                                                   "run_ids": res["run_ids"], "output": res["output"]}))
         print(f"{i:>3} {at:>9.2f} {fmt(row.get('kill_actual_s')):>8} {fmt(row['met']):>5} {row['hang']!s:>5} "
               f"{row['lost']!s:>5} {row['leftovers']:>5} {fmt(row['recoveries']):>5} "
-              f"{fmt(row['after_kill_ms']):>15} {row['identical']!s:>9}  {row['split']:<18}  {row['wall_s']}",
+              f"{fmt(row['after_kill_ms']):>15} {row['identical']!s:>9} {row['restart']:>7}  "
+              f"{row['split']:<18}  {row['wall_s']}",
               flush=True)
     met = [r for r in rows if r["met"]]
     detect = [r["after_kill_ms"] for r in rows if r["after_kill_ms"] is not None]
