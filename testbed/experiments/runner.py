@@ -64,7 +64,7 @@ def chains_for(suite: Suite, point: Point, topo, layers: int) -> list[list[Any]]
     stages = parse_placement(point.placement)
     chains = []
     for dev in devs:  # each renamed chain checked against the topology again (reachability)
-        text = ",".join(f"{dev if st.node == me else st.node}={st.layers}" for st in stages)
+        text = ",".join(f"{'|'.join(dev if n == me else n for n in st.nodes)}={st.layers}" for st in stages)
         chains.append(parse_placement(text, topo, layers))
     return chains
 

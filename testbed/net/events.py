@@ -15,9 +15,9 @@ One thread walks the events in time order from ``t0`` (the moment the workload s
 * kill and restart go to the callback the application registers (``on_node_event(event) ->
   detail``): the network does not know the node's programs.
 
-Every application is recorded with its scheduled and actual time (seconds from ``t0``) and an
-``error`` when it failed; a failed event never stops the ones after it.  Events the run did not
-reach are recorded with ``skipped``.
+Every application is recorded with its scheduled time, when it began (``started_s``) and when it
+was done (``actual_s``), seconds from ``t0``, and an ``error`` when it failed; a failed event never
+stops the ones after it.  Events the run did not reach are recorded with ``skipped``.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ class EventScheduler:
 
     def _apply(self, e: Event) -> Any:
         rec: dict[str, Any] = e.to_dict()
+        rec["started_s"] = round(self.now(), 4)  # when its application began (actual_s: when it ended)
         ret = None
         try:
             if e.kind == "change":

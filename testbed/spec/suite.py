@@ -434,9 +434,10 @@ def parse_suite(data: Any, src: Path) -> Suite:
             if var not in ("cut", "layers"):
                 raise c.fail(fld, f"unknown variable {{{var}}} (known: {{cut}}, {{layers}})")
         for part in tmpl.split(","):
-            node = part.split("=", 1)[0].strip()
-            if node not in topo.nodes or topo.nodes[node].role == "cell":
-                raise c.fail(fld, f"no node {node!r} in the topology")
+            for node in part.split("=", 1)[0].split("|"):  # a stage's node, then its standbys
+                node = node.strip()
+                if node not in topo.nodes or topo.nodes[node].role == "cell":
+                    raise c.fail(fld, f"no node {node!r} in the topology")
     if not baselines and not placements and kind != "caching":
         raise c.fail("placements", "nothing to run: no baselines and no placements")
 

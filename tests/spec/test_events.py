@@ -143,9 +143,11 @@ def test_the_faults_suite_points_carry_their_events() -> None:
     suite = load_suite(REPO / "experiments/faults.yaml")
     points = expand(suite, 30)
     by_id = {p.id: p for p in points}
-    kinds = ("edge-offload", "cloud-offload", "split")
+    kinds = ("edge-offload", "cloud-offload", "split", "split-standby")
     assert set(by_id) == {"on-device"} | {f"{k}/events={e}.yaml" for k in kinds
-                                          for e in ("none", "drop", "outage")}
+                                          for e in ("none", "drop", "outage", "kill")}
+    kill = build_topology(suite, by_id["split-standby/events=kill.yaml"]).events
+    assert [(e.kind, e.node, e.at_s) for e in kill] == [("kill", "mec", 1.5), ("restart", "mec", 4.5)]
     topo = build_topology(suite, by_id["split/events=outage.yaml"])
     assert [(e.kind, e.link, e.down_for_s) for e in topo.events] == [("outage", ("phone", "mec"), 3.0)]
     assert build_topology(suite, by_id["split/events=none.yaml"]).events == []

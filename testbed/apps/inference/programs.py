@@ -71,6 +71,7 @@ def driver(s: DriverSettings) -> int:
                          layers=list(s.hops), next_standbys=list(s.next_standbys),
                          routes=[list(r) for r in s.routes], floor_ms=s.detect_floor_ms,
                          ctx=security.context(s.curve_keys))
+    client.listen_for_handovers()  # the run's handover signals (split_client, recovery.handover_signal)
     try:
         try:
             client.connect()

@@ -7,10 +7,17 @@ recent decode steps for a one-token step, and the first prefill scaled by the nu
 for a prefill.  The very first prefill has nothing to go by and waits ``timeout_s``; so does the
 re-prefill right after a recovery, generously (a false alarm there would leave no standby).
 A dead node is usually noticed much sooner: its TCP connection drops (``StageFailed``).
+
+A handover is told, not guessed: the run sends the device's driver the real-time signal
+``SIGRTMIN + k`` once the network has moved the device, ``k`` being the candidate of the first stage
+after the device (``mecA|mecB=...``) that serves the new cell (``handover_signal``); the driver
+hears it through ``signal.set_wakeup_fd`` in the poll it waits in (``Moved``) and moves its session
+there.
 """
 
 from __future__ import annotations
 
+import signal
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +31,31 @@ class StageFailed(Exception):  # noqa: N818 - an event the client handles, not a
         super().__init__(why)
         self.stage, self.why, self.detected_at = stage, why, detected_at
         self.sent_at = detected_at
+
+
+class Moved(Exception):  # noqa: N818 - an event the client handles, not an error it reports
+    """The device moved to another cell: the first stage after it is now served by its candidate
+    ``candidate`` (an index into that stage's nodes, primary first); noticed at ``noticed_at``
+    (``time.perf_counter()``)."""
+
+    def __init__(self, candidate: int, noticed_at: float) -> None:
+        super().__init__(f"moved: candidate {candidate}")
+        self.candidate, self.noticed_at = candidate, noticed_at
+        self.sent_at = noticed_at  # the request in flight, if there was one
+
+
+def handover_signal(candidate: int) -> int:
+    """The signal that tells a driver to move its session to ``candidate`` (see ``Moved``)."""
+    sig = signal.SIGRTMIN + candidate
+    if not 0 <= candidate or sig > signal.SIGRTMAX:
+        raise ValueError(f"no handover signal for candidate {candidate}")
+    return sig
+
+
+def moved_to(signals: bytes, candidates: int) -> int | None:
+    """The last handover among the signal numbers a wakeup fd delivered (None: none of them)."""
+    ks = [b - signal.SIGRTMIN for b in signals if 0 <= b - signal.SIGRTMIN < candidates]
+    return ks[-1] if ks else None
 
 
 @dataclass

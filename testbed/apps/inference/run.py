@@ -13,6 +13,7 @@ import dataclasses
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,9 @@ def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, mo
                   topo: Topology | None = None, curve_keys: str | None = None,
                   adapter: str | None = None) -> Program:
     """The shard node of ``stage`` on ``node`` (default: the stage's own node; else one of its
-    standbys, which warms up before its ready line).  A primary that has standbys may die without
-    failing the run: the client takes over with a standby.  ``topo``: the nodes' KV budgets;
+    standbys, which warms up before its ready line).  No program of a stage with standbys fails the
+    run by dying (a kill event may hit any of them): the client judges, taking over with a standby
+    or ending with its error; the run's ``node_exits`` lists the death.  ``topo``: the nodes' KV budgets;
     ``curve_keys``: the run's key file (``security: curve``); ``adapter``: a peft LoRA folder whose
     layers of the stage the node merges in (``testbed.model.adapter``)."""
     node = node or stage.node
@@ -65,7 +67,7 @@ def shard_program(host: Host, stage: Stage, bind: str, next_addr: str | None, mo
                              kv_int8=bool(getattr(spec, "kv_int8", False)), warmup=node != stage.node,
                              curve_keys=curve_keys, adapter=adapter)
     return Program(f"shard-{node}", "shard_node.py", settings, host, threads=threads,
-                   service=node != stage.node or not stage.standbys)
+                   service=not stage.standbys)
 
 
 def shard_programs(stages: list[Stage], addrs: list[str | None], host_of: Callable[[str], Host],
@@ -128,33 +130,123 @@ def driver_result(run: Running) -> tuple[dict[str, Any], float]:
     return res, t
 
 
-def node_events(run: Launcher) -> Callable[[Any], str]:
-    """The handler of kill/restart events on a run: SIGKILL of the node's programs through the
-    launcher (the launcher then reports the node's death as it reports any), a restart starts the
-    node's killed service programs again."""
+def node_events(run: Launcher, stages: list[Stage] | None = None,
+                topo: Topology | None = None) -> Callable[[Any], str]:
+    """The handler of kill, restart and handover events on a run.
+
+    - kill: SIGKILL of the node's programs through the launcher (the launcher then reports the
+      node's death as it reports any; a stage with a standby left is taken over by it, see
+      ``split_client``);
+    - restart: the node's killed shard programs start again, on the same address with the same
+      settings.  A restarted node serves the sessions that start after it (a suite's next round);
+      the session that lost it stays on the standby that took over (a client never goes back);
+    - handover: once the network moved the device (``testbed.net.events.handover``), its driver is
+      told which candidate of the first stage after it (``stages``: ``mecA|mecB=...``) is linked to
+      the new cell (``topo``) by the signal ``recovery.handover_signal(k)``, and moves its session
+      there, rebuilding that stage's KV cache by a re-prefill."""
+    from testbed.apps.inference.recovery import handover_signal
+
     restarts: dict[str, int] = {}
 
     def handle(event: Any) -> str:
         mine = [r for r in run.procs if r.program.host.name == event.node]
         if event.kind == "kill":
-            alive = [r for r in mine if r.returncode is None]
+            alive = [r for r in mine if not run._exited(r)]
             for r in alive:
                 r.popen.send_signal(signal.SIGKILL)
+            # applied once they are gone (the launcher reaps them, its CPU time read first): a restart
+            # right after must find them dead
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not all(run._exited(r) for r in alive):
+                time.sleep(0.005)
             return f"SIGKILL to {', '.join(r.name for r in alive) or 'no running program'}"
-        if event.kind == "restart":
+        if event.kind == "restart":  # the latest program of each name that is dead (not the driver)
             dead = {r.program.name.split(".")[0]: r for r in mine
-                    if r.program.service and r.returncode is not None}
+                    if isinstance(r.program.settings, ShardSettings) and run._exited(r)}
+            dead = {k: r for k, r in dead.items()
+                    if not any(not run._exited(x) and x.program.name.split(".")[0] == k for x in mine)}
             if not dead:
                 return "nothing to restart"
             n = restarts[event.node] = restarts.get(event.node, 0) + 1
             progs = [dataclasses.replace(r.program, name=f"{name}.restart{n}") for name, r in dead.items()]
             run.start(progs)
             return f"started {', '.join(p.name for p in progs)}"
-        if event.kind == "handover":  # the network moved the device; the session is not moved
-            return "split inference does not move its session: replies to the old address are lost"
+        if event.kind == "handover":
+            # ready drivers only: a driver hears the signal from before its ready line on (an earlier
+            # one would end it: a real-time signal's default action)
+            drivers = [r for r in mine if r.returncode is None and r.ready_at is not None
+                       and r.name.startswith("driver")]
+            return _move_sessions(event, drivers, stages, topo, handover_signal)
         raise InferenceError(f"{event.kind} events are not supported by split inference yet")
 
     return handle
+
+
+def _move_sessions(event: Any, drivers: list[Running], stages: list[Stage] | None, topo: Topology | None,
+                   handover_signal: Callable[[int], int]) -> str:
+    """Tell the device's drivers to move to the candidate of stage 1 linked to the new cell."""
+    if not drivers:
+        return f"no running driver on {event.node}"
+    cands = stages[1].nodes if stages is not None and len(stages) > 1 else []
+    near = [k for k, n in enumerate(cands) if topo is not None and event.dst in topo.neighbors(n)]
+    if not near:
+        return (f"no candidate of the stage after {event.node} is linked to {event.dst} "
+                f"(candidates: {', '.join(cands) or 'none'}): the session does not move")
+    for d in drivers:
+        d.popen.send_signal(handover_signal(near[0]))
+    return f"{', '.join(d.name for d in drivers)}: stage 1 moves to {cands[near[0]]}"
+
+
+def tie_to_events(result: dict[str, Any], records: list[dict[str, Any]], t0: float,
+                  gen_start_s: float | None = None) -> None:
+    """Put a driver's recoveries and handovers on the events' clock (``t0``: its 0, monotonic) and
+    tie each to the event that caused it.
+
+    A recovery gets ``detected_s`` and, where a kill of its failed node came before it, ``event``
+    (its index in ``records``) and ``after_kill_ms`` (from the SIGKILL to the failure being declared);
+    that kill's record gets ``recovered_by``.  A handover gets ``noticed_s`` and, from its handover
+    event: ``event``, ``at_s``, ``from``/``to`` (cells), ``move_ms`` (the network's re-attachment),
+    ``notice_ms`` (from the event's start to the driver acting on it) and ``tokens_affected`` (tokens
+    whose step overlapped the time from the event's start to the rebuild's end; ``gen_start_s``: the
+    first step's start on the events' clock, default ``result["gen_start_s"]``)."""
+    for rec in result.get("recoveries") or []:
+        if "detected_at_s" not in rec:
+            continue
+        rec["detected_s"] = round(rec["detected_at_s"] - t0, 4)
+        kills = [(i, e) for i, e in enumerate(records) if e.get("kind") == "kill"
+                 and e.get("kill") == rec.get("failed_node") and "started_s" in e
+                 and e["started_s"] <= rec["detected_s"] + 1e-3]
+        if kills:
+            i, e = kills[-1]
+            rec["event"] = i
+            rec["after_kill_ms"] = round((rec["detected_s"] - e["started_s"]) * 1e3, 3)
+            e["recovered_by"] = f"{rec['standby']} (stage {rec['stage']})"
+    ends = _token_ends(result, gen_start_s)
+    for h in result.get("handovers") or []:
+        h["noticed_s"] = round(h["noticed_at_s"] - t0, 4)
+        evs = [(i, e) for i, e in enumerate(records) if e.get("kind") == "handover"
+               and "started_s" in e and e["started_s"] <= h["noticed_s"] + 1e-3]
+        if not evs:
+            continue
+        i, e = evs[-1]
+        h.update({"event": i, "at_s": e["at_s"], "from": e["from"], "to": e["to"],
+                  "move_ms": round((e["actual_s"] - e["started_s"]) * 1e3, 3),
+                  "notice_ms": round((h["noticed_s"] - e["started_s"]) * 1e3, 3)})
+        if ends is not None:
+            until = h["noticed_s"] + (h.get("rebuild_ms") or 0.0) / 1e3
+            h["tokens_affected"] = sum(1 for a, b in ends if b > e["started_s"] and a < until)
+
+
+def _token_ends(result: dict[str, Any], gen_start_s: float | None) -> list[tuple[float, float]] | None:
+    """(start, end) of every token's step on the events' clock, from ``gen_start_s`` and ``token_ms``."""
+    t = result.get("gen_start_s") if gen_start_s is None else gen_start_s
+    if t is None:
+        return None
+    out = []
+    for ms in result.get("token_ms") or []:
+        out.append((t, t + ms / 1e3))
+        t += ms / 1e3
+    return out
 
 
 def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_new_tokens: int,
@@ -168,7 +260,8 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
 
     The programs' logs go to ``logs`` (default: a new folder under results/logs).  The result has
     the driver's measurements, each hop's CPU time from its ready line to its stop (``cpu_ms``)
-    and thread count, ``recoveries`` (a failed stage taken over by its standby), ``node_exits``
+    and thread count, ``recoveries`` (a failed stage taken over by its standby), ``handovers`` (the
+    session moved to another cell's edge), both tied to their events (``tie_to_events``), ``node_exits``
     (shard programs the launcher saw die during the run) and ``logs``.  ``events``
     (``testbed.spec.events.Event``) run on a clock whose 0 is the start of generation (the
     driver's ready line, once its next hop answered); the result then has ``events`` (each with
@@ -195,7 +288,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
     with Launcher(logs, sharers=len(stages)) as run:
         nodes = run.start(shards)
         run.wait_ready(nodes, READY_TIMEOUT_S)
-        sched = EventScheduler(net, events or [], node_events(run))
+        sched = EventScheduler(net, events or [], node_events(run, stages, getattr(net, "topo", None)))
         try:
             (d,) = run.start([drv])
             if on_ready is not None:
@@ -217,6 +310,7 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, prompt: str, max_n
         assert sched.t0 is not None
         result["events"] = sched.records
         result["gen_start_s"] = round(t_line - result.get("total_ms", 0.0) / 1e3 - sched.t0, 3)
+        tie_to_events(result, sched.records, sched.t0)
     primaries = {r.program.host.name: r for r in nodes}
     for hop, st in zip(result["per_hop"][1:], stages[1:], strict=True):
         r = primaries[st.nodes[0]]
@@ -310,5 +404,9 @@ def infer(args: argparse.Namespace) -> int:
     for r in result.get("recoveries", []):
         print(f"  recovery: stage {r['stage']} ({r['layers']}) {r['failed_node']} -> {r['standby']}: "
               f"{r['why']}, detected in {r['detect_ms']:.1f} ms, rebuilt in {r.get('rebuild_ms', 0):.1f} ms")
+    for h in result.get("handovers", []):
+        print(f"  handover: {h.get('from', '?')} -> {h.get('to', '?')}, stage 1 {h['from_node']} -> "
+              f"{h['to_node']} at token {h['step']}: acted on {h.get('notice_ms', 0):.1f} ms after the event "
+              f"began, rebuilt in {h.get('rebuild_ms', 0):.1f} ms")
     print(f"logs: {logs}")
     return 0

@@ -4,7 +4,8 @@ The shard nodes of the downstream stages start once and serve every device's ses
 device runs its own driver (its own first shard) at the same time.  All of them go through the
 launcher (``testbed.apps.launch``), which measures each program's CPU time from its ready line to
 its stop (a driver is ready once its next hop answered, just before it starts generating) and
-keeps their logs.  Drivers start together with the shard nodes; each waits for its next hop
+keeps their logs.  Drivers start together with the shard nodes (after them where a stage has
+standbys: those must be up before the session relies on them); each waits for its next hop
 before it starts timing, so start-up overlaps but no measurement includes it.  The result also
 has the moment generation started relative to the network coming up (for trace timelines).
 """
@@ -25,6 +26,8 @@ from testbed.apps.inference.run import (
     driver_result,
     node_events,
     shard_programs,
+    standby_addresses,
+    tie_to_events,
 )
 from testbed.apps.launch import READY_TIMEOUT_S, Launcher, LaunchError, NetHost, default_logs_dir
 from testbed.net.events import EventScheduler
@@ -73,18 +76,23 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
                              "parallel devices must share one segment (a cell)")
     logs = logs or default_logs_dir("run")
     node_keys, device_keys = run_key_files(net.topo.security, logs)
+    sb_addrs = standby_addresses(net, chains[0])  # hot standbys (``mec|cloud=...``), shared like the stages
     shards = shard_programs(chains[0], addrs, lambda node: NetHost(net, node), model_dir, req.quant,
-                            curve_keys=node_keys)
+                            standby_addrs=sb_addrs, curve_keys=node_keys)
     drivers = [driver_program(NetHost(net, c[0].node), c, addrs[1] if downstream else None, model_dir,
                               req.prompt, req.max_new_tokens, req.quant, req.codec, req.kv_cache,
-                              curve_keys=device_keys)
+                              next_standbys=sb_addrs[1] if downstream else None, curve_keys=device_keys)
                for c in chains]
     with Launcher(logs, sharers=len(shards) + len(drivers)) as run:
         t_start = time.monotonic()
-        started = run.start(shards + drivers)
-        nodes, drvs = started[:len(shards)], started[len(shards):]
+        # a session relies on its standbys from its first token: with standbys, the drivers start once
+        # every shard node (a standby warms up before its ready line) is ready
+        early = not any(st.standbys for st in chains[0])
+        nodes = run.start(shards + drivers if early else shards)
+        nodes, drvs = nodes[:len(shards)], nodes[len(shards):]
         run.wait_ready(nodes, READY_TIMEOUT_S)
-        sched = EventScheduler(net, events or [], node_events(run))
+        drvs = drvs or run.start(drivers)
+        sched = EventScheduler(net, events or [], node_events(run, chains[0], net.topo))
         t0 = None
         if events or duration_s:
             run.wait_ready(drvs, READY_TIMEOUT_S)
@@ -111,6 +119,9 @@ def run_sessions(net, chains: list[list[Stage]], model_dir: Path, req: Request,
         for out in outs:
             res, t_line = out[i]
             res["gen_start_s"] = round(t_line - res.get("total_ms", 0.0) / 1e3 - net_started, 3)
+            if t0 is not None:  # recoveries and handovers tied to their events, on the events' clock
+                start = t_line - res.get("total_ms", 0.0) / 1e3 - t0
+                tie_to_events(res, sched.records, t0, gen_start_s=start)
             per_round.append(res)
         res = per_round[0]
         if duration_s:

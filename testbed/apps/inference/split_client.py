@@ -9,11 +9,17 @@ connection drops, a node below reports HOP_DOWN, or no reply comes within the st
 ``testbed.apps.inference.recovery``), it re-routes that stage to its next standby and re-prefills
 the session from position 0, which rebuilds every stage's KV cache; a node that evicted the
 session (its KV budget) answers EVICTED and the session is re-prefilled the same way.
+
+Handover: once ``listen_for_handovers`` ran (the driver program), a handover signal from the run
+(``recovery.handover_signal``) moves the session to the named candidate of the first stage after
+the device, the new cell's edge, through the same re-route and re-prefill (each in ``handovers``).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from testbed.apps.inference.activations import hidden_message
-from testbed.apps.inference.recovery import StageFailed, StepClock
+from testbed.apps.inference.recovery import Moved, StageFailed, StepClock, moved_to
 from testbed.spec.errors import TestbedError
 from testbed.wire.message import (
     HEADER,
@@ -112,6 +118,23 @@ class SplitClient:
         self.recoveries: list[dict] = []
         self.rebuilds = 0  # re-prefills after an EVICTED answer
         self.stalls = 0  # deadlines passed while every stage still answered a probe
+        self.handovers: list[dict] = []
+        self._wake: int | None = None  # the read end of the signal wakeup pipe (handovers)
+        self._moved: Moved | None = None  # a handover heard while probing, not yet acted on
+
+    def listen_for_handovers(self) -> None:
+        """Hear the run's handover signals (``recovery.handover_signal``) while waiting for replies.
+
+        Installs process-wide signal handlers and the wakeup fd: for a driver program's main thread."""
+        if self._wake is not None or len(self.routes) < 2:
+            return
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        for k in range(len(self.routes[1])):
+            signal.signal(signal.SIGRTMIN + k, lambda *_: None)  # the wakeup fd carries its number
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wake, self._wake_w = r, w
 
     # ---- the socket to the next hop --------------------------------------------------------
     def _open(self, addr: str) -> None:
@@ -143,11 +166,21 @@ class SplitClient:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
+        if self._wake is not None:
+            poller.register(self._wake, zmq.POLLIN)
         while True:
             left = deadline - time.perf_counter()
             ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
             if not ready:
                 raise StageFailed(None, "no reply in time", time.perf_counter())
+            if self._wake is not None and ready.get(self._wake):
+                try:
+                    k = moved_to(os.read(self._wake, 512), len(self.routes[1]))
+                except BlockingIOError:
+                    k = None
+                if k is not None:
+                    raise Moved(k, time.perf_counter())
+                continue
             if ready.get(self.events):
                 if recv_monitor_message(self.events)["event"] == zmq.EVENT_DISCONNECTED:
                     raise StageFailed(1, "connection dropped", time.perf_counter())
@@ -192,7 +225,7 @@ class SplitClient:
         try:
             msg, reply, t3 = self._await((Kind.RESULT, Kind.ERROR), rid,
                                          t2 + (self.timeout_s if deadline_s is None else deadline_s))
-        except StageFailed as e:
+        except (StageFailed, Moved) as e:
             e.sent_at = t2
             raise
         if msg.kind == Kind.ERROR:
@@ -217,6 +250,8 @@ class SplitClient:
             self._await((Kind.PONG,), stage - 1, time.perf_counter() + wait_s)
         except StageFailed:
             return False
+        except Moved as m:  # acted on before the next request (the probe's answer no longer matters)
+            self._moved = m
         return True
 
     def _blame(self, failure: StageFailed) -> int | None:
@@ -253,6 +288,21 @@ class SplitClient:
         return {"stage": stage, "layers": layers, "failed_node": failed, "standby": names[self.active[stage]],
                 "why": failure.why}
 
+    def _move(self, m: Moved, step: int) -> dict:
+        """Move the first stage after the device to candidate ``m.candidate`` (the new cell's edge):
+        a new connection from the device's new address (even to the same node: the old one's replies
+        go to an address the device no longer has); the re-prefill that follows rebuilds its cache."""
+        names = self.routes[1]
+        failed = names[self.active[1]]
+        self._close_sock()
+        self._open(([self.next_addr] + list(self.next_standbys))[m.candidate])
+        self.active[1] = m.candidate
+        if len(self.routes) > 2 and self.active[2]:  # the new node's next hop: the stage's standby in use
+            self.sock.send_multipart(reroute(0, self.active[2], self.session).frames())
+        return {"stage": 1, "from_node": failed, "to_node": names[m.candidate], "step": step,
+                "detect_ms": round((m.noticed_at - m.sent_at) * 1e3, 3),
+                "noticed_at_s": round(time.monotonic() - (time.perf_counter() - m.noticed_at), 6)}
+
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> dict:
         """Greedy decoding; stops after ``max_new_tokens`` or at a stop token (which is kept).
 
@@ -264,13 +314,19 @@ class SplitClient:
         tokens: list[int] = []
         step_ms: list[float] = []
         t_start = time.perf_counter()
-        self.partial = {"tokens": tokens, "token_ms": step_ms, "recoveries": self.recoveries}
+        self.partial = {"tokens": tokens, "token_ms": step_ms, "recoveries": self.recoveries,
+                        "handovers": self.handovers}
         prefill = True  # the next request sends the whole history from position 0
         patient = False  # the next request waits timeout_s (after a stall)
         waiting: list[tuple[dict, float]] = []  # recoveries whose re-prefill has not answered yet
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
             while True:
+                if self._moved is not None:  # heard while probing
+                    m, self._moved = self._moved, None
+                    self.handovers.append(self._move(m, step))
+                    waiting.append((self.handovers[-1], time.perf_counter()))
+                    prefill = True
                 if prefill or not self.kv_cache:
                     x, pos = ids, 0
                     if self.first is not None:
@@ -289,6 +345,10 @@ class SplitClient:
                     break
                 except SessionEvicted:
                     self.rebuilds += 1
+                    prefill = True
+                except Moved as m:
+                    self.handovers.append(self._move(m, step))
+                    waiting.append((self.handovers[-1], time.perf_counter()))
                     prefill = True
                 except StageFailed as e:
                     stage = self._blame(e)
@@ -332,6 +392,7 @@ class SplitClient:
             "recoveries": self.recoveries,
             "kv_rebuilds": self.rebuilds,
             "stalls": self.stalls,
+            "handovers": self.handovers,
         }
 
     def connect(self) -> None:
@@ -354,6 +415,11 @@ class SplitClient:
 
     def close(self) -> None:
         """Free this session's KV caches along the chain, then the socket."""
+        if self._wake is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake)
+            os.close(self._wake_w)
+            self._wake = None
         if self.sock is None:
             return
         try:
