@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.spec import caching as cache_limits
-from testbed.spec import check
+from testbed.spec import check, corpora
 from testbed.spec.check import Checker
 from testbed.spec.checkpoint import check_model_path
 from testbed.spec.errors import SpecError, got
@@ -97,6 +97,7 @@ PARAMS: dict[str, str] = {
     "grad_codec": "training: activation-gradient codec on the wire (upstream)",
     "freeze_client": "training: share of the device's layers without adapters (0..1)",
     "freeze_server": "training: share of the stage servers' layers without adapters (0..1)",
+    "head_on_device": "training: U-shaped, the device also keeps the final norm, head and loss (true|false)",
     "policy": "caching: every edge's policy (lru | lfu | block-lru | trimcaching | random | optimal)",
     "capacity_mb": "caching: each edge's store in MB (10^6 bytes)",
     "capacity_bases": "caching: each edge's store in base models (x the bytes of the catalogue's fp32 base)",
@@ -109,7 +110,8 @@ PARAMS: dict[str, str] = {
     "adapters": "caching: LoRA variants of a generated catalogue",
     "partial": "caching: partial fine-tunes of a generated catalogue",
 }
-TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server")
+TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server",
+                   "head_on_device")
 INFERENCE_PARAMS = ("quant", "kv_cache", "prompt", "max_new_tokens", "duration_s")
 CACHING_PARAMS = ("policy", "capacity_mb", "capacity_bases", "zipf", "mobility", "seed", "window", "requests",
                   "cache_mode", "adapters", "partial")
@@ -123,6 +125,7 @@ WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch
                  "requests")
 ENERGY_KEYS = ("compute_w", "idle_w", "tx_nj_per_bit", "rx_nj_per_bit")
 ANALYTIC_KEYS = ("band",)
+PLACEMENT_KEYS = ("placement", "params")
 ROLE_KEYS = ("device", "edge", "cloud")
 _LINK_PARAM = re.compile(r"^links\.([A-Za-z][A-Za-z0-9]*)-([A-Za-z][A-Za-z0-9]*)\.(up|down)\."
                          r"(bw_mbit|delay_ms|jitter_ms|loss_pct|queue_pkts|trace|format)$")
@@ -201,6 +204,9 @@ class Suite:
     band: tuple[float, float] = (0.5, 2.0)  # accepted measured/predicted ratio range
     sets: list[str] = field(default_factory=list)  # command-line overrides applied (--set)
     device_nodes: list[str] = field(default_factory=list)  # nodes that can run a device session, in order
+    # a placement's own parameter values (``placements: {NAME: {placement, params}}``): they override
+    # the suite's params and sweep at that placement's points (pinned: its points differ in nothing else)
+    placement_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 
@@ -268,7 +274,7 @@ def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any
         return _check_devices(c, fld, number, suite) if name == "devices" else number
     if name in _PARAM_CHOICES:
         return c.choice(value, fld, _PARAM_CHOICES[name])
-    if name == "kv_cache":
+    if name in ("kv_cache", "head_on_device"):
         return c.boolean(value, fld)
     if name == "trace":
         p = _resolve(suite.source.resolve().parent, c.path(value, fld, "a trace path"))
@@ -421,13 +427,25 @@ def parse_suite(data: Any, src: Path) -> Suite:
     if "cloud-offload" in baselines and "cloud" not in roles:
         raise c.fail("baselines", "cloud-offload needs a cloud node (roles.cloud)")
 
-    placements = data.get("placements") or {}
-    c.mapping(placements, "placements",
+    given_placements = data.get("placements") or {}
+    c.mapping(given_placements, "placements",
               what="a mapping of names to placements like 'phone=0:{cut},mec={cut}:30'")
-    for pname, tmpl in placements.items():
+    placements: dict[str, Any] = {}
+    own_params: dict[str, Any] = {}  # placement -> its own raw parameters, checked below
+    for pname, entry in given_placements.items():
         fld = f"placements.{pname}"
         if pname in BASELINES:
             raise c.fail(fld, "name is reserved for a baseline")
+        tmpl = entry
+        if isinstance(entry, Mapping):  # {placement: TEMPLATE, params: {NAME: VALUE}}
+            body = c.mapping(entry, fld, PLACEMENT_KEYS, "a placement string or {placement, params}")
+            if "placement" not in body:
+                raise c.fail(f"{fld}.placement", "missing (the placement string of this entry)")
+            tmpl = body["placement"]
+            own_params[pname] = c.mapping(body.get("params") or {}, f"{fld}.params",
+                                          what="a mapping of parameter -> value")
+            fld = f"{fld}.placement"
+        placements[pname] = tmpl
         if not isinstance(tmpl, str) or "=" not in tmpl:
             raise c.fail(fld, f"must be a string like 'phone=0:{{cut}},mec={{cut}}:30' {got(tmpl)}")
         for var in _PLACEMENT_VARS.findall(tmpl):
@@ -467,6 +485,9 @@ def parse_suite(data: Any, src: Path) -> Suite:
 
     params = c.mapping(data.get("params") or {}, "params", what="a mapping of parameter -> value")
     suite.params = {k: check_param(src, f"params.{k}", k, v, suite) for k, v in params.items()}
+    suite.placement_params = {
+        pname: {k: check_param(src, f"placements.{pname}.params.{k}", k, v, suite) for k, v in pp.items()}
+        for pname, pp in own_params.items()}
 
     sweep = dict(c.mapping(data.get("sweep") or {}, "sweep", what="a mapping of parameter -> list of values"))
     mode = c.choice(sweep.pop("mode", "cartesian"), "sweep.mode", SWEEP_MODES)
@@ -480,7 +501,8 @@ def parse_suite(data: Any, src: Path) -> Suite:
         raise c.fail("sweep", f"zip needs lists of equal length (got {lens})")
     suite.sweep_mode = mode
     _check_kind_params(c, suite)
-    uses_cut = any("{cut}" in t for t in placements.values())
+    uses_cut = any("{cut}" in t and "cut" not in suite.placement_params.get(n, {})
+                   for n, t in placements.items())
     if uses_cut and "cut" not in suite.params and "cut" not in suite.sweep:
         raise c.fail("placements", "a placement uses {cut}: set params.cut or sweep.cut")
     return suite
@@ -496,9 +518,13 @@ def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices:
     if not isinstance(data, list):
         raise c.fail("workload.data", f"must be a list of text files or built-in corpora {got(data)}")
     files = []
+    builtins = corpora.builtin_corpora()
     for i, d in enumerate(data):
-        text = c.path(d, f"workload.data[{i}]", "a text file or a built-in corpus")
-        files.append(text if re.match(r"^[a-z]+:", text) else str(_resolve(base, text)))
+        fld = f"workload.data[{i}]"
+        text = c.path(d, fld, "a text file or a built-in corpus")
+        path = _resolve(base, text)
+        corpora.check_entry(text, path, str(c.source), fld, builtins)
+        files.append(text if corpora.is_builtin_name(text, path) else str(path))
     return Workload(prompts_file=base, prompts={}, devices=n_devices, kind="training",
                     steps=c.number(wl.get("steps", 4), "workload.steps", TRAIN_STEPS),
                     batch=c.number(wl.get("batch", 4), "workload.batch", TRAIN_BATCH),
@@ -567,7 +593,10 @@ def _check_kind_params(c: Checker, suite: Suite) -> None:
     kind = suite.workload.kind
     training = kind == "training"
     own = _kind_params(kind)
-    for where, values in (("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)):
+    sources = [("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)]
+    sources += [(f"placements.{n}.params", {k: [v] for k, v in pp.items()})
+                for n, pp in suite.placement_params.items()]
+    for where, values in sources:
         for k, vals in values.items():
             if k in PARAMS and k not in own:
                 raise c.fail(f"{where}.{k}", f"is not a parameter of a {kind} workload")
@@ -576,5 +605,24 @@ def _check_kind_params(c: Checker, suite: Suite) -> None:
                     if suite.workload.batch % v:
                         raise c.fail(f"{where}.{k}",
                                      f"must divide workload.batch ({suite.workload.batch}) (got {v})")
+    if training:
+        _check_training_data(c, suite)
     if kind == "caching":
         _check_caching_params(c, suite)
+
+
+def _check_training_data(c: Checker, suite: Suite) -> None:
+    """``workload.data``: one file per device or one for all, for every device count of the suite."""
+    files = len(suite.workload.data)
+    if "devices" in suite.sweep:
+        counts = [(f"sweep.devices[{i}]", n) for i, n in enumerate(suite.sweep["devices"])]
+    elif "devices" in suite.params:
+        counts = [("params.devices", suite.params["devices"])]
+    else:
+        counts = [("workload.devices", suite.workload.devices)]
+    counts += [(f"placements.{n}.params.devices", pp["devices"])
+               for n, pp in suite.placement_params.items() if "devices" in pp]
+    for where, n in counts:
+        problem = corpora.count_problem(files, n)
+        if problem:
+            raise c.fail("workload.data", f"{problem} ({where} is {n}) {got(suite.workload.data)}")

@@ -422,9 +422,10 @@ def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_
 
 
 def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
-               result: dict[str, Any]) -> dict[str, Any]:
+               result: dict[str, Any], base_cache: dict | None = None) -> dict[str, Any]:
     """Held-out perplexity of the base model and with the trained adapters: per client (its own
-    held-out text, its own adapters) and pooled over the clients' tokens."""
+    held-out text, its own adapters) and pooled over the clients' tokens.  ``base_cache`` keeps the
+    base model's figures by text across calls (a suite's points share them)."""
     if not opt.evaluate:
         return {"eval_ppl_before": None, "eval_ppl_after": None}
     import math
@@ -444,7 +445,12 @@ def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: P
         saved = load_file(str(where / "adapter_model.safetensors"))
         adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
         heldout = {node: d.heldout}
-        figures = {"before": held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq),
+        key = (d.name, len(d.heldout), opt.seq)
+        before = (base_cache or {}).get(key) or held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout,
+                                                             opt.seq)
+        if base_cache is not None:
+            base_cache[key] = before
+        figures = {"before": before,
                    "after": held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)}
         tokens = figures["after"]["tokens"][node]
         per[node] = {"text": d.name, "tokens": tokens}

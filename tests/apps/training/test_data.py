@@ -70,7 +70,7 @@ def test_bad_files_give_one_line(tmp_path: Path, tok) -> None:
         data.load_clients(data.parse_data(str(missing)), tok, clients=1, batch=4, seq=64)
     assert str(e.value) == f"{missing}: data: no such file (got '{missing}')"
 
-    with pytest.raises(SpecError, match=r"^.*: data: not a regular file \(got '"):
+    with pytest.raises(SpecError, match=r"^.*: data: is a directory, not a text file \(got '"):
         data.read_text(tmp_path)
 
     latin = tmp_path / "latin1.txt"
