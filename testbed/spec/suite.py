@@ -23,9 +23,15 @@ file's directory.  Example::
     shaper: auto
     energy: {compute_w: 2.5, tx_nj_per_bit: 100}
 
+A placement may carry its own parameter values: ``NAME: {placement: TEMPLATE, params: {...}}``.  They
+override ``params`` and ``sweep`` at that placement's points, so a placement that pins a swept value
+has one point per value of the others (``split-training.yaml``'s ``ushape``: one point per cut).
+
 A training suite (``workload: {kind: training, steps: 4, batch: 4, seq: 64, data: [...], devices: 1}``)
 trains at every point instead (``testbed.apps.training.workload``); it has no baselines, and takes the
-training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).
+training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).  Every
+``data`` entry is checked before anything runs (``testbed.spec.corpora``: a readable, non-empty UTF-8
+file or a built-in corpus found here), and their count must be 1 or each point's device count.
 
 A caching suite (``workload: {kind: caching, catalogue: {...} or PATH, requests: 300}``) runs one edge
 caching policy on a seeded request workload at every point (``testbed.apps.caching.point``, the engine

@@ -116,6 +116,18 @@ def check_data(args: argparse.Namespace) -> None:
         raise SpecError("train", "--data", f"{problem} {got(','.join(args.data))}")
 
 
+def check_texts(model_dir, data: list[str], devices: int, batch: int, seq: int) -> None:
+    """``--data`` tokenized as the devices will (the parent's tokenizer, before any program starts): a
+    text too short for one batch is ``train: --data: NAME: too short ...`` (exit 2), not a device's
+    traceback."""
+    from testbed.apps.training.local import client_data
+
+    try:
+        client_data(model_dir, data, devices, batch, seq)
+    except SpecError as e:
+        raise SpecError("train", "--data", f"{e.file}: {e.message}") from None
+
+
 def _pattern_devices(args: argparse.Namespace) -> int:
     """The devices of the run without ``--clients``: 1, or those of the topology that the first
     ``--placement`` entry's pattern (``dev*=0:4``) matches (0: unknown here, the run checks them)."""

@@ -286,6 +286,9 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         for node in opt.clients:  # every device must reach the first stage server
             entries = [f"{node}={stages[0].layers}"] + [f"{s.node}={s.layers}" for s in stages[1:]]
             parse_placement(",".join(entries), check_topo, n_layers)
+    from testbed.apps.training.arguments import check_texts
+
+    check_texts(model_dir, opt.data, max(1, len(opt.clients)), opt.batch, opt.seq)  # before anything starts
     out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     adapter_dir = out / "adapters"
     logs = logs or out / "logs"
