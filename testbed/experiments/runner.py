@@ -151,7 +151,7 @@ def execute_training(suite: Suite, point: Point, model_dir: Path, logs: Path | N
                     schedule=p["schedule"], micro_batches=p["micro_batches"], codec=p["codec"],
                     grad_codec=p["grad_codec"], freeze_client=p["freeze_client"],
                     freeze_server=p["freeze_server"], data=list(suite.workload.data),
-                    head_on_device=p.get("head_on_device", False))
+                    head_on_device=p.get("head_on_device", False), evaluate=suite.workload.evaluate)
     with tempfile.TemporaryDirectory(prefix="testbed-train-") as tmp:
         logs = logs or Path(tmp) / "logs"
         t0 = time.monotonic()

@@ -127,8 +127,8 @@ CATALOGUE_DEFAULTS: dict[str, Any] = {"base": "smollm2", "adapters": 40, "partia
 NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
             "params", "sweep", "repeats", "shaper", "energy", "analytic")
-WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "catalogue",
-                 "requests")
+WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "evaluate",
+                 "catalogue", "requests")
 ENERGY_KEYS = ("compute_w", "idle_w", "tx_nj_per_bit", "rx_nj_per_bit")
 ANALYTIC_KEYS = ("band",)
 PLACEMENT_KEYS = ("placement", "params")
@@ -184,6 +184,7 @@ class Workload:
     batch: int = 4  # training: sequences per step
     seq: int = 64  # training: tokens per sequence
     data: list[str] = field(default_factory=list)  # training: text files or built-in corpora, one per client
+    evaluate: bool = True  # training: held-out perplexity before and after each point
     # caching: a built catalogue folder (absolute path) or the mapping of a generated one (CATALOGUE_KEYS)
     catalogue: str | dict[str, Any] | None = None
     requests: int = 300  # caching: requests per run
@@ -515,8 +516,10 @@ def parse_suite(data: Any, src: Path) -> Suite:
 
 
 def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices: int) -> Workload:
-    """``workload: {kind: training, steps, batch, seq, data, devices}``; ``data`` entries are files
-    (resolved against the suite's folder) or built-in corpora (``fortunes:NAME``, ``licenses:NAME``)."""
+    """``workload: {kind: training, steps, batch, seq, data, devices, evaluate}``; ``data`` entries are
+    files (resolved against the suite's folder) or built-in corpora (``fortunes:NAME``, ``licenses:NAME``);
+    ``evaluate: false`` skips the held-out perplexity (where every point trains alike, as in a pipeline
+    schedule comparison, it is the same figure each time)."""
     for key in ("prompts", "max_new_tokens"):
         if key in wl:
             raise c.fail(f"workload.{key}", "is for inference workloads (this one is kind: training)")
@@ -534,13 +537,14 @@ def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices:
     return Workload(prompts_file=base, prompts={}, devices=n_devices, kind="training",
                     steps=c.number(wl.get("steps", 4), "workload.steps", TRAIN_STEPS),
                     batch=c.number(wl.get("batch", 4), "workload.batch", TRAIN_BATCH),
-                    seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files)
+                    seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files,
+                    evaluate=c.boolean(wl.get("evaluate", True), "workload.evaluate"))
 
 
 def _caching_workload(c: Checker, wl: Mapping[str, Any], base: Path) -> Workload:
     """``workload: {kind: caching, catalogue, requests}``: ``catalogue`` is a built catalogue folder
     (resolved against the suite's folder) or the mapping of a generated one (``CATALOGUE_KEYS``)."""
-    for key in ("prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data"):
+    for key in ("prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "evaluate"):
         if key in wl:
             raise c.fail(f"workload.{key}", "is not a field of a caching workload (kind: caching takes "
                                             "catalogue and requests; every device of the topology sends)")

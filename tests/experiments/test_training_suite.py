@@ -38,6 +38,7 @@ def test_multihop_suite_has_one_to_four_hops():
     hops = {len(p.placement.split(",")) - 1 for p in expand(suite, 30)}
     assert hops == {1, 2, 3, 4}
     assert suite.params["links.edge1-edge2.up.bw_mbit"] == 400
+    assert suite.workload.evaluate is False  # every point trains alike: no perplexity 24 times
 
 
 @pytest.mark.parametrize("sets,field,message", [
@@ -46,6 +47,7 @@ def test_multihop_suite_has_one_to_four_hops():
     (["sweep.schedule=[zigzag]"], "sweep.schedule[0]", "must be one of"),
     (["baselines=[on-device]"], "baselines", "compares its placements only"),
     (["workload.steps=0"], "workload.steps", ">= 1"),
+    (["workload.evaluate=sometimes"], "workload.evaluate", "must be true or false (got 'sometimes')"),
 ])
 def test_bad_training_suite_values(sets, field, message):
     with pytest.raises(SpecError) as e:

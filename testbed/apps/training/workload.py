@@ -42,6 +42,7 @@ class TrainPoint:
     freeze_server: float = 0.0
     data: list[str] = field(default_factory=list)
     head_on_device: bool = False  # U-shaped: the device also holds the final norm, head and loss
+    evaluate: bool = True  # held-out perplexity before and after
 
     def options(self) -> TrainOptions:
         return TrainOptions(steps=self.steps, batch=self.batch, seq=self.seq, scheme=self.scheme,
@@ -49,7 +50,7 @@ class TrainPoint:
                             grad_codec=self.grad_codec, freeze_client=self.freeze_client,
                             freeze_server=self.freeze_server, data=list(self.data),
                             clients=list(self.clients) if len(self.clients) > 1 else [],
-                            head_on_device=self.head_on_device)
+                            head_on_device=self.head_on_device, evaluate=self.evaluate)
 
 
 def check_texts(model_dir: Path, data: list[str], devices: int, batch: int, seq: int) -> None:
