@@ -32,7 +32,7 @@ CACHING_DEFAULTS: dict[str, Any] = {"zipf": 0.8, "mobility": 0.0, "seed": 1, "wi
                                     "cache_mode": "replay"}  # cache-run's defaults
 TRAINING_DEFAULTS: dict[str, Any] = {"codec": "fp32", "grad_codec": "fp32", "scheme": "sl",
                                      "schedule": "gpipe", "micro_batches": 1, "freeze_client": 0.0,
-                                     "freeze_server": 0.0}
+                                     "freeze_server": 0.0, "head_on_device": False}
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,9 @@ def expand(suite: Suite, layers: int) -> list[Point]:
     if prompts and "prompt" not in suite.sweep and "prompt" not in suite.params and len(prompts) > 1:
         combos = [{**c, "prompt": p} for c in combos for p in prompts]
         swept.append("prompt")
-    names = {k: value_labels([c[k] for c in combos if k in c]) for k in swept}
+    pinned = suite.placement_params  # a placement's own values override the sweep's at its points
+    names = {k: value_labels([c[k] for c in combos if k in c] + [pp[k] for pp in pinned.values() if k in pp])
+             for k in swept}
     kinds = [(b, b, "") for b in suite.baselines] + [(n, "split", t) for n, t in suite.placements.items()]
     caching = suite.workload.kind == "caching"
     if caching:  # one "placement" per point: its policy, which names the point (lru/capacity_bases=2)
@@ -165,7 +167,8 @@ def expand(suite: Suite, layers: int) -> list[Point]:
             kinds = [(policy, "caching", policy)]
         for name, kind, template in kinds:
             drop = irrelevant(kind, template)
-            params: dict[str, Any] = {**workload_defaults(suite), **suite.params, **combo}
+            params: dict[str, Any] = {**workload_defaults(suite), **suite.params, **combo,
+                                      **pinned.get(name, {})}
             params = {k: v for k, v in params.items() if k not in drop}
             if kind == "caching":
                 placement = name

@@ -150,7 +150,8 @@ def execute_training(suite: Suite, point: Point, model_dir: Path, logs: Path | N
                     steps=p["steps"], batch=p["batch"], seq=p["seq"], scheme=p["scheme"],
                     schedule=p["schedule"], micro_batches=p["micro_batches"], codec=p["codec"],
                     grad_codec=p["grad_codec"], freeze_client=p["freeze_client"],
-                    freeze_server=p["freeze_server"], data=list(suite.workload.data))
+                    freeze_server=p["freeze_server"], data=list(suite.workload.data),
+                    head_on_device=p.get("head_on_device", False), evaluate=suite.workload.evaluate)
     with tempfile.TemporaryDirectory(prefix="testbed-train-") as tmp:
         logs = logs or Path(tmp) / "logs"
         t0 = time.monotonic()
@@ -242,6 +243,8 @@ def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) ->
         raise SpecError(suite.source, "--only", f"no point matches {only!r}")
     if suite.workload.kind == "caching":
         _check_caching(suite, points, out_dir, info)
+    if suite.workload.kind == "training":
+        _check_training_texts(suite, points, Path(info["dir"]))
     for p in points:  # bad overrides fail now, not after an hour of running
         build_topology(suite, p)
         if suite.workload.kind == "training":  # layers out of the model's range, a device that cannot reach
@@ -256,6 +259,21 @@ def plan(suite: Suite, out_dir: Path, only: str | None, info: dict[str, Any]) ->
                 except SpecError as e:
                     raise SpecError(suite.source, f"placements.{p.placement_name}", e.message) from None
     return points
+
+
+def _check_training_texts(suite: Suite, points: list[Point], model_dir: Path) -> None:
+    """Every device count's texts tokenized once before anything starts: a text too short for one
+    batch (or fewer built-in corpora than devices) is one line naming the suite's field."""
+    from testbed.apps.training.workload import check_texts
+
+    wl = suite.workload
+    for devices in sorted({p.params.get("devices", 1) for p in points}):
+        try:
+            check_texts(model_dir, wl.data, devices, wl.batch, wl.seq)
+        except SpecError as e:
+            if e.file in wl.data:
+                raise SpecError(suite.source, f"workload.data[{wl.data.index(e.file)}]", e.message) from None
+            raise SpecError(suite.source, "workload.data", f"{e.file}: {e.message}") from None
 
 
 Progress = Callable[[str, int, int], None]

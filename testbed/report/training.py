@@ -75,6 +75,8 @@ def step_vs_hops(rows: list[Row], out: Path) -> Path | None:
         # the placement's name (hops1, hops2, ...) is the x axis: the line is the other parameters
         rest = " ".join(r.label(skip=("schedule", "micro_batches")).split(" ")[1:])
         lab = f"{r.params.get('schedule', '')} M={r.params.get('micro_batches', 1)} {rest}".strip()
+        if r.params.get("head_on_device") and "head_on_device" not in rest:  # a placement's own value
+            lab += " U-shaped"
         lines[lab].append((hops, meas, r.spread("predicted_step_ms")))
     if not lines:
         return None
@@ -139,6 +141,16 @@ def _cell(s: Spread | None, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(s.median)} ({fmt.format(s.lo)}–{fmt.format(s.hi)})"
 
 
+def placement(record: dict[str, Any]) -> str:
+    """A training record's placement as run: ``phone=0:4,mec=4:30``, and where the U-shape keeps the
+    final norm, head and loss on the device, ``+ head on phone``."""
+    t = record.get("training") or {}
+    text = t.get("placement") or record.get("placement") or "-"
+    if t.get("head_on_device"):
+        text += f" + head on {text.partition('=')[0]}"
+    return f"`{text}`"
+
+
 def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]], pngs: list[Path]) -> Path:
     """``summary.md`` of a training suite: one table row per point, the plots listed."""
     ok = [r for r in records if r.get("status") == "ok"]
@@ -149,17 +161,19 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
              f"Each cell is the **{SPREAD_SHORT}** over the successful repeats. Step time: mean over the "
              "steps of a repeat; predicted: the analytic schedule model (stage compute + transfers + "
              "bubble) from that repeat's measured compute and bytes; bytes on the device's link per step; "
-             "perplexity on each client's held-out text, pooled.", "",
-             f"| point | runs | hops | step ms, {SPREAD_SHORT} | predicted ms | tokens/s | up B/step "
-             "| down B/step | loss first → last | ppl before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "perplexity on each client's held-out text, pooled.  Placement: the device first; `+ head on "
+             "DEVICE`: U-shaped (the device also holds the final norm, head and loss).", "",
+             f"| point | runs | placement | hops | step ms, {SPREAD_SHORT} | predicted ms | tokens/s "
+             "| up B/step | down B/step | loss first → last | ppl before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.ok:
-            lines.append(f"| {r.point} | 0/{len(r.records)} | failed: {r.errors[0][:80]} |" + " |" * 7)
+            lines.append(f"| {r.point} | 0/{len(r.records)} | failed: {r.errors[0][:80]} |" + " |" * 8)
             continue
         loss = f"{_cell(r.spread('loss_first'), '{:.3f}')} → {_cell(r.spread('loss_last'), '{:.3f}')}"
         ppl = f"{_cell(r.spread('eval_ppl_before'))} → {_cell(r.spread('eval_ppl_after'))}"
-        lines.append(f"| {r.point} | {len(r.ok)}/{len(r.records)} | {_cell(r.spread('hops'), '{:.0f}')} "
+        lines.append(f"| {r.point} | {len(r.ok)}/{len(r.records)} | {placement(r.ok[0])} "
+                     f"| {_cell(r.spread('hops'), '{:.0f}')} "
                      f"| {_cell(r.spread('step_ms_mean'))} | {_cell(r.spread('predicted_step_ms'))} "
                      f"| {_cell(r.spread('tokens_per_s'), '{:.0f}')} "
                      f"| {_cell(r.spread('bytes_up_per_step'), '{:.0f}')} "

@@ -23,9 +23,15 @@ file's directory.  Example::
     shaper: auto
     energy: {compute_w: 2.5, tx_nj_per_bit: 100}
 
+A placement may carry its own parameter values: ``NAME: {placement: TEMPLATE, params: {...}}``.  They
+override ``params`` and ``sweep`` at that placement's points, so a placement that pins a swept value
+has one point per value of the others (``split-training.yaml``'s ``ushape``: one point per cut).
+
 A training suite (``workload: {kind: training, steps: 4, batch: 4, seq: 64, data: [...], devices: 1}``)
 trains at every point instead (``testbed.apps.training.workload``); it has no baselines, and takes the
-training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).
+training parameters (``TRAINING_PARAMS``) but not the inference ones (``INFERENCE_PARAMS``).  Every
+``data`` entry is checked before anything runs (``testbed.spec.corpora``: a readable, non-empty UTF-8
+file or a built-in corpus found here), and their count must be 1 or each point's device count.
 
 A caching suite (``workload: {kind: caching, catalogue: {...} or PATH, requests: 300}``) runs one edge
 caching policy on a seeded request workload at every point (``testbed.apps.caching.point``, the engine
@@ -50,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.spec import caching as cache_limits
-from testbed.spec import check
+from testbed.spec import check, corpora
 from testbed.spec.check import Checker
 from testbed.spec.checkpoint import check_model_path
 from testbed.spec.errors import SpecError, got
@@ -97,6 +103,7 @@ PARAMS: dict[str, str] = {
     "grad_codec": "training: activation-gradient codec on the wire (upstream)",
     "freeze_client": "training: share of the device's layers without adapters (0..1)",
     "freeze_server": "training: share of the stage servers' layers without adapters (0..1)",
+    "head_on_device": "training: U-shaped, the device also keeps the final norm, head and loss (true|false)",
     "policy": "caching: every edge's policy (lru | lfu | block-lru | trimcaching | random | optimal)",
     "capacity_mb": "caching: each edge's store in MB (10^6 bytes)",
     "capacity_bases": "caching: each edge's store in base models (x the bytes of the catalogue's fp32 base)",
@@ -109,7 +116,8 @@ PARAMS: dict[str, str] = {
     "adapters": "caching: LoRA variants of a generated catalogue",
     "partial": "caching: partial fine-tunes of a generated catalogue",
 }
-TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server")
+TRAINING_PARAMS = ("scheme", "schedule", "micro_batches", "grad_codec", "freeze_client", "freeze_server",
+                   "head_on_device")
 INFERENCE_PARAMS = ("quant", "kv_cache", "prompt", "max_new_tokens", "duration_s")
 CACHING_PARAMS = ("policy", "capacity_mb", "capacity_bases", "zipf", "mobility", "seed", "window", "requests",
                   "cache_mode", "adapters", "partial")
@@ -119,10 +127,11 @@ CATALOGUE_DEFAULTS: dict[str, Any] = {"base": "smollm2", "adapters": 40, "partia
 NETWORK_PARAMS = ("uplink_mbit", "downlink_mbit", "delay_ms", "loss_pct", "trace", "trace_start_s", "events")
 TOP_KEYS = ("name", "description", "topology", "model", "roles", "workload", "baselines", "placements",
             "params", "sweep", "repeats", "shaper", "energy", "analytic")
-WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "catalogue",
-                 "requests")
+WORKLOAD_KEYS = ("kind", "prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "evaluate",
+                 "catalogue", "requests")
 ENERGY_KEYS = ("compute_w", "idle_w", "tx_nj_per_bit", "rx_nj_per_bit")
 ANALYTIC_KEYS = ("band",)
+PLACEMENT_KEYS = ("placement", "params")
 ROLE_KEYS = ("device", "edge", "cloud")
 _LINK_PARAM = re.compile(r"^links\.([A-Za-z][A-Za-z0-9]*)-([A-Za-z][A-Za-z0-9]*)\.(up|down)\."
                          r"(bw_mbit|delay_ms|jitter_ms|loss_pct|queue_pkts|trace|format)$")
@@ -175,6 +184,7 @@ class Workload:
     batch: int = 4  # training: sequences per step
     seq: int = 64  # training: tokens per sequence
     data: list[str] = field(default_factory=list)  # training: text files or built-in corpora, one per client
+    evaluate: bool = True  # training: held-out perplexity before and after each point
     # caching: a built catalogue folder (absolute path) or the mapping of a generated one (CATALOGUE_KEYS)
     catalogue: str | dict[str, Any] | None = None
     requests: int = 300  # caching: requests per run
@@ -201,6 +211,9 @@ class Suite:
     band: tuple[float, float] = (0.5, 2.0)  # accepted measured/predicted ratio range
     sets: list[str] = field(default_factory=list)  # command-line overrides applied (--set)
     device_nodes: list[str] = field(default_factory=list)  # nodes that can run a device session, in order
+    # a placement's own parameter values (``placements: {NAME: {placement, params}}``): they override
+    # the suite's params and sweep at that placement's points (pinned: its points differ in nothing else)
+    placement_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 
@@ -268,7 +281,7 @@ def check_param(src: Path, fld: str, name: str, value: Any, suite: Suite) -> Any
         return _check_devices(c, fld, number, suite) if name == "devices" else number
     if name in _PARAM_CHOICES:
         return c.choice(value, fld, _PARAM_CHOICES[name])
-    if name == "kv_cache":
+    if name in ("kv_cache", "head_on_device"):
         return c.boolean(value, fld)
     if name == "trace":
         p = _resolve(suite.source.resolve().parent, c.path(value, fld, "a trace path"))
@@ -421,13 +434,25 @@ def parse_suite(data: Any, src: Path) -> Suite:
     if "cloud-offload" in baselines and "cloud" not in roles:
         raise c.fail("baselines", "cloud-offload needs a cloud node (roles.cloud)")
 
-    placements = data.get("placements") or {}
-    c.mapping(placements, "placements",
+    given_placements = data.get("placements") or {}
+    c.mapping(given_placements, "placements",
               what="a mapping of names to placements like 'phone=0:{cut},mec={cut}:30'")
-    for pname, tmpl in placements.items():
+    placements: dict[str, Any] = {}
+    own_params: dict[str, Any] = {}  # placement -> its own raw parameters, checked below
+    for pname, entry in given_placements.items():
         fld = f"placements.{pname}"
         if pname in BASELINES:
             raise c.fail(fld, "name is reserved for a baseline")
+        tmpl = entry
+        if isinstance(entry, Mapping):  # {placement: TEMPLATE, params: {NAME: VALUE}}
+            body = c.mapping(entry, fld, PLACEMENT_KEYS, "a placement string or {placement, params}")
+            if "placement" not in body:
+                raise c.fail(f"{fld}.placement", "missing (the placement string of this entry)")
+            tmpl = body["placement"]
+            own_params[pname] = c.mapping(body.get("params") or {}, f"{fld}.params",
+                                          what="a mapping of parameter -> value")
+            fld = f"{fld}.placement"
+        placements[pname] = tmpl
         if not isinstance(tmpl, str) or "=" not in tmpl:
             raise c.fail(fld, f"must be a string like 'phone=0:{{cut}},mec={{cut}}:30' {got(tmpl)}")
         for var in _PLACEMENT_VARS.findall(tmpl):
@@ -468,6 +493,9 @@ def parse_suite(data: Any, src: Path) -> Suite:
 
     params = c.mapping(data.get("params") or {}, "params", what="a mapping of parameter -> value")
     suite.params = {k: check_param(src, f"params.{k}", k, v, suite) for k, v in params.items()}
+    suite.placement_params = {
+        pname: {k: check_param(src, f"placements.{pname}.params.{k}", k, v, suite) for k, v in pp.items()}
+        for pname, pp in own_params.items()}
 
     sweep = dict(c.mapping(data.get("sweep") or {}, "sweep", what="a mapping of parameter -> list of values"))
     mode = c.choice(sweep.pop("mode", "cartesian"), "sweep.mode", SWEEP_MODES)
@@ -481,15 +509,18 @@ def parse_suite(data: Any, src: Path) -> Suite:
         raise c.fail("sweep", f"zip needs lists of equal length (got {lens})")
     suite.sweep_mode = mode
     _check_kind_params(c, suite)
-    uses_cut = any("{cut}" in t for t in placements.values())
+    uses_cut = any("{cut}" in t and "cut" not in suite.placement_params.get(n, {})
+                   for n, t in placements.items())
     if uses_cut and "cut" not in suite.params and "cut" not in suite.sweep:
         raise c.fail("placements", "a placement uses {cut}: set params.cut or sweep.cut")
     return suite
 
 
 def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices: int) -> Workload:
-    """``workload: {kind: training, steps, batch, seq, data, devices}``; ``data`` entries are files
-    (resolved against the suite's folder) or built-in corpora (``fortunes:NAME``, ``licenses:NAME``)."""
+    """``workload: {kind: training, steps, batch, seq, data, devices, evaluate}``; ``data`` entries are
+    files (resolved against the suite's folder) or built-in corpora (``fortunes:NAME``, ``licenses:NAME``);
+    ``evaluate: false`` skips the held-out perplexity (where every point trains alike, as in a pipeline
+    schedule comparison, it is the same figure each time)."""
     for key in ("prompts", "max_new_tokens"):
         if key in wl:
             raise c.fail(f"workload.{key}", "is for inference workloads (this one is kind: training)")
@@ -497,19 +528,24 @@ def _training_workload(c: Checker, wl: Mapping[str, Any], base: Path, n_devices:
     if not isinstance(data, list):
         raise c.fail("workload.data", f"must be a list of text files or built-in corpora {got(data)}")
     files = []
+    builtins = corpora.builtin_corpora()
     for i, d in enumerate(data):
-        text = c.path(d, f"workload.data[{i}]", "a text file or a built-in corpus")
-        files.append(text if re.match(r"^[a-z]+:", text) else str(_resolve(base, text)))
+        fld = f"workload.data[{i}]"
+        text = c.path(d, fld, "a text file or a built-in corpus")
+        path = _resolve(base, text)
+        corpora.check_entry(text, path, str(c.source), fld, builtins)
+        files.append(text if corpora.is_builtin_name(text, path) else str(path))
     return Workload(prompts_file=base, prompts={}, devices=n_devices, kind="training",
                     steps=c.number(wl.get("steps", 4), "workload.steps", TRAIN_STEPS),
                     batch=c.number(wl.get("batch", 4), "workload.batch", TRAIN_BATCH),
-                    seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files)
+                    seq=c.number(wl.get("seq", 64), "workload.seq", TRAIN_SEQ), data=files,
+                    evaluate=c.boolean(wl.get("evaluate", True), "workload.evaluate"))
 
 
 def _caching_workload(c: Checker, wl: Mapping[str, Any], base: Path) -> Workload:
     """``workload: {kind: caching, catalogue, requests}``: ``catalogue`` is a built catalogue folder
     (resolved against the suite's folder) or the mapping of a generated one (``CATALOGUE_KEYS``)."""
-    for key in ("prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data"):
+    for key in ("prompts", "max_new_tokens", "devices", "steps", "batch", "seq", "data", "evaluate"):
         if key in wl:
             raise c.fail(f"workload.{key}", "is not a field of a caching workload (kind: caching takes "
                                             "catalogue and requests; every device of the topology sends)")
@@ -568,7 +604,10 @@ def _check_kind_params(c: Checker, suite: Suite) -> None:
     kind = suite.workload.kind
     training = kind == "training"
     own = _kind_params(kind)
-    for where, values in (("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)):
+    sources = [("params", {k: [v] for k, v in suite.params.items()}), ("sweep", suite.sweep)]
+    sources += [(f"placements.{n}.params", {k: [v] for k, v in pp.items()})
+                for n, pp in suite.placement_params.items()]
+    for where, values in sources:
         for k, vals in values.items():
             if k in PARAMS and k not in own:
                 raise c.fail(f"{where}.{k}", f"is not a parameter of a {kind} workload")
@@ -577,5 +616,24 @@ def _check_kind_params(c: Checker, suite: Suite) -> None:
                     if suite.workload.batch % v:
                         raise c.fail(f"{where}.{k}",
                                      f"must divide workload.batch ({suite.workload.batch}) (got {v})")
+    if training:
+        _check_training_data(c, suite)
     if kind == "caching":
         _check_caching_params(c, suite)
+
+
+def _check_training_data(c: Checker, suite: Suite) -> None:
+    """``workload.data``: one file per device or one for all, for every device count of the suite."""
+    files = len(suite.workload.data)
+    if "devices" in suite.sweep:
+        counts = [(f"sweep.devices[{i}]", n) for i, n in enumerate(suite.sweep["devices"])]
+    elif "devices" in suite.params:
+        counts = [("params.devices", suite.params["devices"])]
+    else:
+        counts = [("workload.devices", suite.workload.devices)]
+    counts += [(f"placements.{n}.params.devices", pp["devices"])
+               for n, pp in suite.placement_params.items() if "devices" in pp]
+    for where, n in counts:
+        problem = corpora.count_problem(files, n)
+        if problem:
+            raise c.fail("workload.data", f"{problem} ({where} is {n}) {got(suite.workload.data)}")

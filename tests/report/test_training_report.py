@@ -30,7 +30,7 @@ def results(tmp_path_factory) -> Path:
     suite = load_suite(REPO / "experiments/split-training.yaml",
                        ["model=tiny", "sweep.cut=[1]", "sweep.freeze_client=[0,1]", "sweep.uplink_mbit=[50]",
                         "workload.steps=2", f"workload.data=[{text}]", "repeats=1"])
-    run_suite(suite, tmp / "out")
+    run_suite(suite, tmp / "out", only="placement=split")  # the U-shaped point: test_training_suite.py
     return tmp / "out"
 
 

@@ -7,7 +7,7 @@ import argparse
 from testbed.apps.training import defaults
 from testbed.apps.training.schedule import SCHEDULES
 from testbed.spec.check import Range, flag_choice, flag_number
-from testbed.spec.errors import SpecError
+from testbed.spec.errors import SpecError, got
 from testbed.spec.options import CODECS
 
 STEPS = Range(ge=1, le=1_000_000, integer=True)
@@ -97,3 +97,49 @@ def check(args: argparse.Namespace) -> None:
                         f"round would hold its micro-batches' loss (got {args.drop_after:g})")
     if args.local and args.loopback:
         raise SpecError("train", "--loopback", "goes without --local (got both)")
+    check_data(args)
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """``--data``: every file readable UTF-8 text with something in it, every built-in corpus found, and
+    one file per device or one for all, before anything starts (``testbed.spec.corpora``)."""
+    from pathlib import Path
+
+    from testbed.spec import corpora
+
+    builtins = corpora.builtin_corpora()
+    for entry in args.data:
+        corpora.check_entry(entry, Path(entry).expanduser(), "train", "--data", builtins)
+    devices = len(args.clients) or _pattern_devices(args)
+    problem = corpora.count_problem(len(args.data), devices) if devices else None
+    if problem:
+        raise SpecError("train", "--data", f"{problem} {got(','.join(args.data))}")
+
+
+def check_texts(model_dir, data: list[str], devices: int, batch: int, seq: int) -> None:
+    """``--data`` tokenized as the devices will (the parent's tokenizer, before any program starts): a
+    text too short for one batch is ``train: --data: NAME: too short ...`` (exit 2), not a device's
+    traceback."""
+    from testbed.apps.training.local import client_data
+
+    try:
+        client_data(model_dir, data, devices, batch, seq)
+    except SpecError as e:
+        raise SpecError("train", "--data", f"{e.file}: {e.message}") from None
+
+
+def _pattern_devices(args: argparse.Namespace) -> int:
+    """The devices of the run without ``--clients``: 1, or those of the topology that the first
+    ``--placement`` entry's pattern (``dev*=0:4``) matches (0: unknown here, the run checks them)."""
+    import fnmatch
+
+    pattern = args.placement.partition(",")[0].partition("=")[0]
+    if not any(ch in pattern for ch in "*?["):
+        return 1
+    from testbed.spec.topology import load_topology
+
+    try:
+        topo = load_topology(args.topo)
+    except SpecError:
+        return 0  # the topology's own error comes next, from the run
+    return sum(1 for n in topo.hosts() if n.role == "device" and fnmatch.fnmatch(n.name, pattern))

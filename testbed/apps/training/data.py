@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from testbed.spec import corpora
 from testbed.spec.errors import SpecError, got
 
 HOLDOUT = 0.1  # the last 10% of every text is held out for perplexity
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-LICENSES_DIR = Path("/usr/share/common-licenses")
+FORTUNES_DIR = corpora.FORTUNES_DIR
+LICENSES_DIR = corpora.LICENSES_DIR
 FLAG = "data"  # the field named in error lines (the ``--data`` option)
 
 # The first clients' corpora when no --data is given: big enough for a few epochs of 4 x 64 windows, and
@@ -64,17 +65,8 @@ class Source:
 
 def builtin_corpora() -> dict[str, Source]:
     """Every built-in corpus found on this machine, by name (empty where the packages are missing)."""
-    out: dict[str, Source] = {}
-    if FORTUNES_DIR.is_dir():
-        for p in sorted(FORTUNES_DIR.iterdir()):
-            # NAME is the text; NAME.dat is strfile's index; NAME.u8 a link to NAME
-            if p.is_file() and not p.is_symlink() and not p.suffix:
-                out[f"fortunes:{p.name}"] = Source(f"fortunes:{p.name}", p, "fortune")
-    if LICENSES_DIR.is_dir():
-        for p in sorted(LICENSES_DIR.iterdir()):
-            if p.is_file() and not p.is_symlink():  # GPL -> GPL-3 and the like would be duplicates
-                out[f"licenses:{p.name}"] = Source(f"licenses:{p.name}", p, "text")
-    return out
+    return {name: Source(name, path, kind)
+            for name, (path, kind) in corpora.builtin_corpora(FORTUNES_DIR, LICENSES_DIR).items()}
 
 
 def default_sources(clients: int) -> list[Source]:
@@ -117,23 +109,9 @@ def parse_data(value: str | None, clients: int = 1) -> list[Source]:
 
 
 def read_text(path: str | Path, name: str | None = None) -> str:
-    """The file's text, strictly UTF-8; a missing, unreadable or non-UTF-8 file is a SpecError."""
-    label = name or str(path)
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise SpecError(label, FLAG, f"not a regular file {got(str(p))}")
-    if not p.is_file():
-        raise SpecError(label, FLAG, f"no such file {got(str(p))}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise SpecError(label, FLAG, f"cannot read the file: {e.strerror} {got(str(p))}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = raw[e.start : e.start + 1].hex()
-        raise SpecError(label, FLAG, f"not UTF-8 text: byte 0x{bad} at offset {e.start} "
-                        f"{got(str(p))}") from None
+    """The file's text, strictly UTF-8; a missing, unreadable, empty or non-UTF-8 file is a SpecError
+    ``NAME: data: ...`` (``testbed.spec.corpora.read_text``: the same checks as the CLI's and suites')."""
+    return corpora.read_text(path, name or str(path), FLAG)
 
 
 def fortune_text(raw: str) -> str:

@@ -286,6 +286,9 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         for node in opt.clients:  # every device must reach the first stage server
             entries = [f"{node}={stages[0].layers}"] + [f"{s.node}={s.layers}" for s in stages[1:]]
             parse_placement(",".join(entries), check_topo, n_layers)
+    from testbed.apps.training.arguments import check_texts
+
+    check_texts(model_dir, opt.data, max(1, len(opt.clients)), opt.batch, opt.seq)  # before anything starts
     out = Path(out) if out else Path("results") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     adapter_dir = out / "adapters"
     logs = logs or out / "logs"
@@ -422,9 +425,10 @@ def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_
 
 
 def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: Path,
-               result: dict[str, Any]) -> dict[str, Any]:
+               result: dict[str, Any], base_cache: dict | None = None) -> dict[str, Any]:
     """Held-out perplexity of the base model and with the trained adapters: per client (its own
-    held-out text, its own adapters) and pooled over the clients' tokens."""
+    held-out text, its own adapters) and pooled over the clients' tokens.  ``base_cache`` keeps the
+    base model's figures by text across calls (a suite's points share them)."""
     if not opt.evaluate:
         return {"eval_ppl_before": None, "eval_ppl_after": None}
     import math
@@ -444,7 +448,12 @@ def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: P
         saved = load_file(str(where / "adapter_model.safetensors"))
         adapters = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
         heldout = {node: d.heldout}
-        figures = {"before": held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout, opt.seq),
+        key = (d.name, len(d.heldout), opt.seq)
+        before = (base_cache or {}).get(key) or held_out_ppl(model_dir, n_layers, opt.spec(), None, heldout,
+                                                             opt.seq)
+        if base_cache is not None:
+            base_cache[key] = before
+        figures = {"before": before,
                    "after": held_out_ppl(model_dir, n_layers, opt.spec(), adapters, heldout, opt.seq)}
         tokens = figures["after"]["tokens"][node]
         per[node] = {"text": d.name, "tokens": tokens}

@@ -41,13 +41,24 @@ class TrainPoint:
     freeze_client: float = 0.0
     freeze_server: float = 0.0
     data: list[str] = field(default_factory=list)
+    head_on_device: bool = False  # U-shaped: the device also holds the final norm, head and loss
+    evaluate: bool = True  # held-out perplexity before and after
 
     def options(self) -> TrainOptions:
         return TrainOptions(steps=self.steps, batch=self.batch, seq=self.seq, scheme=self.scheme,
                             schedule=self.schedule, micro_batches=self.micro_batches, codec=self.codec,
                             grad_codec=self.grad_codec, freeze_client=self.freeze_client,
                             freeze_server=self.freeze_server, data=list(self.data),
-                            clients=list(self.clients) if len(self.clients) > 1 else [])
+                            clients=list(self.clients) if len(self.clients) > 1 else [],
+                            head_on_device=self.head_on_device, evaluate=self.evaluate)
+
+
+def check_texts(model_dir: Path, data: list[str], devices: int, batch: int, seq: int) -> None:
+    """Tokenize the texts of ``devices`` devices as a run would: a SpecError (``testbed.apps.training.data``)
+    for a text too short for one batch of ``batch`` x ``seq + 1`` tokens, or too few built-in corpora."""
+    from testbed.apps.training.local import client_data
+
+    client_data(model_dir, data, devices, batch, seq)
 
 
 def train_point(net, topo: Topology, point: TrainPoint, model_dir: Path, out: Path,
@@ -73,19 +84,31 @@ def train_point(net, topo: Topology, point: TrainPoint, model_dir: Path, out: Pa
     result.update(
         scheme=opt.scheme, schedule=opt.schedule, micro_batches=opt.micro_batches,
         clients=list(point.clients), hops=len(stages) - 1, placement=placement, adapter_dir=str(adapter_dir),
+        head_on_device=opt.head_on_device,
         trainable_layers=opt.trainable(stages[0].end, n_layers),
         predicted_step_ms=predict_step_ms(result["per_hop"], stages, opt, topo),
         wall_ms=[round(x, 3) for x in itertools.accumulate(result["step_ms"])],
         bytes_total=list(itertools.accumulate(steps_up)),
-        **evaluation(model_dir, n_layers, opt, adapter_dir, result),
+        **evaluation(model_dir, n_layers, opt, adapter_dir, result, base_cache(model_dir)),
     )
     return result
+
+
+_BASE_PPL: dict[tuple[str, int], dict] = {}
+
+
+def base_cache(model_dir: Path) -> dict:
+    """The base model's held-out perplexities already computed in this process, by text: every point
+    of a suite evaluates the same base model on the same texts (a minute of SmolLM2 on a loaded CPU
+    each time).  Keyed by the model's folder and its weights' change time (a model rebuilt in place)."""
+    weights = sorted(Path(model_dir).glob("*.safetensors")) or [Path(model_dir) / "config.json"]
+    return _BASE_PPL.setdefault((str(model_dir), max(w.stat().st_mtime_ns for w in weights)), {})
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The figures a suite's record keeps at its top (``metrics``) for tables and plots."""
     keys = ("step_ms_mean", "step_ms_p50", "tokens_per_s", "bytes_up_per_step", "bytes_down_per_step",
-            "predicted_step_ms", "eval_ppl_before", "eval_ppl_after", "hops")
+            "predicted_step_ms", "eval_ppl_before", "eval_ppl_after", "hops", "placement", "head_on_device")
     m = {k: result.get(k) for k in keys}
     losses = result["losses"]
     m.update(loss_first=losses[0], loss_last=losses[-1], steps=len(losses),

@@ -70,7 +70,7 @@ def test_bad_files_give_one_line(tmp_path: Path, tok) -> None:
         data.load_clients(data.parse_data(str(missing)), tok, clients=1, batch=4, seq=64)
     assert str(e.value) == f"{missing}: data: no such file (got '{missing}')"
 
-    with pytest.raises(SpecError, match=r"^.*: data: not a regular file \(got '"):
+    with pytest.raises(SpecError, match=r"^.*: data: is a directory, not a text file \(got '"):
         data.read_text(tmp_path)
 
     latin = tmp_path / "latin1.txt"
@@ -161,3 +161,27 @@ def test_default_corpora_fill_batches_with_smollm2_tokens() -> None:
         assert len(c.train) > 20 * 4 * 64 and len(c.heldout) > 2 * 64  # dozens of steps, a few eval windows
         assert int(c.train.max()) < len(tok)
     assert tok.decode(clients[2].heldout[:200].tolist()) in data.builtin_corpora()["licenses:GPL-3"].text()
+
+
+def test_text_is_checked_in_chunks_with_true_offsets(tmp_path: Path, monkeypatch) -> None:
+    """Files are read in chunks: a character cut by a chunk's end still decodes, and a bad byte's
+    offset counts from the file's start whichever chunk holds it."""
+    from testbed.spec import corpora
+
+    monkeypatch.setattr(corpora, "CHUNK", 4)
+    text = "na\u00efve caf\u00e9 \u2014 \u00fcber\n"  # 2- and 3-byte characters across 4-byte chunks
+    good = text_file(tmp_path, "good.txt", text)
+    assert data.read_text(good) == text
+    raw = text.encode("utf-8")
+    for at in range(len(raw) + 1):  # a stray byte anywhere (in a character too), or a cut last character
+        bad = tmp_path / f"bad{at}.txt"
+        body = raw[:at] + b"\x80" + raw[at:] if at < len(raw) else raw + b"\xe2\x80"
+        bad.write_bytes(body)
+        try:  # the oracle: decoding the whole file at once
+            body.decode("utf-8")
+            raise AssertionError("the bad file decodes")
+        except UnicodeDecodeError as e:
+            want, byte = e.start, body[e.start : e.start + 1].hex()
+        with pytest.raises(SpecError, match=rf"^{bad}: data: not UTF-8 text: byte 0x{byte} at offset "
+                                            rf"{want} \(got "):
+            data.read_text(bad)
