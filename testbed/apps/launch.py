@@ -359,12 +359,16 @@ class Launcher:
 
     ``logs``: the run's log folder (created).  ``sharers``: compute programs that share the
     machine's cores at once; by default the compute programs running once a ``start`` returns.
+    ``take_turns``: the compute programs never compute at once (a pipeline without overlap, such
+    as split learning with one micro-batch): each gets the threads of a lone process, and every one
+    waits passively, since a thread spinning after its turn would slow the program whose turn it is.
     """
 
-    def __init__(self, logs: str | Path, *, sharers: int | None = None,
+    def __init__(self, logs: str | Path, *, sharers: int | None = None, take_turns: bool = False,
                  grace_s: float = STOP_GRACE_S) -> None:
         self.logs = Path(logs)
-        self.sharers = sharers
+        self.sharers = 1 if take_turns else sharers
+        self.take_turns = take_turns
         self.grace_s = grace_s
         self.procs: list[Running] = []
         self._cond = threading.Condition()
@@ -406,6 +410,10 @@ class Launcher:
 
     def _start_one(self, prog: Program, sharers: int) -> Running:
         plan = plan_threads(prog.host.cpu_limit, sharers)
+        if self.take_turns:
+            plan = ThreadPlan(threads=plan.threads, wait="passive",
+                              why=f"{plan.why.split(' -> ')[0]} -> {plan.threads} thread(s), passive: "
+                                  "the run's programs take turns")
         if prog.threads is not None:
             plan = ThreadPlan(threads=prog.threads, wait=plan.wait)
         settings = prog.settings

@@ -158,6 +158,21 @@ def test_each_program_gets_its_thread_plan(tmp_path: Path) -> None:
     assert r.plan.threads == alone.threads and r.plan.wait in ("spin", "passive")
 
 
+@pytest.mark.slow
+def test_programs_that_take_turns_get_a_lone_plan_and_wait_passively(tmp_path: Path) -> None:
+    """Three programs of a pipeline without overlap: each the threads of a lone process, none spins."""
+    hosts = [LocalHost(f"h{i}", cpu_limit=None) for i in range(3)]
+    with Launcher(tmp_path, sharers=3, take_turns=True) as run:
+        runs = run.start([fake(f"t-{h.name}", "report", h, service=False) for h in hosts])
+        run.wait_exit(runs, 120)
+        got = [json.loads(r.stdout()[-1]) for r in runs]
+    lone = plan_threads(None, 1)
+    for g, r in zip(got, runs, strict=True):
+        assert g["threads"] == r.plan.threads == lone.threads
+        assert r.plan.wait == "passive" and "take turns" in r.plan.why
+        assert g["TESTBED_OMP"] == (os.environ.get("TESTBED_OMP") or "passive")
+
+
 # ---- ready, logs, deaths ----------------------------------------------------------------------
 
 @pytest.mark.slow

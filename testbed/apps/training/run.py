@@ -208,7 +208,9 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
     servers, clients = programs(stages, addrs, host_of, model_dir, opt, adapter_dir,
                                 client_addrs=client_addrs, checkpoint_dir=checkpoint_dir,
                                 resume_step=resume_step)
-    with Launcher(logs, sharers=len(stages) + len(clients) - 1) as run:
+    # one micro-batch and one device at a time (sl takes turns): no two programs ever compute at once
+    turns = opt.micro_batches == 1 and (len(clients) == 1 or opt.scheme == "sl")
+    with Launcher(logs, sharers=len(stages) + len(clients) - 1, take_turns=turns) as run:
         started = run.start(servers)
         run.wait_ready(started, READY_TIMEOUT_S)
         cs = run.start(clients)
