@@ -466,14 +466,14 @@ class Launcher:
             changed = False
             for run in list(self.procs):
                 if run.exited_at is None:
-                    changed |= self._exited(run)
+                    changed |= self.exited(run)
                     if run.exited_at is None:
                         run.last_cpu_ms = cpu_ms(run.pid) or run.last_cpu_ms
             if changed:
                 with self._cond:
                     self._cond.notify_all()
 
-    def _exited(self, run: Running) -> bool:
+    def exited(self, run: Running) -> bool:
         """Whether ``run`` exited; the first to see it reads its CPU time before reaping it."""
         if run.exited_at is not None:
             return True
@@ -501,7 +501,7 @@ class Launcher:
     def check(self) -> None:
         """ProgramFailed for the first service program that exited although nobody stopped it."""
         for run in self.procs:
-            if run.program.service and not run.stopping and self._exited(run):
+            if run.program.service and not run.stopping and self.exited(run):
                 self._drained(run, 2.0)
                 when = "before it was ready" if run.ready_at is None else "during the run"
                 raise ProgramFailed(run.name, run.log, f"on {run.program.host.name} exited with code "
@@ -524,7 +524,7 @@ class Launcher:
         the timeout passes."""
         def done() -> bool:
             for run in runs:
-                if run.ready_at is None and self._exited(run):
+                if run.ready_at is None and self.exited(run):
                     self._drained(run, 2.0)  # its ready line may still be in the pipe
                     if run.ready_at is None:
                         raise ProgramFailed(run.name, run.log, f"on {run.program.host.name} exited with "
@@ -539,10 +539,10 @@ class Launcher:
     def wait_exit(self, runs: Sequence[Running], timeout_s: float) -> None:
         """Until every one of ``runs`` exited (their stdout read to the end); LaunchError on timeout."""
         def done() -> bool:
-            return all(self._exited(r) and self._drained(r) for r in runs)
+            return all(self.exited(r) and self._drained(r) for r in runs)
 
         if not self._wait(done, time.monotonic() + timeout_s):
-            late = [r.name for r in runs if not self._exited(r)]
+            late = [r.name for r in runs if not self.exited(r)]
             raise LaunchError(f"{', '.join(late)} did not finish in {timeout_s:.0f} s")
 
     # -- stop ------------------------------------------------------------------------------------
@@ -563,7 +563,7 @@ class Launcher:
         self._halt.set()
         if self._monitor is not None:
             self._monitor.join()
-        alive = [r for r in self.procs if not self._exited(r)]
+        alive = [r for r in self.procs if not self.exited(r)]
         for run in alive:
             run.stopping = True
             run.stop_cpu_ms = cpu_ms(run.pid)

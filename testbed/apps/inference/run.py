@@ -151,20 +151,20 @@ def node_events(run: Launcher, stages: list[Stage] | None = None,
     def handle(event: Any) -> str:
         mine = [r for r in run.procs if r.program.host.name == event.node]
         if event.kind == "kill":
-            alive = [r for r in mine if not run._exited(r)]
+            alive = [r for r in mine if not run.exited(r)]
             for r in alive:
                 r.popen.send_signal(signal.SIGKILL)
             # applied once they are gone (the launcher reaps them, its CPU time read first): a restart
             # right after must find them dead
             deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and not all(run._exited(r) for r in alive):
+            while time.monotonic() < deadline and not all(run.exited(r) for r in alive):
                 time.sleep(0.005)
             return f"SIGKILL to {', '.join(r.name for r in alive) or 'no running program'}"
         if event.kind == "restart":  # the latest program of each name that is dead (not the driver)
             dead = {r.program.name.split(".")[0]: r for r in mine
-                    if isinstance(r.program.settings, ShardSettings) and run._exited(r)}
+                    if isinstance(r.program.settings, ShardSettings) and run.exited(r)}
             dead = {k: r for k, r in dead.items()
-                    if not any(not run._exited(x) and x.program.name.split(".")[0] == k for x in mine)}
+                    if not any(not run.exited(x) and x.program.name.split(".")[0] == k for x in mine)}
             if not dead:
                 return "nothing to restart"
             n = restarts[event.node] = restarts.get(event.node, 0) + 1
