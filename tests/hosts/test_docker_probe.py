@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from testbed.hosts import docker_engine as de
+from tests.measured import MEASURED
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
 GOODPUT = 1448 / 1500  # TCP payload per IP packet on a rate-limited link (rates count IP bytes)
 
 
+@MEASURED
 def test_probe_between_containers_within_tolerance(client, tmp_path: Path) -> None:
     topo = tmp_path / "lossy.yaml"
     topo.write_text("""

@@ -66,7 +66,8 @@ def test_handover_moves_the_session_to_the_new_edge(tiny2: Path, tmp_path: Path)
     (h,) = res["handovers"]
     assert (h["from_node"], h["to_node"], h["event"]) == ("mecA", "mecB", 0)
     assert (h["from"], h["to"]) == ("cellA", "cellB")
-    assert 0 < h["move_ms"] < 5000 and h["move_ms"] <= h["notice_ms"] < h["move_ms"] + 2000
+    # the driver is signalled once the network moved, before the event handler returns (its actual_s)
+    assert 0 < h["move_ms"] < 5000 and 0 < h["notice_ms"] < h["move_ms"] + 2000
     assert h["rebuild_ms"] > 0 and h["tokens_affected"] >= 1
     assert 0 <= h["step"] < N
     # the step that met the handover waited for it; the others did not

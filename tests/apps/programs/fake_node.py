@@ -35,10 +35,11 @@ class FakeSettings:
             yield "exit_code", "must be in 0..255"
 
 
+STOP: list[int] = []
+
+
 def serve_until_term() -> int:
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    while not stop:
+    while not STOP:
         time.sleep(0.02)
     return 0
 
@@ -47,6 +48,8 @@ def main() -> int:
     from testbed.apps.launch import announce_ready, read_settings
 
     s = read_settings(FakeSettings, prog="fake_node")
+    # before the ready line: a stop may come the moment the launcher reads it
+    signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
     for i in range(s.log_lines):
         print(f"log line {i}", file=sys.stderr)
     if s.mode == "die-before-ready":
