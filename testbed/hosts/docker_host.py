@@ -106,6 +106,14 @@ def _weigh_parents(run_id: str) -> None:
             (d / "cpu.shares").write_text(str(SHARES_WEIGHT))
 
 
+def cgroup_parent(client: Any, run_id: str) -> str:
+    """Where the run's containers go: ``/testbed/<run>`` under docker's cgroupfs driver, the slice
+    ``testbed-<run>.slice`` (systemd places it under ``testbed.slice``) under its systemd driver,
+    which takes nothing else (Debian 12 with systemd and cgroup v2, as in the VM)."""
+    driver = client.info().get("CgroupDriver", "cgroupfs")
+    return f"testbed-{run_id}.slice" if driver == "systemd" else f"/testbed/{run_id}"
+
+
 def start_container(client: Any, image: str, name: str, node: str, run_id: str, limits: Limits,
                     binds: dict[str, dict[str, str]]) -> Any:
     """Run the node container (detached, no network, labelled, limited); returns it once running."""
@@ -117,7 +125,8 @@ def start_container(client: Any, image: str, name: str, node: str, run_id: str, 
     # Same cgroup placement and weight as process hosts (testbed.hosts.process_host): under
     # /testbed/<run>, weighing SHARES_WEIGHT, so both runtimes compete equally on a loaded machine.
     hc = client.api.create_host_config(network_mode="none", pid_mode="host", binds=binds,
-                                       cgroup_parent=f"/testbed/{run_id}", cpu_shares=SHARES_WEIGHT, **kw)
+                                       cgroup_parent=cgroup_parent(client, run_id), cpu_shares=SHARES_WEIGHT,
+                                       **kw)
     hc["ReadonlyPaths"] = READONLY_PATHS  # Docker's default list minus /proc/sys
     cid = client.api.create_container(
         image, ["sh", "-c", _INIT], name=name, hostname=node, working_dir="/", host_config=hc,
