@@ -17,6 +17,9 @@ log() { printf '[provision] %s\n' "$*"; }
 APT_PKGS=(mininet bridge-utils iperf3 iproute2 iputils-ping ethtool procps psmisc
           python3-venv python3-dev gcc make docker.io debootstrap kmod
           python3-yaml fortunes fortunes-min)  # python3-yaml: the venv sees it (a wheelhouse has no PyYAML); fortunes: training text
+# dockerd loads its AppArmor profile where the kernel enforces AppArmor (Debian's own kernel: the VM);
+# without apparmor_parser no container starts there
+[ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] && APT_PKGS+=(apparmor)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

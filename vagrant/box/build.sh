@@ -31,6 +31,7 @@ BOX=$OUT/debian-bookworm64-libvirt.box
 PROVISION=$HERE/../provision.sh
 APT_PKGS=$(sed -n '/^APT_PKGS=(/,/)/p' "$PROVISION" | sed -e 's/#.*//' -e 's/APT_PKGS=(//' -e 's/)//' | xargs)
 [ -n "$APT_PKGS" ] || { echo "build.sh: no APT_PKGS list found in $PROVISION" >&2; exit 1; }
+APT_PKGS="$APT_PKGS apparmor"  # the box boots Debian's kernel, which enforces AppArmor (see provision.sh)
 stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS") | sha256sum | cut -c1-16)
 if [ -s "$BOX" ] && [ "$(cat "$BOX.key" 2>/dev/null)" = "$stamp" ]; then
   log "cached: $BOX"
