@@ -118,7 +118,8 @@ def start_container(client: Any, image: str, name: str, node: str, run_id: str, 
                     binds: dict[str, dict[str, str]]) -> Any:
     """Run the node container (detached, no network, labelled, limited); returns it once running."""
     kw: dict[str, Any] = {}
-    if limits.cpu is not None:
+    # docker refuses a CPU limit above the machine's cores (a 1-vCPU VM); such a limit limits nothing
+    if limits.cpu is not None and limits.cpu < (os.cpu_count() or 1):
         kw["nano_cpus"] = limits.nano_cpus()
     if limits.memory_mb is not None:
         kw["mem_limit"] = kw["memswap_limit"] = limits.memory_bytes()
