@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from testbed.report.data import SPREAD, SPREAD_SHORT, Row, Spread  # noqa: E402
+from testbed.report.data import SPREAD, SPREAD_SHORT, Row, Spread, cell  # noqa: E402
 from testbed.report.plots import SPLIT_COLORS, _errorbar, _save  # noqa: E402
 
 POLICY_COLORS = {"lru": "tab:red", "lfu": "tab:orange", "random": "tab:gray", "block-lru": "tab:blue",
@@ -245,14 +245,6 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
-def _cell(s: Spread | None, fmt: str = "{:.1f}") -> str:
-    if s is None:
-        return "-"
-    if s.n < 2 or s.lo == s.hi:
-        return fmt.format(s.median)
-    return f"{fmt.format(s.median)} ({fmt.format(s.lo)}–{fmt.format(s.hi)})"
-
-
 def _scaled(s: Spread | None, k: float) -> Spread | None:
     return None if s is None else s.scaled(k)
 
@@ -285,12 +277,12 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
         cap = r.spread("capacity_bytes")
         lines.append(
             f"| {r.point} | {len(r.ok)}/{len(r.records)} | {r.params.get('cache_mode', '-')} "
-            f"| {_cell(cap.scaled(1e-6) if cap else None, '{:.0f}')} "
-            f"| {_cell(r.spread('hit_ratio'), '{:.3f}')} | {_cell(r.spread('byte_hit_ratio'), '{:.3f}')} "
-            f"| {_cell(_scaled(r.spread('backhaul_bytes'), scale), '{:.2f}')} "
-            f"| {_cell(_scaled(r.spread('edge_to_edge_bytes'), scale), '{:.2f}')} "
-            f"| {_cell(r.spread('fetch_ms_mean'), '{:.0f}')} | {_cell(r.spread('ttft_ms_p50'), '{:.0f}')} "
-            f"| {_cell(r.spread('ttft_ms_p95'), '{:.0f}')} | {_cell(r.spread('evictions'), '{:.0f}')} |")
+            f"| {cell(cap.scaled(1e-6) if cap else None, '{:.0f}')} "
+            f"| {cell(r.spread('hit_ratio'), '{:.3f}')} | {cell(r.spread('byte_hit_ratio'), '{:.3f}')} "
+            f"| {cell(_scaled(r.spread('backhaul_bytes'), scale), '{:.2f}')} "
+            f"| {cell(_scaled(r.spread('edge_to_edge_bytes'), scale), '{:.2f}')} "
+            f"| {cell(r.spread('fetch_ms_mean'), '{:.0f}')} | {cell(r.spread('ttft_ms_p50'), '{:.0f}')} "
+            f"| {cell(r.spread('ttft_ms_p95'), '{:.0f}')} | {cell(r.spread('evictions'), '{:.0f}')} |")
     pairs = greedy_pairs(rows)
     if pairs:
         lines += ["", "## Greedy vs optimum", "",
@@ -299,9 +291,9 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
                   "|---|---|---|---|"]
         for g, o in sorted(pairs, key=lambda p: capacity(p[0], bases)):
             point = g.point.partition("/")[2] or g.point
-            lines.append(f"| {point} | {_cell(g.spread('hit_ratio'), '{:.3f}')} "
-                         f"| {_cell(o.spread('hit_ratio'), '{:.3f}')} "
-                         f"| {_cell(greedy_ratio(g, o), '{:.3f}')} |")
+            lines.append(f"| {point} | {cell(g.spread('hit_ratio'), '{:.3f}')} "
+                         f"| {cell(o.spread('hit_ratio'), '{:.3f}')} "
+                         f"| {cell(greedy_ratio(g, o), '{:.3f}')} |")
     lines += ["", "## Plots", ""] + [f"- ![{p.stem}]({p.name})" for p in pngs] + [""]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines))

@@ -43,6 +43,15 @@ class Spread:
         return Spread(self.median * k, self.lo * k, self.hi * k, self.n)
 
 
+def cell(s: Spread | None, fmt: str = "{:.1f}") -> str:
+    """A summary table's cell: the median, with the range where the repeats differ; ``-`` if none."""
+    if s is None:
+        return "-"
+    if s.n < 2 or s.lo == s.hi:
+        return fmt.format(s.median)
+    return f"{fmt.format(s.median)} ({fmt.format(s.lo)}–{fmt.format(s.hi)})"
+
+
 @dataclass
 class Row:
     point: str

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from testbed.report.data import SPREAD, SPREAD_SHORT, Row, Spread  # noqa: E402
+from testbed.report.data import SPREAD, SPREAD_SHORT, Row, Spread, cell  # noqa: E402
 from testbed.report.plots import SPLIT_COLORS, _errorbar, _save  # noqa: E402
 
 
@@ -133,14 +133,6 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
-def _cell(s: Spread | None, fmt: str = "{:.1f}") -> str:
-    if s is None:
-        return "-"
-    if s.n < 2 or s.lo == s.hi:
-        return fmt.format(s.median)
-    return f"{fmt.format(s.median)} ({fmt.format(s.lo)}–{fmt.format(s.hi)})"
-
-
 def placement(record: dict[str, Any]) -> str:
     """A training record's placement as run: ``phone=0:4,mec=4:30``, and where the U-shape keeps the
     final norm, head and loss on the device, ``+ head on phone``."""
@@ -170,14 +162,14 @@ def write_summary(out_dir: Path, rows: list[Row], records: list[dict[str, Any]],
         if not r.ok:
             lines.append(f"| {r.point} | 0/{len(r.records)} | failed: {r.errors[0][:80]} |" + " |" * 8)
             continue
-        loss = f"{_cell(r.spread('loss_first'), '{:.3f}')} → {_cell(r.spread('loss_last'), '{:.3f}')}"
-        ppl = f"{_cell(r.spread('eval_ppl_before'))} → {_cell(r.spread('eval_ppl_after'))}"
+        loss = f"{cell(r.spread('loss_first'), '{:.3f}')} → {cell(r.spread('loss_last'), '{:.3f}')}"
+        ppl = f"{cell(r.spread('eval_ppl_before'))} → {cell(r.spread('eval_ppl_after'))}"
         lines.append(f"| {r.point} | {len(r.ok)}/{len(r.records)} | {placement(r.ok[0])} "
-                     f"| {_cell(r.spread('hops'), '{:.0f}')} "
-                     f"| {_cell(r.spread('step_ms_mean'))} | {_cell(r.spread('predicted_step_ms'))} "
-                     f"| {_cell(r.spread('tokens_per_s'), '{:.0f}')} "
-                     f"| {_cell(r.spread('bytes_up_per_step'), '{:.0f}')} "
-                     f"| {_cell(r.spread('bytes_down_per_step'), '{:.0f}')} | {loss} | {ppl} |")
+                     f"| {cell(r.spread('hops'), '{:.0f}')} "
+                     f"| {cell(r.spread('step_ms_mean'))} | {cell(r.spread('predicted_step_ms'))} "
+                     f"| {cell(r.spread('tokens_per_s'), '{:.0f}')} "
+                     f"| {cell(r.spread('bytes_up_per_step'), '{:.0f}')} "
+                     f"| {cell(r.spread('bytes_down_per_step'), '{:.0f}')} | {loss} | {ppl} |")
     lines += ["", "## Plots", ""] + [f"- ![{p.stem}]({p.name})" for p in pngs] + [""]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines))
