@@ -17,6 +17,7 @@ from testbed.report.data import load_rows
 from testbed.report.training import write_summary
 from testbed.spec.errors import SpecError
 from testbed.spec.suite import load_suite
+from tests.spec.bad_texts import bad_text
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING = ("split-training", "multihop-training", "sfl-clients")
@@ -61,23 +62,6 @@ def test_training_param_refused_in_inference_suite():
     assert e.value.field == "params.schedule" and "inference" in e.value.message
 
 
-def _data_file(tmp_path: Path, kind: str) -> str:
-    """A path to a bad training text of ``kind`` (made in ``tmp_path``)."""
-    if kind == "missing":
-        return str(tmp_path / "no-such.txt")
-    if kind == "directory":
-        return str(tmp_path)
-    if kind == "empty":
-        (tmp_path / "empty.txt").write_bytes(b"")
-        return str(tmp_path / "empty.txt")
-    if kind == "latin1":
-        (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
-        return str(tmp_path / "latin1.txt")
-    if kind == "unreadable":  # open() works, read() fails (EIO): unreadable even for root
-        return "/proc/self/mem"
-    return {"nul": "a\0b.txt", "corpus": "fortunes:no-such-collection"}[kind]
-
-
 @pytest.mark.parametrize("kind,message", [
     ("missing", "no such file (got '"), ("directory", "is a directory, not a text file"),
     ("empty", "holds no text (empty)"), ("latin1", "not UTF-8 text: byte 0xe9 at offset 3"),
@@ -85,7 +69,7 @@ def _data_file(tmp_path: Path, kind: str) -> str:
     ("corpus", "no such file or built-in corpus"),
 ])
 def test_bad_training_data_is_one_line_before_anything_runs(tmp_path, kind, message):
-    bad = _data_file(tmp_path, kind)
+    bad = bad_text(tmp_path, kind)
     suite = tmp_path / "suite.yaml"
     text = (REPO / "experiments/split-training.yaml").read_text()
     text = text.replace("../topologies", str(REPO / "topologies"))

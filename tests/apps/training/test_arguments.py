@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.spec.bad_texts import bad_text
+
 REPO = Path(__file__).resolve().parents[3]
 TOPO = REPO / "topologies" / "device-edge-cloud.yaml"
 CELL = REPO / "topologies" / "cell-4.yaml"
@@ -19,40 +21,19 @@ def _train(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def _bad(tmp_path: Path, kind: str) -> str:
-    if kind == "missing":
-        return str(tmp_path / "no-such.txt")
-    if kind == "directory":
-        return str(tmp_path)
-    if kind == "empty":
-        (tmp_path / "empty.txt").write_bytes(b"")
-        return str(tmp_path / "empty.txt")
-    if kind == "blank":
-        (tmp_path / "blank.txt").write_text(" \n\t\n")
-        return str(tmp_path / "blank.txt")
-    if kind == "latin1":
-        (tmp_path / "latin1.txt").write_bytes("na\u00efve text".encode("latin-1"))
-        return str(tmp_path / "latin1.txt")
-    if kind == "unreadable":  # open() works, read() fails with EIO: unreadable even for root
-        return "/proc/self/mem"
-    if kind == "device":
-        return "/dev/null"
-    return "fortunes:no-such-collection"
-
-
 @pytest.mark.parametrize("kind,problem", [
     ("missing", "no such file"),
     ("directory", "is a directory, not a text file"),
     ("empty", "holds no text (empty)"),
     ("blank", "holds no text (only white space)"),
-    ("latin1", "not UTF-8 text: byte 0xef at offset 2"),
+    ("latin1", "not UTF-8 text: byte 0xe9 at offset 3"),
     ("unreadable", "cannot read the file: Input/output error"),
     ("device", "is not a regular file (a FIFO, a device...), not a text file"),
     ("corpus", "no such file or built-in corpus (fortunes:NAME in /usr/share/games/fortunes, licenses:NAME "
                "in /usr/share/common-licenses)"),
 ])
 def test_bad_data_is_one_line(tmp_path: Path, capsys, kind: str, problem: str) -> None:
-    bad = _bad(tmp_path, kind)
+    bad = bad_text(tmp_path, kind)
     code, err = _train(capsys, str(TOPO), "--placement", "phone=0:1,mec=1:4", "--data", bad)
     assert (code, err) == (2, f"train: --data: {problem} (got '{bad}')")
 
