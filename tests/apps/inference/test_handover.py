@@ -20,31 +20,13 @@ from testbed.model.generate import generate_split
 from testbed.model.shard import Shard
 from testbed.spec.topology import load_topology
 from tests.apps.inference.threaded_node import Node
+from tests.net.test_events import TWO_CELLS as CELLS
 
 PROMPT = [3, 1, 4, 1, 5]
 N = 100  # ~25 ms a token over a 20 ms round trip: the handover falls inside
 # phone starts on cellA (edge mecA) and moves to cellB (edge mecB, with dev2: a cell has two links or more);
 # the edges are linked to each other
-TWO_CELLS = """
-name: two-cells
-nodes:
-  phone: {role: device}
-  dev2:  {role: device}
-  cellA: {role: cell}
-  cellB: {role: cell}
-  mecA:  {role: edge}
-  mecB:  {role: edge}
-links:
-  - between: [phone, cellA]
-    up: {bw_mbit: 20, delay_ms: 5}
-    down: {bw_mbit: 20, delay_ms: 5}
-  - between: [cellA, mecA]
-  - between: [dev2, cellB]
-  - between: [cellB, mecB]
-  - between: [mecA, mecB]
-    up: {delay_ms: 10}
-    down: {delay_ms: 10}
-events:
+TWO_CELLS = CELLS + """events:
   - {at_s: 0.8, handover: phone, from: cellA, to: cellB}
 """
 
