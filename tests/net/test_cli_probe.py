@@ -47,6 +47,7 @@ def probe_json(topo: Path, *extra: str, shaper: str = "userspace") -> dict:
     return json.loads(out.stdout)
 
 
+@MEASURED
 def test_probe_default_topology():
     res = probe_json(REPO / "topologies/device-edge-cloud.yaml", "--seconds", "4")
     assert res["shaper"] == "userspace"

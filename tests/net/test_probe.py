@@ -58,6 +58,7 @@ def test_probe_asymmetric_link_both_ways() -> None:
     assert 12 <= up_t0 < down_t0 - 3 and down_t0 + 3 <= took, res
 
 
+@MEASURED
 def test_no_timeline_unless_asked() -> None:
     with netns_link(Shaping(bw_mbit=20), Shaping(bw_mbit=20)) as link:
         plain = probe.probe(link.run1, link.run2, link.ip1, link.ip2, seconds=1)
@@ -73,6 +74,7 @@ def test_timeline_follows_the_rate() -> None:
     assert all(abs(g - 6 * UDP_SHARE) <= 0.3 for g in got), got
 
 
+@MEASURED
 def test_loss_below_capacity_is_zero_on_a_clean_link() -> None:
     with netns_link(Shaping(bw_mbit=20), Shaping(bw_mbit=20)) as link:
         assert probe.measure_loss(link.run1, link.run2, link.ip2, rate_mbit=10, seconds=2) <= 0.2

@@ -18,6 +18,7 @@ import pytest
 
 from testbed.net.shaping.userspace import netns_link
 from testbed.spec.topology import Shaping
+from tests.measured import MEASURED
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -70,6 +71,7 @@ def report(p: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@MEASURED
 def test_goodput_near_the_link_rate_and_a_corrupt_chunk_fetched_again(tmp_path: Path):
     blocks = write_blocks(tmp_path / "repo", [3_000_000, 1_000_000, 12_345])
     big = next(iter(blocks))
