@@ -7,6 +7,10 @@ recent decode steps for a one-token step, and the first prefill scaled by the nu
 for a prefill.  The very first prefill has nothing to go by and waits ``timeout_s``; so does the
 re-prefill right after a recovery, generously (a false alarm there would leave no standby).
 A dead node is usually noticed much sooner: its TCP connection drops (``StageFailed``).
+A frozen one drops nothing; to know at the deadline which stage to replace, a step still unanswered
+one expected step before its deadline asks every stage whether it is alive (``ask_s``): the first
+one silent at the deadline is the failed one (a live node answers once its forward pass is done;
+a PING to a stage past a frozen one waits in the frozen one's queue).
 
 A handover is told, not guessed: the run sends the device's driver the real-time signal
 ``SIGRTMIN + k`` once the network has moved the device, ``k`` being the candidate of the first stage
@@ -27,10 +31,13 @@ class StageFailed(Exception):  # noqa: N818 - an event the client handles, not a
     """A stage stopped answering: ``stage`` (1: the device's next hop; None: unknown yet), why,
     and when it was noticed and the request sent (``time.perf_counter()``)."""
 
-    def __init__(self, stage: int | None, why: str, detected_at: float) -> None:
+    def __init__(self, stage: int | None, why: str, detected_at: float, silent: list[int] | None = None
+                 ) -> None:
         super().__init__(why)
         self.stage, self.why, self.detected_at = stage, why, detected_at
         self.sent_at = detected_at
+        # the stages that had not answered the early probe by the deadline (None: none was asked)
+        self.silent = silent
 
 
 class Moved(Exception):  # noqa: N818 - an event the client handles, not an error it reports
@@ -91,6 +98,17 @@ class StepClock:
         if prefill:  # a re-prefill after a failure or an eviction: a slow one must not fail the run
             return min(self.timeout_s, (10 * expected + self.rtt_ms) / 1e3 + 1.0)
         return min(self.timeout_s, max(self.floor_ms, 2 * expected + self.rtt_ms) / 1e3)
+
+    def ask_s(self, n_tokens: int, prefill: bool) -> float | None:
+        """When, after the request, to ask every stage whether it is alive (a PING relayed to each),
+        so that the first silent one is known at the deadline itself: halfway to it, one expected
+        step and half an RTT after the request (half the floor where the floor sets the deadline).
+        A live stage has finished its part of a normal step by then, and has as long again to
+        answer across the links, whose round trips the expected step includes.  None: no early
+        probe (no deadline to go by)."""
+        if prefill or self.expected_ms(n_tokens, prefill) is None:
+            return None
+        return self.deadline_s(n_tokens, prefill) / 2
 
     def probe_s(self, stage: int) -> float:
         """How long a PING relayed to ``stage`` may take: ``stage`` links of about one RTT each, and

@@ -159,20 +159,34 @@ class SplitClient:
             raise SplitError(f"no reply from {self.next_addr} within {self.timeout_s:.0f} s")
         return self.sock.recv_multipart(copy=False)
 
-    def _await(self, want: tuple[Kind, ...], rid: int, deadline: float) -> tuple[Message, list, float]:
+    def _await(self, want: tuple[Kind, ...], rid: int, deadline: float, ask_at: float | None = None
+               ) -> tuple[Message, list, float]:
         """The reply to request ``rid``; StageFailed when the next hop's connection drops, a node
-        reports HOP_DOWN, or the deadline (``time.perf_counter()``) passes."""
+        reports HOP_DOWN, or the deadline (``time.perf_counter()``) passes.  ``ask_at``: when to
+        send every stage a PING if the reply has not come (the early probe, ``StepClock.ask_s``);
+        the stages still silent at the deadline go with its StageFailed."""
         assert self.sock is not None and self.events is not None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
         if self._wake is not None:
             poller.register(self._wake, zmq.POLLIN)
+        answered: set[int] | None = None  # the stages whose PONG came since the early probe
         while True:
-            left = deadline - time.perf_counter()
+            now = time.perf_counter()
+            if ask_at is not None and answered is None and now >= ask_at:
+                answered = set()
+                for stage in range(1, len(self.routes)):
+                    self.sock.send_multipart(Message(Kind.PING, self.session, stage - 1).frames())
+            wake = deadline if ask_at is None or answered is not None else min(deadline, ask_at)
+            left = wake - now
             ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
             if not ready:
-                raise StageFailed(None, "no reply in time", time.perf_counter())
+                if time.perf_counter() < deadline:
+                    continue  # the early probe's time
+                silent = None if answered is None else \
+                    [s for s in range(1, len(self.routes)) if s not in answered]
+                raise StageFailed(None, "no reply in time", time.perf_counter(), silent)
             if self._wake is not None and ready.get(self._wake):
                 try:
                     k = moved_to(os.read(self._wake, 512), len(self.routes[1]))
@@ -191,6 +205,8 @@ class SplitClient:
                 msg = parse(reply)
             except WireError as e:
                 raise SplitError(f"malformed reply: {e}") from None
+            if answered is not None and msg.kind == Kind.PONG and msg.session == self.session:
+                answered.add(msg.step + 1)
             if msg.session != self.session or msg.step != rid:
                 continue
             if msg.kind == Kind.HOP_DOWN:
@@ -200,11 +216,12 @@ class SplitClient:
             if msg.kind in want:
                 return msg, reply, t
 
-    def step(self, step: int, ids: torch.Tensor, pos: int, cache: object, deadline_s: float | None = None
-             ) -> int:
+    def step(self, step: int, ids: torch.Tensor, pos: int, cache: object, deadline_s: float | None = None,
+             ask_s: float | None = None) -> int:
         """One forward pass of the whole chain; returns the greedy next token id.
 
-        ``deadline_s``: how long to wait for the reply (default ``timeout_s``); StageFailed past it."""
+        ``deadline_s``: how long to wait for the reply (default ``timeout_s``); StageFailed past it.
+        ``ask_s``: when to probe every stage if no reply has come by then (None: never)."""
         t0 = time.perf_counter()
         self.seq += 1
         rid = self.seq
@@ -224,7 +241,8 @@ class SplitClient:
         self.sock.send_multipart(frames, copy=False)
         try:
             msg, reply, t3 = self._await((Kind.RESULT, Kind.ERROR), rid,
-                                         t2 + (self.timeout_s if deadline_s is None else deadline_s))
+                                         t2 + (self.timeout_s if deadline_s is None else deadline_s),
+                                         None if ask_s is None else t2 + ask_s)
         except (StageFailed, Moved) as e:
             e.sent_at = t2
             raise
@@ -255,9 +273,12 @@ class SplitClient:
         return True
 
     def _blame(self, failure: StageFailed) -> int | None:
-        """Which stage failed: the one a node named, or the first that does not answer a probe."""
+        """Which stage failed: the one a node named, the first still silent after the early probe
+        (None: all answered, slow rather than dead), or the first that does not answer a probe now."""
         if failure.stage is not None:
             return failure.stage
+        if failure.silent is not None:
+            return failure.silent[0] if failure.silent else None
         for stage in range(1, len(self.routes)):
             if not self._probe(stage, self.clock.probe_s(stage)):
                 return stage
@@ -337,10 +358,11 @@ class SplitClient:
                 try:
                     t_req = time.perf_counter()
                     # a deadline only where a standby can take over: without one, waiting is all there is
-                    wait = self.clock.deadline_s(n, pos == 0 and self.kv_cache) \
-                        if self._standby_left() and not patient else self.timeout_s
+                    watch = self._standby_left() and not patient
+                    wait = self.clock.deadline_s(n, pos == 0 and self.kv_cache) if watch else self.timeout_s
+                    ask = self.clock.ask_s(n, pos == 0 and self.kv_cache) if watch else None
                     patient = False
-                    tok = self.step(step, x, pos, cache, wait)
+                    tok = self.step(step, x, pos, cache, wait, ask)
                     self.clock.observe(n, pos == 0 and self.kv_cache, (time.perf_counter() - t_req) * 1e3)
                     break
                 except SessionEvicted:
@@ -361,6 +383,8 @@ class SplitClient:
                         prefill = patient = True
                         continue
                     rec = self._reroute(stage, e)
+                    if e.stage is None:  # a deadline: found by the early probe, or by probes after it
+                        rec["found_by"] = "early probe" if e.silent is not None else "probe"
                     rec["detect_ms"] = round((e.detected_at - e.sent_at) * 1e3, 3)
                     rec["detected_at_s"] = round(time.monotonic() - (time.perf_counter() - e.detected_at), 6)
                     self.recoveries.append(rec)

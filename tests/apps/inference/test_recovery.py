@@ -163,8 +163,34 @@ def test_a_hung_stage_is_found_by_its_deadline(tiny3: Path) -> None:
         assert got["tokens"] == reference(tiny3, stages, N)
         (rec,) = got["recoveries"]
         assert rec["why"] == "no reply in time" and (rec["failed_node"], rec["standby"]) == ("mec", "mec2")
+        assert rec["found_by"] == "early probe"  # asked before the deadline, not probed after it
     finally:
         client.close()
         for n in (standby, last):
             n.die()
         mid.server.close()
+
+
+def test_early_probe_passes_over_live_stages_to_the_frozen_one(tiny3: Path) -> None:
+    """The last stage freezes: at the deadline the early probe has the middle stage's answer and
+    not the last one's, so the last stage (not the next hop) is replaced; tokens as without it."""
+    shards = [Shard.load(tiny3, s, s + 1) for s in range(3)]
+    last, standby = Node(shards[2], None), Node(shards[2], None)
+    mid = Node(shards[1], last.addr, next_standbys=[standby.addr])
+    client = SplitClient(shards[0], mid.addr, layers=["0:1", "1:2", "2:3"], timeout_s=30,
+                         routes=[["phone"], ["mec"], ["cloud", "cloud2"]])
+    stages = [Stage("phone", 0, 1), Stage("mec", 1, 2), Stage("cloud", 2, 3)]
+    try:
+        client.connect()
+        threading.Timer(0.3, last.freeze).start()
+        got = client.generate(torch.tensor([PROMPT]), N, set())
+        assert last.frozen
+        assert got["tokens"] == reference(tiny3, stages, N)
+        (rec,) = got["recoveries"]
+        assert (rec["stage"], rec["failed_node"], rec["standby"]) == (2, "cloud", "cloud2")
+        assert rec["found_by"] == "early probe" and got["stalls"] == 0
+    finally:
+        client.close()
+        for n in (standby, mid):
+            n.die()
+        last.server.close()
