@@ -95,7 +95,9 @@ links:
     assert res["shaper"] == shaper
     up, t0 = res["up_timeline"], res["up_timeline_trace_t0_s"]
     down = np.array(res["down_timeline"]) / (20 * UDP_SHARE)  # a fixed 20 Mbit/s, saturated
-    assert len(up) == 6 and abs(down.mean() - 1) <= 0.05 and np.abs(down - 1).max() <= 0.2, res
+    # the median second: a second in which this machine's load stalls the UDP sender says nothing of
+    # the shaping (here the mean of the six came out 6 % and 11 % low in 2 of 9 runs of a quiet machine)
+    assert len(up) == 6 and abs(np.median(down) - 1) <= 0.05 and (np.abs(down - 1) > 0.2).sum() <= 1, res
     assert res["down_capacity_timeline"] == [20.0] * 6
     # the timelines come after four 6 s tests: well into the trace, the down one after the up one
     assert 24 <= t0 < res["down_timeline_trace_t0_s"] - 6, res
