@@ -44,6 +44,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from testbed.apps.caching.delivery import DEFAULT_CHUNK
+from testbed.net.tcp_model import INIT_CWND, MSS, MTU, transfer_s
 from testbed.spec.errors import SpecError, got
 from testbed.spec.topology import Topology
 from testbed.wire.blockxfer import DIGEST_BYTES, HEADER
@@ -161,9 +162,6 @@ def cache_network(topo: Topology) -> CacheNetwork:
     return CacheNetwork(edges, clouds[0], cells, device_path, repo_path, peer_path)
 
 
-MTU = 1500  # bytes of an IP packet on the emulated links (what their rates count)
-MSS = 1448  # TCP payload per packet: 1500 - 20 (IP) - 20 (TCP) - 12 (timestamps option)
-INIT_CWND = 10  # TCP's initial (and after-idle restart) window, in segments (RFC 6928)
 FRAME_BYTES = HEADER.size  # the delivery protocol's fixed header frame, 72 bytes
 ZMTP_PREFIX = 9  # ZeroMQ's per-frame flags + size (1 + 8 bytes for a long frame; 2 for a short one)
 
@@ -179,18 +177,9 @@ def framing_bytes(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK) -> int:
 
 
 def tcp_transfer_s(nbytes: float, rate_mbit: float, rtt_ms: float, init_cwnd: int = INIT_CWND) -> float:
-    """Seconds from sending the requests to the last of ``nbytes`` of replies: one round trip, then TCP's
-    slow start from ``init_cwnd`` segments (each round a window, doubling, one RTT apart) until the window
-    covers the bandwidth-delay product; the rest at the payload rate."""
-    rate = rate_mbit * 1e6 / 8 * MSS / MTU  # payload bytes per second
-    rtt = rtt_ms / 1e3
-    bdp = rate * rtt
-    t, left, window = rtt, float(nbytes), float(init_cwnd * MSS)
-    while window < bdp and left > window:
-        left -= window
-        window *= 2
-        t += rtt
-    return t + left / rate
+    """Seconds from sending the requests to the last of ``nbytes`` of replies (``testbed.net.tcp_model``:
+    one round trip, then TCP's slow start from ``init_cwnd`` segments, the rest at the payload rate)."""
+    return transfer_s(nbytes, rate_mbit, rtt_ms, init_cwnd)
 
 
 @dataclass(frozen=True)

@@ -467,33 +467,39 @@ def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: P
             "eval_ppl_after": round(math.exp(sums["after"] / count), 4), "eval_per_client": per}
 
 
-def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float]:
-    """(rate a->b bit/s, rate b->a bit/s, one-way delay ms) of the direct link between a and b, if any."""
+def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float, float]:
+    """(rate a->b bit/s, rate b->a bit/s, one-way delay a->b ms, round trip ms) of the direct link
+    between a and b, if any."""
     for lk in topo.links if topo is not None else []:
         if {lk.a, lk.b} == {a, b}:
             fwd, bwd = (lk.up, lk.down) if lk.a == a else (lk.down, lk.up)
             rate = [x.bw_mbit * 1e6 if x.bw_mbit else UNSHAPED_BPS for x in (fwd, bwd)]
-            return rate[0], rate[1], fwd.delay_ms
-    return UNSHAPED_BPS, UNSHAPED_BPS, 0.0
+            return rate[0], rate[1], fwd.delay_ms, fwd.delay_ms + bwd.delay_ms
+    return UNSHAPED_BPS, UNSHAPED_BPS, 0.0, 0.0
 
 
 def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
                     topo: Topology | None) -> float:
     """The analytic model's step time (``testbed.apps.training.analytic``) from this run's measured
-    per-micro-batch compute and message sizes and the topology's link rates and delays."""
+    per-micro-batch compute and message sizes and the topology's link rates and delays.  Each wave's
+    first message on a link pays TCP's slow start (``testbed.net.tcp_model``): the link rested through
+    the rest of the step, longer than the connection's retransmission timeout."""
     from testbed.apps.training import analytic
+    from testbed.net.tcp_model import slow_start_s
 
     m = opt.micro_batches
     model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
     hops, links = [], []
     for i in range(1, len(stages)):
-        up, down, delay = _link(topo, stages[i - 1].node, stages[i].node)
+        up, down, delay, rtt = _link(topo, stages[i - 1].node, stages[i].node)
         links.append((up, down, delay))
         # U-shaped: the return leg's bytes cross this link too; the model has them on a hop of their own
         fwd = per_hop[i]["bytes_up_per_step"] - per_hop[i].get("head_grad_bytes_per_step", 0)
         bwd = per_hop[i]["bytes_down_per_step"] - per_hop[i].get("output_bytes_per_step", 0)
         # one rate per hop in the model: the gradients' bytes are scaled to take their own direction's time
-        hops.append(analytic.Hop(int(fwd / m), int(bwd / m * up / down), up, delay))
+        hops.append(analytic.Hop(int(fwd / m), int(bwd / m * up / down), up, delay,
+                                 forward_restart_ms=slow_start_s(fwd / m, up / 1e6, rtt) * 1e3,
+                                 backward_restart_ms=slow_start_s(bwd / m, down / 1e6, rtt) * 1e3))
     if opt.head_on_device:  # the device's head: one more stage, reached back over the whole chain
         dev, last = per_hop[0], per_hop[-1]
         model_stages.append(analytic.Stage(dev["head_fwd_ms"] / m, dev["head_bwd_ms"] / m))
