@@ -8,8 +8,8 @@ for a prefill.  The very first prefill has nothing to go by and waits ``timeout_
 re-prefill right after a recovery, generously (a false alarm there would leave no standby).
 A dead node is usually noticed much sooner: its TCP connection drops (``StageFailed``).
 A frozen one drops nothing; to know at the deadline which stage to replace, a step still unanswered
-one expected step before its deadline asks every stage whether it is alive (``ask_s``): the first
-one silent at the deadline is the failed one (a live node answers once its forward pass is done;
+halfway to its deadline asks every stage whether it is alive (``ask_s``): the first one silent at
+the deadline is the failed one (a live node answers once its forward pass is done;
 a PING to a stage past a frozen one waits in the frozen one's queue).
 
 A handover is told, not guessed: the run sends the device's driver the real-time signal
