@@ -97,11 +97,12 @@ def one_run(root: Path, name: str, nbytes: int, outages: bool) -> dict:
         sent = json.loads(sender.communicate(timeout=10)[0].strip().splitlines()[-1])
         # what plain TCP (iperf3, cubic) gets on this link right now: the machine's load shows here too
         tcp = None if outages else probe.measure_throughput(link.run2, link.run1, link.ip1, 4)
-    from testbed.apps.caching.analytic import framing_bytes, tcp_transfer_s
+    from testbed.apps.caching.analytic import framing_bytes
+    from testbed.net.tcp_model import transfer_s
 
     up_s = rep["elapsed_s"] - down_s
     # replay's analytic model: one round trip, slow start from TCP's initial window, headers, framing
-    model_s = tcp_transfer_s(nbytes + framing_bytes(nbytes, CHUNK), RATE, 2 * DELAY)
+    model_s = transfer_s(nbytes + framing_bytes(nbytes, CHUNK), RATE, 2 * DELAY)
     return {"goodput_mbit": rep["goodput_mbit"], "of_rate": rep["goodput_mbit"] / RATE,
             "of_available": nbytes * 8 / up_s / 1e6 / RATE, "elapsed_s": rep["elapsed_s"],
             "bound_s": rep["bound_s"], "model_s": model_s, "bound_ratio": rep["bound_ratio"],

@@ -359,18 +359,14 @@ class Launcher:
 
     ``logs``: the run's log folder (created).  ``sharers``: compute programs that share the
     machine's cores at once; by default the compute programs running once a ``start`` returns.
-    ``take_turns``: the compute programs never compute at once (a pipeline without overlap, such
-    as split learning with one micro-batch): each gets the plan of a lone process, its threads and
-    its wait (a brief spin where nothing else is busy: its turn's many small ops then start without
-    waking a sleeping thread; on a quiet machine the forced passive wait made a split SmolLM2 step
-    1.41x the one-process step, the lone plan 1.19x, ``bench/train_split_overhead.py``).
+    ``sharers=1`` for programs that take turns (a pipeline without overlap): each gets the plan of a
+    lone process, its threads and its wait.
     """
 
-    def __init__(self, logs: str | Path, *, sharers: int | None = None, take_turns: bool = False,
+    def __init__(self, logs: str | Path, *, sharers: int | None = None,
                  grace_s: float = STOP_GRACE_S) -> None:
         self.logs = Path(logs)
-        self.sharers = 1 if take_turns else sharers
-        self.take_turns = take_turns
+        self.sharers = sharers
         self.grace_s = grace_s
         self.procs: list[Running] = []
         self._cond = threading.Condition()

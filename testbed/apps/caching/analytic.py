@@ -35,7 +35,7 @@ step, modelled as ``compute_ms_per_mb`` per MB of the model's bytes.
 
 Public API: ``PathInfo``, ``CacheNetwork`` (``edges``, ``repository``, ``cells``, ``device_path``,
 ``repo_path``, ``peer_path``, ``peers``), ``cache_network``, ``AnalyticModel`` (``fetch_ms``,
-``ttft_ms``), ``tcp_transfer_s``, ``framing_bytes``.
+``ttft_ms``), ``framing_bytes``.
 """
 
 from __future__ import annotations
@@ -176,12 +176,6 @@ def framing_bytes(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK) -> int:
     return n * reply + (reply + n * DIGEST_BYTES if n > 1 else 0)
 
 
-def tcp_transfer_s(nbytes: float, rate_mbit: float, rtt_ms: float, init_cwnd: int = INIT_CWND) -> float:
-    """Seconds from sending the requests to the last of ``nbytes`` of replies (``testbed.net.tcp_model``:
-    one round trip, then TCP's slow start from ``init_cwnd`` segments, the rest at the payload rate)."""
-    return transfer_s(nbytes, rate_mbit, rtt_ms, init_cwnd)
-
-
 @dataclass(frozen=True)
 class AnalyticModel:
     """Delivery and time-to-first-token model (see the module's docstring for each term)."""
@@ -197,7 +191,7 @@ class AnalyticModel:
         wire = nbytes + overhead_bytes
         if self.init_cwnd <= 0:
             return path.rtt_ms + wire * 8 * MTU / MSS / (path.rate_mbit * 1e3)
-        return tcp_transfer_s(wire, path.rate_mbit, path.rtt_ms, self.init_cwnd) * 1e3
+        return transfer_s(wire, path.rate_mbit, path.rtt_ms, self.init_cwnd) * 1e3
 
     def ttft_ms(self, fetch_ms: float, model_bytes: int, device: PathInfo) -> float:
         return fetch_ms + device.rtt_ms + self.compute_ms_per_mb * model_bytes / 1e6

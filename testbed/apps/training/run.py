@@ -208,9 +208,12 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
     servers, clients = programs(stages, addrs, host_of, model_dir, opt, adapter_dir,
                                 client_addrs=client_addrs, checkpoint_dir=checkpoint_dir,
                                 resume_step=resume_step)
-    # one micro-batch and one device at a time (sl takes turns): no two programs ever compute at once
+    # one micro-batch and one device at a time (sl takes turns): no two programs ever compute at once,
+    # so each gets a lone process's plan, threads and wait (a brief spin on a quiet machine: a turn's
+    # many small ops start without waking a sleeping thread; the passive wait made a split SmolLM2
+    # step 1.41x the one-process step there, the lone plan 1.19x, bench/train_split_overhead.py)
     turns = opt.micro_batches == 1 and (len(clients) == 1 or opt.scheme == "sl")
-    with Launcher(logs, sharers=len(stages) + len(clients) - 1, take_turns=turns) as run:
+    with Launcher(logs, sharers=1 if turns else len(stages) + len(clients) - 1) as run:
         started = run.start(servers)
         run.wait_ready(started, READY_TIMEOUT_S)
         cs = run.start(clients)
