@@ -76,10 +76,16 @@ def _rate_cell(s: Shaping, got: float | None, shaper: str) -> tuple[str, bool]:
 
 def render(rows: list[dict], shaper: str, tcp_cc: str) -> Table:
     """Configured vs measured per link; a cell marked ``!`` is outside the tolerance: the backend
-    did not emulate that figure faithfully on this run (rate 10 %, RTT 2 ms + 10 %, loss 1 pp)."""
+    did not emulate that figure faithfully on this run (rate 10 %, RTT 2 ms + 10 %, loss 1 pp).
+    The caption says how much CPU time the hypervisor took meanwhile and how late timers ran, at
+    most over the links: rates read low on a machine that it takes much from or wakes late."""
+    loads = [r["measured"]["machine_load"] for r in rows if r["measured"].get("machine_load")]
+    stolen = (f"; while probing, the hypervisor took up to {max(x['steal_pct'] for x in loads):.0f} % "
+              f"of the CPU time and 1 ms timers ran up to {max(x['timer_late_us'] for x in loads)} us "
+              "late" if loads else "")
     t = Table(title=f"configured vs measured ({shaper} shaper, {tcp_cc})",
               caption="Mbit/s: set / TCP goodput the rate allows / measured; RTT, loss: set / measured; "
-                      "! = off by more than the tolerance (rate 10 %, RTT 2 ms + 10 %, loss 1 pp)")
+                      "! = off by more than the tolerance (rate 10 %, RTT 2 ms + 10 %, loss 1 pp)" + stolen)
     for col in ("link", "up Mbit/s", "down Mbit/s", "RTT ms", "loss up %", "loss down %"):
         t.add_column(col, justify="left" if col == "link" else "right")
 

@@ -71,7 +71,7 @@ def probe(args: argparse.Namespace) -> int:
     except ProbeError as e:
         print(f"testbed probe: {args.topo}: {args.src} <-> {args.dst}: {e}", file=sys.stderr)
         return 1
-    keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct", "notes"]
+    keys = ["up_mbit", "down_mbit", "rtt_ms", "loss_up_pct", "loss_down_pct", "machine_load", "notes"]
     out = {"shaper": shaper, **{k: res.get(k) for k in keys}}
     if args.timeline:
         for name, a, b in (("up", args.src, args.dst), ("down", args.dst, args.src)):
@@ -140,6 +140,9 @@ def _print_table(args: argparse.Namespace, out: dict) -> None:
             continue
         if isinstance(v, list):
             v = " ".join(f"{x:.1f}" for x in v)
+        elif isinstance(v, dict):  # machine_load
+            v = (f"{v['busy_pct']:.0f} % busy, {v['steal_pct']:.0f} % stolen by the hypervisor, "
+                 f"1 ms timers {v['timer_late_us']} us late")
         elif isinstance(v, float):
             v = f"{v:.2f}"
         t.add_row(k, "-" if v is None else str(v))

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.hosts.machine_load import cpu_times, load_between, timer_late_us
 from testbed.spec.errors import TestbedError
 
 Runner = Callable[..., subprocess.Popen]
@@ -347,9 +348,13 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
     starts well after the network came up: ``up_timeline_started`` / ``down_timeline_started``
     say when (``time.monotonic()``).  ``notes``: per direction, what did not go as planned (a
     test stopped at its deadline over an outage, a ping without reply); empty lists when all
-    went well."""
+    went well.  ``machine_load``: how busy this machine's CPUs were over all the tests (busy and
+    stolen per cent) and how late its 1 ms timers ran just before them (median microseconds):
+    rates read low on a machine whose hypervisor takes its CPUs or wakes them late."""
     notes: dict[str, list[str]] = {"up": [], "down": []}
     res: dict[str, Any] = {}
+    late_us = timer_late_us()
+    before = cpu_times()
     res["up_mbit"] = measure_throughput(src_run, dst_run, dst_ip, seconds, notes["up"], grace_s)
     res["down_mbit"] = measure_throughput(dst_run, src_run, src_ip, seconds, notes["down"], grace_s)
     res["rtt"] = measure_rtt(src_run, dst_ip, notes=notes["up"])
@@ -366,5 +371,8 @@ def probe(src_run: Runner, dst_run: Runner, src_ip: str, dst_ip: str, seconds: f
                                           notes[name], grace_s)
             res[f"{name}_timeline"] = tl.mbit
             res[f"{name}_timeline_started"] = tl.started
+    load = load_between(before, cpu_times())
+    res["machine_load"] = {"busy_pct": round(load.busy_pct, 1), "steal_pct": round(load.steal_pct, 1),
+                           "timer_late_us": round(late_us)}
     res["notes"] = notes
     return res

@@ -57,6 +57,8 @@ def test_probe_default_topology():
     assert 0 < res["up_mbit"] <= 10 * 1.05, res
     assert abs(res["rtt_ms"] - 30) <= 2, res
     assert abs(res["loss_up_pct"] - 0.5) <= 1 and res["loss_down_pct"] <= 1, res
+    m = res["machine_load"]
+    assert 0 <= m["steal_pct"] <= m["busy_pct"] <= 100 and m["timer_late_us"] > 0, m
 
 
 @MEASURED
@@ -193,7 +195,7 @@ def demo_table(topo_file: Path, seconds: float) -> str:
 @MEASURED
 def test_demo_topology_is_emulated_faithfully():
     text = demo_table(REPO / "topologies/device-edge-cloud.yaml", 3)
-    assert "mec <-> cloud" in text and "200 / 193.1 / " in text, text
+    assert "mec <-> cloud" in text and "200 / 193.1 / " in text and "timers ran up to" in text, text
     rows = [line for line in text.splitlines() if "<->" in line]
     assert len(rows) == 2 and not [r for r in rows if "!" in r], text  # every figure within its tolerance
 

@@ -1,0 +1,46 @@
+"""Machine load from /proc: a real spinning process shows up in the load and at the top."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from testbed.hosts import machine_load as ml
+
+
+def test_a_spinning_process_is_busy_time_and_the_busiest_process() -> None:
+    code = "import time\nt = time.time() + 3\nwhile time.time() < t: pass"
+    spin = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.3)
+        load = ml.load_over(1.0)
+        top = ml.top_processes(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    # one core of os.cpu_count() spinning: at least most of that core's share of all CPU time
+    assert load.busy_pct >= 0.8 * 100 / os.cpu_count(), load
+    assert 0 <= load.steal_pct <= load.busy_pct
+    assert top[0][1] == spin.pid and top[0][2] >= 80, top
+    assert "% busy" in str(load)
+
+
+def test_load_between_equal_readings_is_zero() -> None:
+    t = ml.cpu_times()
+    assert ml.load_between(t, t) == ml.Load(0.0, 0.0)
+    assert t.total >= t.busy >= t.steal >= 0
+
+
+def test_wait_fit_gives_up_at_its_timeout() -> None:
+    t0 = time.monotonic()
+    got = ml.wait_fit(max_busy_pct=-1.0, max_late_us=1e9, timeout_s=1.5, window_s=0.5)
+    assert not got.fit and isinstance(got.load, ml.Load) and got.timer_late_us > 0
+    assert 1.5 <= time.monotonic() - t0 < 10  # windows of 0.5 s (+ the timer reading) until past 1.5 s
+    assert "us late" in str(got)
+
+
+def test_timers_are_late_by_a_plausible_amount() -> None:
+    late = ml.timer_late_us(n=50)
+    assert 0 < late < 100_000  # a 1 ms wait that never overshoots, or overshoots by 100 ms: wrong
