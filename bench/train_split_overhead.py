@@ -22,6 +22,7 @@ from pathlib import Path
 from train_common import model_dir, options, spread, train
 
 from testbed.apps.training.run import model_layers
+from testbed.hosts.machine_load import cpu_times, load_between
 
 
 def main() -> None:
@@ -45,11 +46,13 @@ def main() -> None:
         losses: dict[str, list[float]] = {}
         for r in range(args.repeats):
             for mode in ("local", "loopback"):
+                before = cpu_times()
                 res = train(model, placement, opt, mode)
+                load = load_between(before, cpu_times())  # the hypervisor's share: vCPUs woken late
                 med[mode].append(statistics.median(res["step_ms"]))
                 losses[mode] = res["losses"]
                 print(f"  repeat {r} {mode:>8}: step ms median {med[mode][-1]:.1f}, "
-                      f"per step {res['step_ms']}", flush=True)
+                      f"per step {res['step_ms']}; machine {load}", flush=True)
     ratio = [b / a for a, b in zip(med["local"], med["loopback"], strict=True)]
     same = max(abs(a - b) / abs(a) for a, b in zip(losses["local"], losses["loopback"], strict=True))
     print()

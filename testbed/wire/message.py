@@ -69,7 +69,8 @@ class DType(IntEnum):
     INT64 = 1  # token ids, counters
     HIDDEN = 2  # float32 activations, encoded by ``codec``
     TEXT = 3  # utf-8 error text
-    FLOAT64 = 4  # float64 values: training statistics, losses, adapter weights
+    FLOAT64 = 4  # float64 values: training statistics, losses
+    FLOAT32 = 5  # float32 values: adapter weights (fp32 parameters, exact at half FLOAT64's bytes)
 
 
 # which payload type each kind may carry
@@ -87,7 +88,7 @@ _KIND_DTYPES = {
     Kind.TRAIN_BACKWARD: {DType.HIDDEN},
     Kind.TRAIN_STATS: {DType.NONE, DType.FLOAT64},
     Kind.TRAIN_PULL: {DType.NONE},
-    Kind.TRAIN_WEIGHTS: {DType.FLOAT64},
+    Kind.TRAIN_WEIGHTS: {DType.FLOAT32, DType.FLOAT64},
     Kind.TRAIN_SAMPLES: {DType.INT64},
     Kind.TRAIN_OUTPUT: {DType.HIDDEN},
     Kind.TRAIN_HEAD_GRAD: {DType.HIDDEN},
@@ -133,14 +134,16 @@ class Message:
         return bool(self.flags & FLAG_KV_CACHE)
 
     def tensor(self) -> torch.Tensor:
-        """An INT64 payload (token ids, counters) as an int64 tensor, a FLOAT64 one as float64.
+        """An INT64 payload (token ids, counters) as an int64 tensor, a FLOAT64 / FLOAT32 one as
+        float64 / float32.
 
         Activations (HIDDEN) are decoded by their codec: ``testbed.model.codecs``."""
         if self.dtype == DType.INT64:
             arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<i8").copy()
             return torch.from_numpy(arr).reshape(self.shape)
-        if self.dtype == DType.FLOAT64:
-            arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype="<f8").copy()
+        if self.dtype in (DType.FLOAT64, DType.FLOAT32):
+            kind = "<f8" if self.dtype == DType.FLOAT64 else "<f4"
+            arr = np.frombuffer(memoryview(self.payload[0]).cast("B"), dtype=kind).copy()
             return torch.from_numpy(arr).reshape(self.shape)
         raise WireError(f"{self.dtype.name} payload is not an integer tensor")
 
@@ -173,6 +176,8 @@ def _expected_sizes(dtype: DType, codec: str | None, shape: tuple[int, ...]) -> 
         return []
     if dtype in (DType.INT64, DType.FLOAT64):
         return [8 * n]
+    if dtype == DType.FLOAT32:
+        return [4 * n]
     if dtype == DType.TEXT:
         if len(shape) != 1 or n > MAX_TEXT:
             raise WireError("bad text shape")
@@ -299,13 +304,14 @@ def train_labels(session: int, step: int, micro: int, labels: torch.Tensor) -> M
 
 
 def float_values(kind: Kind, session: int, step: int, values: np.ndarray | Sequence[Sequence[float]],
-                 micro: int = 0) -> Message:
-    """A FLOAT64 message (TRAIN_STATS reply, TRAIN_WEIGHTS) of a 1- or 2-dimensional array."""
-    arr = np.ascontiguousarray(np.asarray(values, dtype="<f8"))
+                 micro: int = 0, single: bool = False) -> Message:
+    """A FLOAT64 (``single``: FLOAT32) message (TRAIN_STATS reply, TRAIN_WEIGHTS) of a 1- or
+    2-dimensional array."""
+    arr = np.ascontiguousarray(np.asarray(values, dtype="<f4" if single else "<f8"))
     if arr.ndim not in (1, 2):
-        raise WireError("float64 payloads are 1- or 2-dimensional")
-    return Message(kind, session, step, micro, DType.FLOAT64, None, 0, tuple(arr.shape),
-                   [memoryview(arr).cast("B")])
+        raise WireError("float payloads are 1- or 2-dimensional")
+    return Message(kind, session, step, micro, DType.FLOAT32 if single else DType.FLOAT64, None, 0,
+                   tuple(arr.shape), [memoryview(arr).cast("B")])
 
 
 # ---- recovery and KV budget -----------------------------------------------------------------

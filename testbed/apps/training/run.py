@@ -75,9 +75,15 @@ class TrainOptions:
                   "clients"):
             d.pop(k)
         d["clients"] = max(1, len(self.clients))
-        d["aggregate_every"] = self.aggregate_every if self.scheme == "sfl" else 0
+        d["aggregate_every"] = self.averaging_every
         d["turns"] = self.scheme == "sl" and len(self.clients) > 1
         return d
+
+    @property
+    def averaging_every(self) -> int:
+        """K of FedAvg, 0 for none: sfl with more than one device (one device's average is itself:
+        its adapters would cross the link and back for nothing)."""
+        return self.aggregate_every if self.scheme == "sfl" and len(self.clients) > 1 else 0
 
     def spec(self):
         from testbed.apps.training.lora import LoraSpec
@@ -418,7 +424,7 @@ def run_local_record(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_
                                     opt.micro_batches, trainable, ckpt, opt.checkpoint_every, resume_step)
         save_adapters(adapter_dir, tensors, opt.spec(), str(model_dir))
         return result
-    k = opt.aggregate_every if opt.scheme == "sfl" else 0
+    k = opt.averaging_every
     turns = opt.scheme == "sl"
     if turns:  # device c trains steps c, c + C, ...: its first batches
         batches = [b[:len(range(c, opt.steps, len(nodes)))] for c, b in enumerate(batches)]

@@ -44,12 +44,14 @@ WEIGHT_COLS = 4096
 
 
 def weights_message(session: int, flat: torch.Tensor, hop: int, step: int = 0) -> Message:
-    """Flat adapter weights as a zero-padded FLOAT64 [R, WEIGHT_COLS] TRAIN_WEIGHTS message."""
+    """Flat adapter weights as a zero-padded [R, WEIGHT_COLS] TRAIN_WEIGHTS message: FLOAT32 for
+    float32 weights (the adapters of an fp32 model: exact), else FLOAT64."""
+    single = flat.dtype == torch.float32
     cols = max(1, min(WEIGHT_COLS, flat.numel()))
     rows = max(1, -(-flat.numel() // cols))
-    arr = np.zeros(rows * cols, dtype="<f8")
+    arr = np.zeros(rows * cols, dtype="<f4" if single else "<f8")
     arr[:flat.numel()] = flat.numpy()
-    return float_values(Kind.TRAIN_WEIGHTS, session, step, arr.reshape(rows, cols), micro=hop)
+    return float_values(Kind.TRAIN_WEIGHTS, session, step, arr.reshape(rows, cols), micro=hop, single=single)
 
 
 class StageServer:
@@ -309,7 +311,7 @@ class StageServer:
         states = [{"flat": got[c]} for c in live]
         mean = fedavg(states, [1.0] * len(live))["flat"]  # equal batches: equal weights
         for c in live:
-            self._to(self.ups[c], weights_message(c, mean.to(torch.float64), 0, step))
+            self._to(self.ups[c], weights_message(c, mean, 0, step))  # the clients' dtype: fp32, exact
 
     # ---- devices that fail mid-round (sfl, psl) ---------------------------------------------------
     def _may_drop(self) -> bool:

@@ -135,3 +135,20 @@ def test_train_across_topology_equals_local(tiny4: Path, tmp_path: Path) -> None
     # way (the second micro-batch follows the first down the pipeline, so its crossings overlap;
     # with fast compute on an idle machine the prediction comes near that bound, ~117 ms here)
     assert 2 * (15 + 25) * 0.9 < res["predicted_step_ms"] < 20 * res["step_ms_mean"]
+
+
+@pytest.mark.slow
+def test_sfl_with_one_device_sends_no_adapters(tiny4: Path, tmp_path: Path) -> None:
+    """One device's FedAvg is its own adapters: sfl with one device is sl, bytes included (its
+    adapters would otherwise cross to the aggregation node and back every step)."""
+    runs = {}
+    for scheme in ("sl", "sfl"):
+        opt = TrainOptions(steps=3, batch=2, seq=8, lr=2e-2, seed=2, evaluate=False, scheme=scheme)
+        runs[scheme] = run_training(None, "dev=0:2,mec=2:4", opt, model=tiny4, loopback=True,
+                                    out=tmp_path / scheme)
+    assert runs["sfl"]["losses"] == pytest.approx(runs["sl"]["losses"], rel=1e-6)
+    assert runs["sfl"]["bytes_up"] == runs["sl"]["bytes_up"]
+    assert runs["sfl"]["bytes_down"] == runs["sl"]["bytes_down"]
+    two = TrainOptions(scheme="sfl", clients=["a", "b"], aggregate_every=3)
+    assert (two.averaging_every, TrainOptions(scheme="sfl").averaging_every,
+            TrainOptions(scheme="psl", clients=["a", "b"]).averaging_every) == (3, 0, 0)

@@ -59,3 +59,21 @@ def test_kinds_refuse_other_payloads() -> None:
         fields[3] = int(DType.FLOAT64)
         fields[2] = int(Kind.TRAIN_STATS)
         parse([HEADER.pack(*fields), good[1][:-8]])
+
+
+def test_fp32_adapters_cross_as_float32_exactly_at_half_the_bytes() -> None:
+    flat = torch.randn(5000, dtype=torch.float32)
+    single = weights_message(1, flat, 0, step=3)
+    double = weights_message(1, flat.to(torch.float64), 0, step=3)
+    got = parse(single.frames())
+    assert got.dtype == DType.FLOAT32 and got.step == 3
+    t = got.tensor().reshape(-1)
+    assert t.dtype == torch.float32 and torch.equal(t[:5000], flat) and not t[5000:].any()
+    frames = single.frames()
+    assert len(frames[1]) * 2 == len(double.frames()[1])
+    with pytest.raises(WireError, match="header says 32768"):  # one float32 value short
+        parse([frames[0], bytes(frames[1])[:-4]])
+    fields = list(HEADER.unpack(frames[0]))
+    fields[2] = int(Kind.TRAIN_STATS)  # statistics stay FLOAT64
+    with pytest.raises(WireError, match="TRAIN_STATS cannot carry FLOAT32"):
+        parse([HEADER.pack(*fields), frames[1]])
