@@ -10,9 +10,12 @@ that rested through the rest of the step).
 
 from __future__ import annotations
 
+import math
+
 MTU = 1500  # bytes of an IP packet on the emulated links (what their rates count)
 MSS = 1448  # TCP payload per packet: 1500 - 20 (IP) - 20 (TCP) - 12 (timestamps option)
 INIT_CWND = 10  # TCP's initial (and after-idle restart) window, in segments (RFC 6928)
+MATHIS_C = math.sqrt(1.5)  # Mathis et al. (1997): a window halved at each of random losses
 
 
 def payload_rate(rate_mbit: float) -> float:
@@ -42,3 +45,13 @@ def slow_start_s(nbytes: float, rate_mbit: float, rtt_ms: float, init_cwnd: int 
         return 0.0
     warm = rtt_ms / 1e3 + nbytes / payload_rate(rate_mbit)
     return max(0.0, transfer_s(nbytes, rate_mbit, rtt_ms, init_cwnd) - warm)
+
+
+def loss_limited_mbit(loss_pct: float, rtt_ms: float) -> float | None:
+    """The rate, counting whole IP packets as link rates do, that one TCP flow settles at on a path
+    losing ``loss_pct`` of its packets at random: ``MSS / RTT * C / sqrt(p)`` of payload (Mathis et
+    al.); None without loss or without a round trip (nothing then bounds it but the links)."""
+    if loss_pct <= 0 or rtt_ms <= 0:
+        return None
+    goodput = MSS / (rtt_ms / 1e3) * MATHIS_C / math.sqrt(loss_pct / 100)  # payload bytes/s
+    return goodput * 8 / 1e6 * MTU / MSS

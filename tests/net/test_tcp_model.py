@@ -27,3 +27,14 @@ def test_no_slow_start_without_delay_or_bytes_or_rate_limit() -> None:
     assert slow_start_s(590_000, 400.0, 0.0) == 0.0
     assert slow_start_s(0, 400.0, 40.0) == 0.0
     assert slow_start_s(590_000, float("inf"), 40.0) == 0.0
+
+
+def test_loss_bounds_a_flow_by_the_square_root_of_the_loss_rate() -> None:
+    from testbed.net.tcp_model import MTU, loss_limited_mbit
+
+    # 1 % loss, 50 ms: 1448 B / 50 ms * 1.22 / 0.1 = 354.7 KB/s of payload, 2.94 Mbit/s of IP packets
+    assert loss_limited_mbit(1.0, 50.0) == pytest.approx(1448 / 0.05 * 1.5 ** 0.5 / 0.1 * 8 / 1e6 * MTU / MSS)
+    assert loss_limited_mbit(1.0, 50.0) == pytest.approx(2.94, abs=0.01)
+    assert loss_limited_mbit(0.25, 50.0) == pytest.approx(2 * loss_limited_mbit(1.0, 50.0))
+    assert loss_limited_mbit(1.0, 100.0) == pytest.approx(loss_limited_mbit(1.0, 50.0) / 2)
+    assert loss_limited_mbit(0.0, 50.0) is None and loss_limited_mbit(1.0, 0.0) is None

@@ -128,7 +128,7 @@ def read_options(folder: str | Path) -> dict[str, Any] | None:
 
 
 def load_adapters(named: list[tuple[str, torch.Tensor]], flat: torch.Tensor) -> None:
-    """Set adapters from their flat float64 copy (``lora.flatten``'s order); exact for fp32 weights."""
+    """Set adapters from their flat copy (``lora.flatten``'s order); exact for fp32 weights."""
     with torch.no_grad():
         i = 0
         for _, p in named:

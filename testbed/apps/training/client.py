@@ -332,6 +332,15 @@ class TrainClient:
             out.update(unflatten(msg.tensor().reshape(-1), layout))
         return out
 
+    def adapter_message_bytes(self) -> int:
+        """Wire size of one message of this device's adapters (FedAvg, handing on); 0 without any."""
+        from testbed.apps.training.lora import flatten
+        from testbed.apps.training.server import weights_message
+
+        if not self.stage.named_adapters:
+            return 0
+        return wire_size(weights_message(self.session, flatten(self.stage.named_adapters), 0).frames())
+
     def close(self) -> None:
         self.sock.close(0)
 
@@ -384,6 +393,7 @@ def summarize(client: TrainClient, servers: np.ndarray, hops: list[str]) -> dict
     tokens = s.batch * s.seq
     total_s = sum(step_ms) / 1e3
     return {
+        "adapter_message_bytes": client.adapter_message_bytes(),
         "losses": losses, "steps": list(client.steps), "head_on_device": s.head_on_device,
         "step_ms": [round(v, 3) for v in step_ms],
         "step_ms_mean": round(statistics.fmean(step_ms), 3),

@@ -84,8 +84,9 @@ def adapter_layout(config, start: int, end: int, spec: LoraSpec, trainable: set[
 
 
 def flatten(named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).to(torch.float64) for _, p in named]) if named else \
-        torch.zeros(0, dtype=torch.float64)
+    """The parameters one after another, in their own dtype (float32 adapters stay float32: on the
+    wire that is exact at half float64's bytes)."""
+    return torch.cat([p.detach().reshape(-1) for _, p in named]) if named else torch.zeros(0)
 
 
 def unflatten(flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:

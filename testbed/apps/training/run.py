@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,13 @@ def run_on_network(net, stages: list[Stage], model_dir: Path, opt: TrainOptions,
     return merged
 
 
+def adapter_bytes(result: dict[str, Any]) -> float:
+    """One device's adapters message in bytes (the mean over the devices of a several-device run)."""
+    sizes = [c.get("adapter_message_bytes", 0) for c in result.get("per_client", [])] \
+        or [result.get("adapter_message_bytes", 0)]
+    return sum(sizes) / len(sizes)
+
+
 def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
     """One record of several devices' results: the servers' figures (the same for all) from the
     first, bytes summed over the devices per step, a step lasting until the slowest device is done."""
@@ -275,6 +284,7 @@ def merge_clients(results: list[dict[str, Any]], nodes: list[str]) -> dict[str, 
                  per_client=[{"node": n, "step_ms_mean": r["step_ms_mean"],
                               "bytes_up_per_step": r["bytes_up_per_step"],
                               "bytes_down_per_step": r["bytes_down_per_step"], "device": r["per_hop"][0],
+                              "adapter_message_bytes": r.get("adapter_message_bytes", 0),
                               "adapter_dir": r["adapter_dir"]} for r, n in zip(results, nodes, strict=True)])
     return first
 
@@ -332,7 +342,8 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
     if not local:
         for hop, st in zip(result["per_hop"], stages, strict=True):
             hop["node"] = st.node
-        predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo)
+        predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo,
+                                    adapter_bytes(result))
     result.update(
         scheme=opt.scheme, local=local, schedule=opt.schedule, micro_batches=opt.micro_batches,
         clients=opt.clients or [stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
@@ -476,31 +487,82 @@ def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: P
             "eval_ppl_after": round(math.exp(sums["after"] / count), 4), "eval_per_client": per}
 
 
-def _link(topo: Topology | None, a: str, b: str) -> tuple[float, float, float, float]:
-    """(rate a->b bit/s, rate b->a bit/s, one-way delay a->b ms, round trip ms) of the direct link
-    between a and b, if any."""
-    for lk in topo.links if topo is not None else []:
-        if {lk.a, lk.b} == {a, b}:
-            fwd, bwd = (lk.up, lk.down) if lk.a == a else (lk.down, lk.up)
-            rate = [x.bw_mbit * 1e6 if x.bw_mbit else UNSHAPED_BPS for x in (fwd, bwd)]
-            return rate[0], rate[1], fwd.delay_ms, fwd.delay_ms + bwd.delay_ms
-    return UNSHAPED_BPS, UNSHAPED_BPS, 0.0, 0.0
+def _paths(topo: Topology | None, sources: Sequence[str], dst: str) -> tuple[float, float, float, float]:
+    """What the routed paths between ``sources`` (sending at once, equal bytes each) and ``dst`` offer:
+    (rate up, rate down in bit/s at which the sources' bytes together cross, one-way delay up ms,
+    round trip ms), the delays of the longest path.
+
+    A link that n of the C sources' paths cross carries n/C of their bytes: the bytes together take
+    as long as the most loaded link needs, ``max(n / (C rate))`` a byte (one source: the slowest link
+    on its path; devices of one cell: their radio links, or the shared backhaul if it is slower).  A
+    path that loses packets also bounds its source's TCP flow (``tcp_model.loss_limited_mbit``)."""
+    if topo is None or not sources:
+        return UNSHAPED_BPS, UNSHAPED_BPS, 0.0, 0.0
+    from collections import Counter
+
+    from testbed.net.addressing import path_links, plan
+    from testbed.net.tcp_model import loss_limited_mbit
+
+    p = plan(topo)
+    load: dict[str, Counter] = {"up": Counter(), "down": Counter()}
+    capped: dict[str, list[float]] = {"up": [], "down": []}  # lossy paths: TCP's own bound, bit/s
+    delay_up = rtt = 0.0
+    for src in sources:
+        ways = {"up": path_links(topo, p, src, dst), "down": path_links(topo, p, dst, src)}
+        d = {k: sum(getattr(topo.links[i], w).delay_ms for i, w in v) for k, v in ways.items()}
+        delay_up, rtt = max(delay_up, d["up"]), max(rtt, d["up"] + d["down"])
+        for key, path in ways.items():
+            load[key].update(path)
+            kept = math.prod(1 - getattr(topo.links[i], w).loss_pct / 100 for i, w in path)
+            cap = loss_limited_mbit(100 * (1 - kept), d["up"] + d["down"])
+            if cap is not None:
+                capped[key].append(cap * 1e6)
+    rates = []
+    for key in ("up", "down"):
+        per_byte = 1 / UNSHAPED_BPS
+        for (i, way), n in load[key].items():
+            bw = getattr(topo.links[i], way).bw_mbit
+            if bw:
+                per_byte = max(per_byte, n / (len(sources) * bw * 1e6))
+        for cap in capped[key]:  # that source's share crosses no faster than its TCP flow
+            per_byte = max(per_byte, 1 / (len(sources) * cap))
+        rates.append(1 / per_byte)
+    return rates[0], rates[1], delay_up, rtt
+
+
+def adapter_exchange_ms(message_bytes: float, opt: TrainOptions, topo: Topology | None,
+                        clients: Sequence[str], server: str) -> float:
+    """Per step, the time sfl's FedAvg adds: every K steps each device sends its adapters
+    (``message_bytes``, one message) to the first server, all devices at once, and waits for their
+    average.  sl's handing on between turns is not in a device's step time (the next device's pull
+    waits through the whole previous turn), so it is not predicted as part of one either."""
+    from testbed.net.tcp_model import payload_rate, slow_start_s, transfer_s
+
+    if not message_bytes or not opt.averaging_every:
+        return 0.0
+    up, down, _, rtt = _paths(topo, clients, server)
+    total = message_bytes * len(clients)
+    send = total / payload_rate(up / 1e6) + slow_start_s(message_bytes, up / 1e6, rtt)
+    return (send + transfer_s(total, down / 1e6, rtt)) * 1e3 / opt.averaging_every
 
 
 def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
-                    topo: Topology | None) -> float:
+                    topo: Topology | None, adapter_message_bytes: float = 0.0) -> float:
     """The analytic model's step time (``testbed.apps.training.analytic``) from this run's measured
-    per-micro-batch compute and message sizes and the topology's link rates and delays.  Each wave's
-    first message on a link pays TCP's slow start (``testbed.net.tcp_model``): the link rested through
-    the rest of the step, longer than the connection's retransmission timeout."""
+    per-micro-batch compute and message sizes and the topology's routed paths (``_paths``: several
+    devices share what their paths share).  Each wave's first message on a link pays TCP's slow
+    start (``testbed.net.tcp_model``): the link rested through the rest of the step, longer than the
+    connection's retransmission timeout.  The adapters' exchange (``adapter_exchange_ms``) adds to
+    the step: nothing else moves meanwhile."""
     from testbed.apps.training import analytic
     from testbed.net.tcp_model import slow_start_s
 
     m = opt.micro_batches
+    clients = opt.clients or [stages[0].node]
     model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
     hops, links = [], []
     for i in range(1, len(stages)):
-        up, down, delay, rtt = _link(topo, stages[i - 1].node, stages[i].node)
+        up, down, delay, rtt = _paths(topo, clients if i == 1 else [stages[i - 1].node], stages[i].node)
         links.append((up, down, delay))
         # U-shaped: the return leg's bytes cross this link too; the model has them on a hop of their own
         fwd = per_hop[i]["bytes_up_per_step"] - per_hop[i].get("head_grad_bytes_per_step", 0)
@@ -515,7 +577,8 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
         hops.append(analytic.relayed(int(last["output_bytes_per_step"] / m),
                                      int(last["head_grad_bytes_per_step"] / m),
                                      [(down, up, delay) for up, down, delay in reversed(links)]))
-    return round(analytic.predict(model_stages, hops, m, opt.schedule).step_ms, 3)
+    step_ms = analytic.predict(model_stages, hops, m, opt.schedule).step_ms
+    return round(step_ms + adapter_exchange_ms(adapter_message_bytes, opt, topo, clients, stages[1].node), 3)
 
 
 def train(args: argparse.Namespace) -> int:

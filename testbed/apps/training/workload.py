@@ -16,6 +16,7 @@ from typing import Any
 
 from testbed.apps.training.run import (
     TrainOptions,
+    adapter_bytes,
     evaluation,
     model_layers,
     predict_step_ms,
@@ -86,7 +87,7 @@ def train_point(net, topo: Topology, point: TrainPoint, model_dir: Path, out: Pa
         clients=list(point.clients), hops=len(stages) - 1, placement=placement, adapter_dir=str(adapter_dir),
         head_on_device=opt.head_on_device,
         trainable_layers=opt.trainable(stages[0].end, n_layers),
-        predicted_step_ms=predict_step_ms(result["per_hop"], stages, opt, topo),
+        predicted_step_ms=predict_step_ms(result["per_hop"], stages, opt, topo, adapter_bytes(result)),
         wall_ms=[round(x, 3) for x in itertools.accumulate(result["step_ms"])],
         bytes_total=list(itertools.accumulate(steps_up)),
         **evaluation(model_dir, n_layers, opt, adapter_dir, result, base_cache(model_dir)),
