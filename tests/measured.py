@@ -24,7 +24,7 @@ import pytest
 from testbed.hosts.machine_load import cpu_times, load_between, top_processes, wait_fit
 
 QUIET_BUSY_PCT = 20.0  # an idle machine reads 1-3 %; one core of two busy reads 50 %
-MAX_TIMER_LATE_US = 500.0  # an idle VM of the CI kind: 120-130 us
+MAX_TIMER_LATE_US = 500.0  # an idle VM of the kind this project runs on: 90-150 us
 FIT_WAIT_S = 120.0
 FAILURES = 3
 PAUSE_S = 30.0  # between tries: a burst of load elsewhere passes

@@ -98,8 +98,8 @@ def top_processes(seconds: float = 1.0, n: int = 5) -> list[tuple[str, int, floa
 
 def timer_late_us(n: int = 200, sleep_s: float = 0.001) -> float:
     """Median microseconds by which a ``sleep_s`` wait in ``select`` (the link process's own
-    wait) overshoots, over ``n`` waits: about 60 on an idle physical machine, 120-130 on an idle
-    VM of this project's CI kind."""
+    wait) overshoots, over ``n`` waits: 90-150 on an idle VM of the kind this project is developed
+    and tested on."""
     late = []
     for _ in range(n):
         t = time.monotonic()

@@ -34,7 +34,7 @@ def test_devices_of_one_cell_share_its_backhaul() -> None:
     assert _paths(None, ["dev1"], "mec")[2:] == (0.0, 0.0)
 
 
-def test_fedavg_every_k_steps_and_handing_on_in_turns() -> None:
+def test_fedavg_every_k_steps_and_nothing_for_turns() -> None:
     a = 400_000.0  # one device's adapters message
     two = ["dev1", "dev2"]
     sfl = adapter_exchange_ms(a, TrainOptions(scheme="sfl", clients=two, aggregate_every=1), CELL, two, "mec")
