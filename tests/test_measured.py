@@ -13,6 +13,7 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(measured, "PAUSE_S", 0.0)
     monkeypatch.setattr(measured, "QUIET_BUSY_PCT", 100.0)  # fit at once: this is about the tries
     monkeypatch.setattr(measured, "MAX_TIMER_LATE_US", 1e9)
+    monkeypatch.setattr(measured, "MAX_STOLEN_PCT", 100.0)
 
 
 def test_a_failure_in_every_try_fails_the_test(capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,10 +35,21 @@ def test_load_between_equal_readings_is_zero() -> None:
 
 def test_wait_fit_gives_up_at_its_timeout() -> None:
     t0 = time.monotonic()
-    got = ml.wait_fit(max_busy_pct=-1.0, max_late_us=1e9, timeout_s=1.5, window_s=0.5)
-    assert not got.fit and isinstance(got.load, ml.Load) and got.timer_late_us > 0
-    assert 1.5 <= time.monotonic() - t0 < 10  # windows of 0.5 s (+ the timer reading) until past 1.5 s
-    assert "us late" in str(got)
+    got = ml.wait_fit(max_busy_pct=-1.0, max_late_us=1e9, max_stolen_pct=100, timeout_s=1.5, window_s=0.5)
+    assert not got.fit and isinstance(got.load, ml.Load)
+    assert got.timer_late_us == got.stolen_when_busy_pct == -1  # not taken: the first check failed
+    assert 1.5 <= time.monotonic() - t0 < 10  # windows of 0.5 s until past 1.5 s
+    fit = ml.wait_fit(max_busy_pct=100, max_late_us=1e9, max_stolen_pct=100, timeout_s=0)
+    assert fit.fit and fit.timer_late_us > 0 and 0 <= fit.stolen_when_busy_pct <= 100
+    assert "us late" in str(fit) and "stolen with every core busy" in str(fit)
+
+
+def test_every_core_spinning_reads_busy_and_a_plausible_steal() -> None:
+    before = ml.cpu_times()
+    stolen = ml.stolen_when_busy(0.5)
+    load = ml.load_between(before, ml.cpu_times())
+    assert 0 <= stolen <= 100
+    assert load.busy_pct >= 50, load  # every core spun for most of that time
 
 
 def test_timers_are_late_by_a_plausible_amount() -> None:
