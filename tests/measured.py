@@ -41,11 +41,12 @@ def _busiest() -> str:
 def MEASURED(test):  # noqa: N802 (used as a mark)
     @functools.wraps(test)
     def tries(*args, **kwargs):
+        failed = ""  # an earlier try's failure, named in a skip that follows it
         for n in range(1, FAILURES + 1):
             fitness = wait_fit(QUIET_BUSY_PCT, MAX_TIMER_LATE_US, MAX_STOLEN_PCT, FIT_WAIT_S)
             if not fitness.fit:
                 pytest.skip(f"try {n}: the machine was not fit to emulate links for {FIT_WAIT_S:.0f} s "
-                            f"({fitness}; busiest processes: {_busiest()})")
+                            f"({fitness}; busiest processes: {_busiest()}){failed}")
             before = cpu_times()
             try:
                 test(*args, **kwargs)
@@ -56,6 +57,8 @@ def MEASURED(test):  # noqa: N802 (used as a mark)
                 if n == FAILURES:
                     raise
                 traceback.print_exception(e, limit=-3)
+                first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                failed = f"; try {n} had failed: {first}"
                 time.sleep(PAUSE_S)
             else:
                 during = load_between(before, cpu_times())

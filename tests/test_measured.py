@@ -56,3 +56,18 @@ def test_an_unfit_machine_skips_without_measuring(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(pytest.skip.Exception, match="not fit to emulate links .* us late"):
         never_run()
     assert calls == []
+
+
+def test_a_skip_after_a_failed_try_names_the_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    @measured.MEASURED
+    def off_then_unfit() -> None:
+        calls.append(1)
+        monkeypatch.setattr(measured, "MAX_TIMER_LATE_US", -1.0)  # unfit from the next try on
+        monkeypatch.setattr(measured, "FIT_WAIT_S", 0.0)
+        raise AssertionError("rate 150 vs 200")
+
+    with pytest.raises(pytest.skip.Exception, match="try 2: .* try 1 had failed: rate 150 vs 200"):
+        off_then_unfit()
+    assert calls == [1]
