@@ -306,3 +306,95 @@ def simulated_peaks(stages: int, micro_batches: int, schedule: str) -> list[int]
             peak = max(peak, held)
         out.append(peak)
     return out
+
+
+def simulate_clients(devices: Sequence[Stage], device_hops: Sequence[Hop], servers: Sequence[Stage],
+                     hops: Sequence[Hop], micro_batches: int, schedule: str, steps: int,
+                     barrier_every: int = 0, barrier_ms: float = 0.0) -> float:
+    """Mean step time (ms) over ``steps`` steps of devices training in parallel (``sfl``, ``psl``):
+    device c (``devices[c]``, its own link ``device_hops[c]`` to the first server) pushes its ``M``
+    micro-batches into the servers' chain, which runs :func:`schedule_ops` over all ``C * M`` of them
+    (device c's are ``c*M .. c*M+M-1``, the order the stage server takes them in).
+
+    Unlike :func:`predict`, steps are not run one after another: a device starts its next step as
+    soon as it is done with its own (its update included), so its forward and upload overlap the
+    servers' work on the other devices' micro-batches; a server starts the next step after its own
+    update.  Every ``barrier_every`` steps (``sfl``'s FedAvg) a device's step ends only when every
+    device's backward is done and ``barrier_ms`` more have passed (the adapters up and their average
+    back).  With one device this is ``steps`` times :func:`simulate`'s step."""
+    c_n, m_n = len(devices), micro_batches
+    n = 1 + len(servers)
+    _check(schedule, n, m_n, 1 + len(hops))
+    if len(device_hops) != c_n or c_n < 1 or steps < 1:
+        raise ValueError(f"need a link per device and at least one device and step, got {len(device_hops)} "
+                         f"links for {c_n} devices, {steps} steps")
+    g_n = c_n * m_n
+    dev_ops = schedule_ops(0, n, m_n, schedule)
+    srv_ops = [schedule_ops(p, n, g_n, schedule) for p in range(1, n)]
+    # every node's work over all steps: (step, kind, micro-batch g); devices first, then the servers
+    work = [[(k, kind, c * m_n + m) for k in range(steps) for kind, m in dev_ops] for c in range(c_n)]
+    work += [[(k, kind, g) for k in range(steps) for kind, g in ops] for ops in srv_ops]
+    stage_of = [devices[c] for c in range(c_n)] + list(servers)
+    per_step = [len(dev_ops)] * c_n + [len(ops) for ops in srv_ops]
+    free = [0.0] * len(work)
+    nxt = [0] * len(work)
+    bwd_end: dict[tuple[int, int], float] = {}  # (device, step) -> its last backward's end
+    step_end: dict[tuple[int, int], float] = {}  # (device, step) -> when its step ends
+    arrive: dict[tuple[str, int, int, int], float] = {}  # (kind, stage, g, step) -> input there
+    link: dict[tuple[str, int], float] = {}  # (direction, link: -1-c for device c's, else hop index)
+
+    def send(kind: str, key: int, h: Hop, first: bool, at: float) -> float:
+        cold = (h.forward_restart_ms if kind == "F" else h.backward_restart_ms) if first else 0.0
+        sent = max(at, link.get((kind, key), 0.0)) + (h.forward_ms if kind == "F" else h.backward_ms) + cold
+        link[(kind, key)] = sent
+        return sent + h.latency_ms
+
+    def device_start(c: int, k: int) -> float | None:
+        if k == 0:
+            return 0.0
+        if (c, k - 1) in step_end:
+            return step_end[(c, k - 1)]
+        if barrier_every and k % barrier_every == 0 and all((d, k - 1) in bwd_end for d in range(c_n)):
+            end = max(bwd_end[(d, k - 1)] for d in range(c_n)) + barrier_ms
+            for d in range(c_n):
+                step_end[(d, k - 1)] = max(end, bwd_end[(d, k - 1)])
+            return step_end[(c, k - 1)]
+        return None
+
+    moved = True
+    while moved:
+        moved = False
+        for i, ops in enumerate(work):
+            while nxt[i] < len(ops):
+                k, kind, g = ops[nxt[i]]
+                dev = i < c_n
+                p = 0 if dev else i - c_n + 1
+                ready = device_start(i, k) if dev and kind == "F" else arrive.get((kind, p, g, k))
+                if ready is None:
+                    break
+                s = stage_of[i]
+                end = max(free[i], ready) + (s.forward_ms if kind == "F" else s.backward_ms)
+                last_of_step = (nxt[i] + 1) % per_step[i] == 0
+                free[i] = end + (s.update_ms if last_of_step else 0.0)
+                if kind == "F" and p == n - 1:
+                    arrive[("B", p, g, k)] = end
+                elif kind == "F":
+                    c, m = divmod(g, m_n)
+                    h, key, first = (device_hops[c], -1 - c, m == 0) if dev else (hops[p - 1], p - 1, g == 0)
+                    arrive[("F", p + 1, g, k)] = send("F", key, h, first, end)
+                elif p > 1:
+                    arrive[("B", p - 1, g, k)] = send("B", p - 2, hops[p - 2], g == 0, end)
+                elif p == 1:
+                    c, m = divmod(g, m_n)
+                    arrive[("B", 0, g, k)] = send("B", -1 - c, device_hops[c], m == 0, end)
+                if dev and last_of_step:
+                    bwd_end[(i, k)] = free[i]
+                    if not (barrier_every and (k + 1) % barrier_every == 0):
+                        step_end[(i, k)] = free[i]
+                nxt[i] += 1
+                moved = True
+    if any(nxt[i] < len(ops) for i, ops in enumerate(work)):
+        raise RuntimeError(f"schedule {schedule} deadlocks across devices: nodes stopped at ops {nxt}")
+    device_start(0, steps)  # the last step's barrier: no next step asked for it
+    ends = [step_end.get((c, steps - 1), free[c]) for c in range(c_n)] + free[c_n:]
+    return max(ends) / steps

@@ -343,7 +343,7 @@ def run_training(topo: Topology | None, placement: str | list[Stage], opt: Train
         for hop, st in zip(result["per_hop"], stages, strict=True):
             hop["node"] = st.node
         predicted = predict_step_ms(result["per_hop"], stages, opt, None if loopback else topo,
-                                    adapter_bytes(result))
+                                    adapter_bytes(result), result.get("per_client"))
     result.update(
         scheme=opt.scheme, local=local, schedule=opt.schedule, micro_batches=opt.micro_batches,
         clients=opt.clients or [stages[0].node], placement=",".join(f"{s.node}={s.layers}" for s in stages),
@@ -487,6 +487,27 @@ def evaluation(model_dir: Path, n_layers: int, opt: TrainOptions, adapter_dir: P
             "eval_ppl_after": round(math.exp(sums["after"] / count), 4), "eval_per_client": per}
 
 
+def _walk(topo: Topology, sources: Sequence[str], dst: str) -> list[dict[str, Any]]:
+    """Each source's routed path to ``dst`` and back: its links per direction (``up``, ``down``: lists of
+    (link index, direction)), one-way delay up, round trip ms, and, where its path loses packets, the
+    bound TCP's loss puts on its flow each way (``cap_up``, ``cap_down``, bit/s; ``tcp_model``)."""
+    from testbed.net.addressing import path_links, plan
+    from testbed.net.tcp_model import loss_limited_mbit
+
+    p = plan(topo)
+    out = []
+    for src in sources:
+        ways = {"up": path_links(topo, p, src, dst), "down": path_links(topo, p, dst, src)}
+        d = {k: sum(getattr(topo.links[i], w).delay_ms for i, w in v) for k, v in ways.items()}
+        row: dict[str, Any] = {**ways, "delay_up": d["up"], "rtt": d["up"] + d["down"]}
+        for key, path in ways.items():
+            kept = math.prod(1 - getattr(topo.links[i], w).loss_pct / 100 for i, w in path)
+            cap = loss_limited_mbit(100 * (1 - kept), row["rtt"])
+            row[f"cap_{key}"] = cap * 1e6 if cap is not None else None
+        out.append(row)
+    return out
+
+
 def _paths(topo: Topology | None, sources: Sequence[str], dst: str) -> tuple[float, float, float, float]:
     """What the routed paths between ``sources`` (sending at once, equal bytes each) and ``dst`` offer:
     (rate up, rate down in bit/s at which the sources' bytes together cross, one-way delay up ms,
@@ -500,34 +521,44 @@ def _paths(topo: Topology | None, sources: Sequence[str], dst: str) -> tuple[flo
         return UNSHAPED_BPS, UNSHAPED_BPS, 0.0, 0.0
     from collections import Counter
 
-    from testbed.net.addressing import path_links, plan
-    from testbed.net.tcp_model import loss_limited_mbit
-
-    p = plan(topo)
-    load: dict[str, Counter] = {"up": Counter(), "down": Counter()}
-    capped: dict[str, list[float]] = {"up": [], "down": []}  # lossy paths: TCP's own bound, bit/s
-    delay_up = rtt = 0.0
-    for src in sources:
-        ways = {"up": path_links(topo, p, src, dst), "down": path_links(topo, p, dst, src)}
-        d = {k: sum(getattr(topo.links[i], w).delay_ms for i, w in v) for k, v in ways.items()}
-        delay_up, rtt = max(delay_up, d["up"]), max(rtt, d["up"] + d["down"])
-        for key, path in ways.items():
-            load[key].update(path)
-            kept = math.prod(1 - getattr(topo.links[i], w).loss_pct / 100 for i, w in path)
-            cap = loss_limited_mbit(100 * (1 - kept), d["up"] + d["down"])
-            if cap is not None:
-                capped[key].append(cap * 1e6)
+    walks = _walk(topo, sources, dst)
     rates = []
     for key in ("up", "down"):
+        load = Counter(link for w in walks for link in w[key])
         per_byte = 1 / UNSHAPED_BPS
-        for (i, way), n in load[key].items():
+        for (i, way), n in load.items():
             bw = getattr(topo.links[i], way).bw_mbit
             if bw:
                 per_byte = max(per_byte, n / (len(sources) * bw * 1e6))
-        for cap in capped[key]:  # that source's share crosses no faster than its TCP flow
-            per_byte = max(per_byte, 1 / (len(sources) * cap))
+        for w in walks:  # that source's share crosses no faster than its TCP flow
+            if w[f"cap_{key}"] is not None:
+                per_byte = max(per_byte, 1 / (len(sources) * w[f"cap_{key}"]))
         rates.append(1 / per_byte)
-    return rates[0], rates[1], delay_up, rtt
+    return rates[0], rates[1], max(w["delay_up"] for w in walks), max(w["rtt"] for w in walks)
+
+
+def _own_paths(topo: Topology | None, sources: Sequence[str], dst: str
+               ) -> list[tuple[float, float, float, float]]:
+    """Per source, what its own path to ``dst`` offers when the sources send at different times but
+    may overlap: (rate up, rate down bit/s, one-way delay up ms, round trip ms), a link that n of the
+    sources' paths cross giving each a fair share (1/n) of its rate, a lossy path TCP's bound."""
+    if topo is None:
+        return [(UNSHAPED_BPS, UNSHAPED_BPS, 0.0, 0.0) for _ in sources]
+    from collections import Counter
+
+    walks = _walk(topo, sources, dst)
+    load = {key: Counter(link for w in walks for link in w[key]) for key in ("up", "down")}
+    out = []
+    for w in walks:
+        rates = []
+        for key in ("up", "down"):
+            shares = [getattr(topo.links[i], way).bw_mbit * 1e6 / load[key][(i, way)] for i, way in w[key]
+                      if getattr(topo.links[i], way).bw_mbit]
+            if w[f"cap_{key}"] is not None:
+                shares.append(w[f"cap_{key}"])
+            rates.append(min(shares, default=UNSHAPED_BPS))
+        out.append((rates[0], rates[1], w["delay_up"], w["rtt"]))
+    return out
 
 
 def adapter_exchange_ms(message_bytes: float, opt: TrainOptions, topo: Topology | None,
@@ -547,18 +578,22 @@ def adapter_exchange_ms(message_bytes: float, opt: TrainOptions, topo: Topology 
 
 
 def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
-                    topo: Topology | None, adapter_message_bytes: float = 0.0) -> float:
+                    topo: Topology | None, adapter_message_bytes: float = 0.0,
+                    per_client: list[dict] | None = None) -> float:
     """The analytic model's step time (``testbed.apps.training.analytic``) from this run's measured
     per-micro-batch compute and message sizes and the topology's routed paths (``_paths``: several
     devices share what their paths share).  Each wave's first message on a link pays TCP's slow
     start (``testbed.net.tcp_model``): the link rested through the rest of the step, longer than the
     connection's retransmission timeout.  The adapters' exchange (``adapter_exchange_ms``) adds to
-    the step: nothing else moves meanwhile."""
+    the step: nothing else moves meanwhile.  Devices in parallel (``sfl``, ``psl``): see
+    ``_predict_parallel``."""
     from testbed.apps.training import analytic
     from testbed.net.tcp_model import slow_start_s
 
     m = opt.micro_batches
     clients = opt.clients or [stages[0].node]
+    if len(clients) > 1 and opt.scheme in ("sfl", "psl") and not opt.head_on_device:
+        return _predict_parallel(per_hop, stages, opt, topo, adapter_message_bytes, per_client)
     model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
     hops, links = [], []
     for i in range(1, len(stages)):
@@ -579,6 +614,48 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
                                      [(down, up, delay) for up, down, delay in reversed(links)]))
     step_ms = analytic.predict(model_stages, hops, m, opt.schedule).step_ms
     return round(step_ms + adapter_exchange_ms(adapter_message_bytes, opt, topo, clients, stages[1].node), 3)
+
+
+def _predict_parallel(per_hop: list[dict], stages: list[Stage], opt: TrainOptions, topo: Topology | None,
+                      adapter_message_bytes: float, per_client: list[dict] | None) -> float:
+    """Mean step time of devices training in parallel (``analytic.simulate_clients`` over the run's
+    steps): each device on its own path to the first server (``_own_paths``: a link its path shares
+    with other devices' gives it a fair share), starting its next step when done with its own, so its
+    forward and upload overlap the server's work on the others' micro-batches; ``sfl``'s FedAvg a
+    barrier every K steps (``adapter_exchange_ms`` times K).  Bytes per device are its own (from
+    ``per_client`` where given, its adapters left out), else the first server's share per device."""
+    from testbed.apps.training import analytic
+    from testbed.net.tcp_model import slow_start_s
+
+    m, clients, k = opt.micro_batches, opt.clients, opt.averaging_every
+    c_n = len(clients)
+    adapters = adapter_message_bytes / k if k else 0.0  # a device's adapters each way, per step
+    first = per_hop[1]
+    device_hops = []
+    for c, (up, down, delay, rtt) in enumerate(_own_paths(topo, clients, stages[1].node)):
+        if per_client and c < len(per_client):
+            fwd = (per_client[c]["bytes_up_per_step"] - adapters) / m
+            bwd = (per_client[c]["bytes_down_per_step"] - adapters) / m
+        else:
+            fwd = first["bytes_up_per_step"] / (c_n * m)
+            bwd = fwd
+        device_hops.append(analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
+                                        forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
+                                        backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3))
+    devices = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m)
+               for h in ([pc["device"] for pc in per_client] if per_client else [per_hop[0]] * c_n)]
+    servers = [analytic.Stage(h["fwd_ms"] / (c_n * m), h["bwd_ms"] / (c_n * m)) for h in per_hop[1:]]
+    hops = []
+    for i in range(2, len(stages)):
+        up, down, delay, rtt = _paths(topo, [stages[i - 1].node], stages[i].node)
+        fwd = per_hop[i]["bytes_up_per_step"] / (c_n * m)
+        bwd = per_hop[i]["bytes_down_per_step"] / (c_n * m)
+        hops.append(analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
+                                 forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
+                                 backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3))
+    barrier = adapter_exchange_ms(adapter_message_bytes, opt, topo, clients, stages[1].node) * k
+    return round(analytic.simulate_clients(devices, device_hops, servers, hops, m, opt.schedule,
+                                           max(1, opt.steps), k, barrier), 3)
 
 
 def train(args: argparse.Namespace) -> int:

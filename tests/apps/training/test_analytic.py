@@ -15,6 +15,7 @@ from testbed.apps.training.analytic import (
     predict,
     schedule_ops,
     simulate,
+    simulate_clients,
     simulated_peaks,
 )
 
@@ -142,3 +143,44 @@ def test_a_cold_link_costs_each_wave_its_first_message_once(schedule: str, m: in
         assert extra["predict"] == pytest.approx(80.0) and extra["simulate"] == pytest.approx(80.0)
     else:
         assert 0 < extra["simulate"] <= extra["predict"] + 1e-9 <= 80.0 + 1e-9, extra
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(("servers", "m", "steps"), [(1, 1, 1), (1, 4, 3), (2, 2, 2), (3, 8, 2)])
+def test_one_device_over_steps_is_steps_of_the_one_step_model(schedule: str, servers: int, m: int,
+                                                              steps: int) -> None:
+    """With one device nothing overlaps across steps: the device's update ends each step."""
+    rng = random.Random(servers * 100 + m)
+    stages = [Stage(rng.uniform(1, 10), rng.uniform(1, 10)) for _ in range(servers + 1)]
+    hops = [Hop(h.forward_bytes, h.backward_bytes, h.rate_bps, h.latency_ms, rng.uniform(0, 5),
+                rng.uniform(0, 5)) for h in (random_hop(rng) for _ in range(servers))]
+    one = simulate(stages, hops, m, schedule).step_ms
+    assert simulate_clients(stages[:1], hops[:1], stages[1:], hops[1:], m, schedule, steps) \
+        == pytest.approx(one, rel=1e-12)
+
+
+def test_parallel_devices_hand_traced() -> None:
+    """Two devices (forward 1, backward 1), one server (3 and 3 a device's micro-batch), free links.
+    Step 0: the server's F0 1-4, F1 4-7, B0 7-10, B1 10-13; device 0 ends at 11, device 1 at 14.
+    Device 0 starts step 1 at once: its F 11-12, so the server's step 1 starts when it is free (13):
+    F0 13-16, F1 16-19, B0 19-22, B1 22-25, device 1's backward 25-26: 26 for two steps, where steps
+    run one after another take 14 each."""
+    dev, srv, free = Stage(1, 1), Stage(3, 3), hop_ms(0, 0)
+    assert simulate_clients([dev, dev], [free, free], [srv], [], 1, "gpipe", 2) == pytest.approx(13.0)
+    assert simulate_clients([dev, dev], [free, free], [srv], [], 1, "gpipe", 1) == pytest.approx(14.0)
+    # FedAvg every step, 2 ms: step 0 ends for both at 14 + 2; step 1 from 16 as step 0 from 0
+    assert simulate_clients([dev, dev], [free, free], [srv], [], 1, "gpipe", 2, 1, 2.0) == pytest.approx(16.0)
+    # every second step: step 0 overlaps as without it, step 1 ends with the exchange (26 + 2)
+    assert simulate_clients([dev, dev], [free, free], [srv], [], 1, "gpipe", 2, 2, 2.0) == pytest.approx(14.0)
+    # 1F1B on the server (F0 1-4, B0 4-7, F1 7-10, B1 10-13): one step as long as with GPipe
+    assert simulate_clients([dev, dev], [free, free], [srv], [], 1, "1f1b", 1) == pytest.approx(14.0)
+
+
+def test_a_slow_device_link_hides_behind_the_server_work_for_the_other() -> None:
+    """Device 1's link takes 5 ms each way; the server works on device 0's micro-batch meanwhile:
+    F0 1-4, F1 6-9 (arrived at 6), B0 9-12, B1 12-15, back over the slow link at 20, backward 20-21."""
+    dev, srv = Stage(1, 1), Stage(3, 3)
+    assert simulate_clients([dev, dev], [hop_ms(0, 0), hop_ms(5, 5)], [srv], [], 1, "gpipe", 1) \
+        == pytest.approx(21.0)
+    with pytest.raises(ValueError, match="a link per device"):
+        simulate_clients([dev, dev], [hop_ms(0, 0)], [srv], [], 1, "gpipe", 1)
