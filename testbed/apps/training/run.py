@@ -586,7 +586,8 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
     start (``testbed.net.tcp_model``): the link rested through the rest of the step, longer than the
     connection's retransmission timeout.  The adapters' exchange (``adapter_exchange_ms``) adds to
     the step: nothing else moves meanwhile.  Devices in parallel (``sfl``, ``psl``): see
-    ``_predict_parallel``."""
+    ``_predict_parallel``; devices taking turns (``sl``): the mean of each device's step alone on its
+    own path (handing on between turns is in no device's step)."""
     from testbed.apps.training import analytic
     from testbed.net.tcp_model import slow_start_s
 
@@ -594,6 +595,16 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
     clients = opt.clients or [stages[0].node]
     if len(clients) > 1 and opt.scheme in ("sfl", "psl") and not opt.head_on_device:
         return _predict_parallel(per_hop, stages, opt, topo, adapter_message_bytes, per_client)
+    if len(clients) > 1 and opt.scheme == "sl":
+        # taking turns: a step is one device's alone, on its own path (not the devices' paths shared),
+        # with its own compute; the mean over the steps, which go round the devices
+        total = 0.0
+        for c, node in enumerate(clients):
+            own = [per_client[c]["device"], *per_hop[1:]] if per_client and c < len(per_client) else per_hop
+            turns = len(range(c, max(opt.steps, len(clients)), len(clients)))
+            total += turns * predict_step_ms(own, [replace(stages[0], node=node), *stages[1:]],
+                                             replace(opt, clients=[node]), topo)
+        return round(total / max(opt.steps, len(clients)), 3)
     model_stages = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m) for h in per_hop]
     hops, links = [], []
     for i in range(1, len(stages)):

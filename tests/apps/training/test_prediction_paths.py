@@ -101,3 +101,21 @@ def test_parallel_devices_overlap_the_server_and_fedavg_holds_them(devices: int)
     assert p_sfl >= p + exchange * 0.99
     every4 = TrainOptions(scheme="sfl", clients=names, steps=8, aggregate_every=4)
     assert p < predict_step_ms(per_hop, stages, every4, CELL, a, with_adapters) < p_sfl
+
+
+def test_devices_taking_turns_each_use_their_own_path() -> None:
+    """sl with several devices: a step is one device's alone, so the cell-edge devices (5 Mbit/s,
+    lossy) make their steps slower than dev1's and dev2's, and no device gets the others' links."""
+    names = ["dev1", "dev2", "dev3", "dev4"]
+    stages = [Stage("dev1", 0, 4), Stage("mec", 4, 30)]
+    per_hop, per_client = _hops(1, 1000.0)
+    alone = {n: predict_step_ms(per_hop, [Stage(n, 0, 4), stages[1]], TrainOptions(clients=[n], steps=1),
+                                CELL) for n in names}
+    assert alone["dev3"] == alone["dev4"] > alone["dev1"] == alone["dev2"]
+    turns = TrainOptions(scheme="sl", clients=names, steps=8)
+    four = [dict(per_client[0]) for _ in names]
+    assert predict_step_ms(per_hop, stages, turns, CELL, 0.0, four) == pytest.approx(sum(alone.values()) / 4)
+    # 6 steps: dev1 and dev2 take two turns each, dev3 and dev4 one
+    six = TrainOptions(scheme="sl", clients=names, steps=6)
+    want = (2 * alone["dev1"] + 2 * alone["dev2"] + alone["dev3"] + alone["dev4"]) / 6
+    assert predict_step_ms(per_hop, stages, six, CELL, 0.0, four) == pytest.approx(want)
