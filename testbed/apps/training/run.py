@@ -599,8 +599,9 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
         # taking turns: a step is one device's alone, on its own path (not the devices' paths shared),
         # with its own compute; the mean over the steps, which go round the devices
         total = 0.0
+        mine = {pc["node"]: pc for pc in per_client or []}
         for c, node in enumerate(clients):
-            own = [per_client[c]["device"], *per_hop[1:]] if per_client and c < len(per_client) else per_hop
+            own = [mine[node]["device"], *per_hop[1:]] if node in mine else per_hop
             turns = len(range(c, max(opt.steps, len(clients)), len(clients)))
             total += turns * predict_step_ms(own, [replace(stages[0], node=node), *stages[1:]],
                                              replace(opt, clients=[node]), topo)
@@ -642,19 +643,19 @@ def _predict_parallel(per_hop: list[dict], stages: list[Stage], opt: TrainOption
     c_n = len(clients)
     adapters = adapter_message_bytes / k if k else 0.0  # a device's adapters each way, per step
     first = per_hop[1]
-    device_hops = []
-    for c, (up, down, delay, rtt) in enumerate(_own_paths(topo, clients, stages[1].node)):
-        if per_client and c < len(per_client):
-            fwd = (per_client[c]["bytes_up_per_step"] - adapters) / m
-            bwd = (per_client[c]["bytes_down_per_step"] - adapters) / m
+    mine = {pc["node"]: pc for pc in per_client or []}  # a device that failed has no figures
+    device_hops, devices = [], []
+    for node, (up, down, delay, rtt) in zip(clients, _own_paths(topo, clients, stages[1].node), strict=True):
+        if node in mine:
+            fwd = (mine[node]["bytes_up_per_step"] - adapters) / m
+            bwd = (mine[node]["bytes_down_per_step"] - adapters) / m
         else:
-            fwd = first["bytes_up_per_step"] / (c_n * m)
-            bwd = fwd
+            fwd = bwd = first["bytes_up_per_step"] / (c_n * m)
         device_hops.append(analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
                                         forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
                                         backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3))
-    devices = [analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m)
-               for h in ([pc["device"] for pc in per_client] if per_client else [per_hop[0]] * c_n)]
+        h = mine[node]["device"] if node in mine else per_hop[0]
+        devices.append(analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m))
     servers = [analytic.Stage(h["fwd_ms"] / (c_n * m), h["bwd_ms"] / (c_n * m)) for h in per_hop[1:]]
     hops = []
     for i in range(2, len(stages)):

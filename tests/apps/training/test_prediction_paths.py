@@ -69,8 +69,8 @@ def _hops(devices: int, server_ms: float) -> tuple[list[dict], list[dict]]:
     dev = {"fwd_ms": 100.0, "bwd_ms": 100.0}
     per_hop = [dev, {"fwd_ms": server_ms * devices, "bwd_ms": server_ms * devices,
                      "bytes_up_per_step": 600_000.0 * devices, "bytes_down_per_step": 600_000.0 * devices}]
-    per_client = [{"device": dev, "bytes_up_per_step": 600_000.0, "bytes_down_per_step": 600_000.0}
-                  for _ in range(devices)]
+    per_client = [{"node": f"dev{i + 1}", "device": dev, "bytes_up_per_step": 600_000.0,
+                   "bytes_down_per_step": 600_000.0} for i in range(devices)]
     return per_hop, per_client
 
 
@@ -89,8 +89,10 @@ def test_parallel_devices_overlap_the_server_and_fedavg_holds_them(devices: int)
     # the devices' next forwards and uploads hide behind the server's work: less than the server's
     # work after one whole device cycle per step (what steps one after another would take)
     assert p < busy + (one_by_one - 2 * server_ms) * 0.9
-    # without per_client: the first server's bytes shared out; the same figure here
+    # without per_client: the first server's bytes shared out; the same figure here; likewise for a
+    # device that failed (no figures of its own)
     assert predict_step_ms(per_hop, stages, psl, CELL) == pytest.approx(p)
+    assert predict_step_ms(per_hop, stages, psl, CELL, 0.0, per_client[1:]) == pytest.approx(p)
     # sfl: FedAvg every step holds every device until all adapters are averaged
     a = 1_300_000.0
     sfl = TrainOptions(scheme="sfl", clients=names, steps=8)
@@ -113,7 +115,7 @@ def test_devices_taking_turns_each_use_their_own_path() -> None:
                                 CELL) for n in names}
     assert alone["dev3"] == alone["dev4"] > alone["dev1"] == alone["dev2"]
     turns = TrainOptions(scheme="sl", clients=names, steps=8)
-    four = [dict(per_client[0]) for _ in names]
+    four = [{**per_client[0], "node": n} for n in names]
     assert predict_step_ms(per_hop, stages, turns, CELL, 0.0, four) == pytest.approx(sum(alone.values()) / 4)
     # 6 steps: dev1 and dev2 take two turns each, dev3 and dev4 one
     six = TrainOptions(scheme="sl", clients=names, steps=6)
