@@ -2,6 +2,8 @@
 # The single install script for EdgeLLM Testbed: used by the Vagrant VM and by `make deps`.
 # Idempotent: installs only what is missing.  Usage: provision.sh [REPO_DIR]
 # TESTBED_WITH_LLAMA_CPP=1 (`make bench-deps`) also builds llama-cpp-python for bench/llama_anchor.py.
+# TESTBED_PYTHON_ONLY=1: only the venv (`make vm-box` makes the guest's in the box's chroot, where
+# kernel settings and dockerd would act on the building host).
 # Python packages come from a wheelhouse when there is one (`make wheelhouse`: REPO/vagrant/wheelhouse,
 # or TESTBED_WHEELHOUSE=DIR), with no index at all; from the package index otherwise.
 set -euo pipefail
@@ -12,6 +14,8 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '[provision] %s\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "provision.sh: must run as root (network namespaces, tc, docker)" >&2; exit 1; }
+
+PYTHON_ONLY=${TESTBED_PYTHON_ONLY:-0}
 
 # --- Debian packages -------------------------------------------------------
 APT_PKGS=(mininet bridge-utils iperf3 iproute2 iputils-ping ethtool procps psmisc
@@ -24,13 +28,16 @@ missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
+if [ ${#missing[@]} -gt 0 ] && [ "$PYTHON_ONLY" = 1 ]; then
+  echo "provision.sh: TESTBED_PYTHON_ONLY=1 but Debian packages are missing: ${missing[*]}" >&2; exit 1
+elif [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # --- kernel settings -----------------------------------------------------------
+if [ "$PYTHON_ONLY" != 1 ]; then
 # Docker's FORWARD DROP policy plus bridge netfilter silently drops bridged frames.
 modprobe br_netfilter 2>/dev/null || true
 for f in iptables ip6tables arptables; do
@@ -39,6 +46,7 @@ done
 # Allow cubic (the testbed's default congestion control) inside namespaces.
 allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control 2>/dev/null || true)
 case " $allowed " in *" cubic "*) ;; *) sysctl -qw net.ipv4.tcp_allowed_congestion_control="$allowed cubic" || true ;; esac
+fi
 
 # --- Python virtual environment --------------------------------------------------
 # Debian's /usr/bin/python3 is the interpreter that sees the mininet package.
@@ -57,7 +65,8 @@ pipq() {
 STAMP="$VENV/.testbed-deps"
 WH=${TESTBED_WHEELHOUSE:-$REPO/vagrant/wheelhouse}
 [ -s "$WH/requirements.txt" ] || WH=
-want=$(sha256sum "$REPO/pyproject.toml" "$0" ${WH:+"$WH/requirements.txt"} | sha256sum | cut -d' ' -f1)
+# what was installed: the contents only (vagrant runs this script from a copy under another name)
+want=$(cat "$REPO/pyproject.toml" "$0" ${WH:+"$WH/requirements.txt"} | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] && [ -n "$WH" ]; then
   log "installing Python packages into $VENV from the wheelhouse $WH (no index)"
   offline=(--no-index --find-links "$WH")
@@ -83,7 +92,7 @@ if [ "${TESTBED_WITH_LLAMA_CPP:-0}" = 1 ] && ! "$PY" -c "import llama_cpp" 2>/de
 fi
 
 # --- Docker engine (for runtime: docker) -------------------------------------------
-if [ "${TESTBED_NO_DOCKER:-0}" != 1 ] && command -v dockerd >/dev/null; then
+if [ "${TESTBED_NO_DOCKER:-0}" != 1 ] && [ "$PYTHON_ONLY" != 1 ] && command -v dockerd >/dev/null; then
   if ! docker info >/dev/null 2>&1; then
     log "starting dockerd"
     (setsid dockerd >/var/log/testbed-dockerd.log 2>&1 &)

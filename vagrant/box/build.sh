@@ -9,6 +9,7 @@
 # registered only when vagrant does not list it.  Root.  Usage: build.sh [OUT_DIR]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
 OUT=${1:-$HERE/out}
 NAME=debian/bookworm64
 SUITE=bookworm
@@ -32,14 +33,21 @@ PROVISION=$HERE/../provision.sh
 APT_PKGS=$(sed -n '/^APT_PKGS=(/,/)/p' "$PROVISION" | sed -e 's/#.*//' -e 's/APT_PKGS=(//' -e 's/)//' | xargs)
 [ -n "$APT_PKGS" ] || { echo "build.sh: no APT_PKGS list found in $PROVISION" >&2; exit 1; }
 APT_PKGS="$APT_PKGS apparmor"  # the box boots Debian's kernel, which enforces AppArmor (see provision.sh)
-stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS") | sha256sum | cut -c1-16)
+# The guest's venv too, when there is a wheelhouse (`make vm-up` builds one first): pip in a TCG guest
+# took ~30 minutes for it; provision.sh in the guest then finds it up to date and installs nothing.
+WH=$REPO/vagrant/wheelhouse
+[ -s "$WH/requirements.txt" ] || WH=
+stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS"
+          [ -z "$WH" ] || cat "$REPO/pyproject.toml" "$PROVISION" "$WH/requirements.txt") | sha256sum | cut -c1-16)
 if [ -s "$BOX" ] && [ "$(cat "$BOX.key" 2>/dev/null)" = "$stamp" ]; then
   log "cached: $BOX"
 else
   t0=$(date +%s)
   raw=$OUT/disk.raw; mnt=$OUT/mnt; loop=
   cleanup() {
-    for m in dev/pts dev proc sys ""; do mountpoint -q "$mnt/$m" 2>/dev/null && umount "$mnt/$m"; done
+    for m in testbed/vagrant/wheelhouse dev/pts dev proc sys ""; do
+      mountpoint -q "$mnt/$m" 2>/dev/null && umount "$mnt/$m"
+    done
     [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null
     rm -f "$raw"
   }
@@ -79,6 +87,20 @@ else
     || { tail -20 "$OUT/debootstrap.log"; exit 1; }
   rm -f "$mnt/usr/sbin/policy-rc.d"
   chroot "$mnt" apt-get clean
+  if [ -n "$WH" ]; then
+    # the tree where the guest will have it (vagrant's rsync keeps the excluded .venv there) and the
+    # wheelhouse at the path the guest's provision.sh reads it from: the same stamp in both
+    log "the testbed's venv in the box (/testbed/.venv) from the wheelhouse"
+    t1=$(date +%s)
+    mkdir -p "$mnt/testbed/vagrant/wheelhouse"
+    rsync -a --exclude=/.venv/ --exclude=/.git/ --exclude=/out/ --exclude=/results/ --exclude=/.cache/ \
+      --exclude=/vagrant/box/out/ --exclude=/vagrant/.vagrant/ --exclude=/vagrant/wheelhouse/ "$REPO/" "$mnt/testbed/"
+    mount --bind "$WH" "$mnt/testbed/vagrant/wheelhouse"
+    chroot "$mnt" env TESTBED_PYTHON_ONLY=1 TESTBED_NO_DOCKER=1 bash /testbed/vagrant/provision.sh /testbed \
+      >> "$OUT/debootstrap.log" 2>&1 || { tail -20 "$OUT/debootstrap.log"; exit 1; }
+    umount "$mnt/testbed/vagrant/wheelhouse"
+    log "venv done in $(( $(date +%s) - t1 )) s"
+  fi
   kver=$(ls "$mnt/lib/modules" | sort -V | tail -1)
 
   # --- GRUB by hand: core.img with what reads /boot/grub from partition 1, boot.img in the MBR ------
