@@ -37,7 +37,16 @@ APT_PKGS="$APT_PKGS apparmor"  # the box boots Debian's kernel, which enforces A
 # took ~30 minutes for it; provision.sh in the guest then finds it up to date and installs nothing.
 WH=$REPO/vagrant/wheelhouse
 [ -s "$WH/requirements.txt" ] || WH=
-stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS"
+# The node containers' rootfs (debootstrap from the host's mirror, `testbed/hosts/images.py`) too, made
+# on the host when this host has the testbed's venv: the guest would otherwise debootstrap it from the
+# internet, through QEMU's user-mode NAT, at TCG speed.
+PY=$REPO/.venv/bin/python
+ROOTFS=
+if [ -x "$PY" ]; then
+  ROOTFS=$(cd "$REPO" && "$PY" -c 'from testbed.hosts.images import build_rootfs, packages
+print(build_rootfs(packages())[0])') || { echo "build.sh: the node image's rootfs could not be built" >&2; exit 1; }
+fi
+stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS" "${ROOTFS##*/}"
           [ -z "$WH" ] || cat "$REPO/pyproject.toml" "$PROVISION" "$WH/requirements.txt") | sha256sum | cut -c1-16)
 if [ -s "$BOX" ] && [ "$(cat "$BOX.key" 2>/dev/null)" = "$stamp" ]; then
   log "cached: $BOX"
@@ -100,6 +109,12 @@ else
       >> "$OUT/debootstrap.log" 2>&1 || { tail -20 "$OUT/debootstrap.log"; exit 1; }
     umount "$mnt/testbed/vagrant/wheelhouse"
     log "venv done in $(( $(date +%s) - t1 )) s"
+  fi
+  if [ -n "$ROOTFS" ]; then
+    log "the node image's rootfs in the box: ${ROOTFS##*/}"
+    install -d "$mnt/var/cache/edgellm-testbed" && cp "$ROOTFS" "$mnt/var/cache/edgellm-testbed/"
+  else
+    log "no venv here to make the node image's rootfs with: the guest will debootstrap it itself"
   fi
   kver=$(ls "$mnt/lib/modules" | sort -V | tail -1)
 
