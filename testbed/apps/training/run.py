@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.apps.launch import (
     READY_TIMEOUT_S,
@@ -34,6 +34,9 @@ from testbed.apps.training.placement import Stage, parse_placement
 from testbed.apps.training.settings import ClientSettings, StageSettings
 from testbed.spec.errors import SpecError
 from testbed.spec.topology import Topology
+
+if TYPE_CHECKING:
+    from testbed.apps.training.analytic import Hop
 
 BASE_PORT = 5700
 UNSHAPED_BPS = 1e12  # a link without a rate limit (loopback, unshaped)
@@ -577,6 +580,18 @@ def adapter_exchange_ms(message_bytes: float, opt: TrainOptions, topo: Topology 
     return (send + transfer_s(total, down / 1e6, rtt)) * 1e3 / opt.averaging_every
 
 
+def _hop(fwd: float, bwd: float, up: float, down: float, delay: float, rtt: float) -> Hop:
+    """The model's hop for one micro-batch's bytes each way over a path (rates bit/s, ms), each wave's
+    first message paying TCP's slow start after idle.  One rate per hop in the model: the gradients'
+    bytes are scaled to take their own direction's time."""
+    from testbed.apps.training import analytic
+    from testbed.net.tcp_model import slow_start_s
+
+    return analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
+                        forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
+                        backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3)
+
+
 def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
                     topo: Topology | None, adapter_message_bytes: float = 0.0,
                     per_client: list[dict] | None = None) -> float:
@@ -589,7 +604,6 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
     ``_predict_parallel``; devices taking turns (``sl``): the mean of each device's step alone on its
     own path (handing on between turns is in no device's step)."""
     from testbed.apps.training import analytic
-    from testbed.net.tcp_model import slow_start_s
 
     m = opt.micro_batches
     clients = opt.clients or [stages[0].node]
@@ -614,10 +628,7 @@ def predict_step_ms(per_hop: list[dict], stages: list[Stage], opt: TrainOptions,
         # U-shaped: the return leg's bytes cross this link too; the model has them on a hop of their own
         fwd = per_hop[i]["bytes_up_per_step"] - per_hop[i].get("head_grad_bytes_per_step", 0)
         bwd = per_hop[i]["bytes_down_per_step"] - per_hop[i].get("output_bytes_per_step", 0)
-        # one rate per hop in the model: the gradients' bytes are scaled to take their own direction's time
-        hops.append(analytic.Hop(int(fwd / m), int(bwd / m * up / down), up, delay,
-                                 forward_restart_ms=slow_start_s(fwd / m, up / 1e6, rtt) * 1e3,
-                                 backward_restart_ms=slow_start_s(bwd / m, down / 1e6, rtt) * 1e3))
+        hops.append(_hop(fwd / m, bwd / m, up, down, delay, rtt))
     if opt.head_on_device:  # the device's head: one more stage, reached back over the whole chain
         dev, last = per_hop[0], per_hop[-1]
         model_stages.append(analytic.Stage(dev["head_fwd_ms"] / m, dev["head_bwd_ms"] / m))
@@ -637,7 +648,6 @@ def _predict_parallel(per_hop: list[dict], stages: list[Stage], opt: TrainOption
     barrier every K steps (``adapter_exchange_ms`` times K).  Bytes per device are its own (from
     ``per_client`` where given, its adapters left out), else the first server's share per device."""
     from testbed.apps.training import analytic
-    from testbed.net.tcp_model import slow_start_s
 
     m, clients, k = opt.micro_batches, opt.clients, opt.averaging_every
     c_n = len(clients)
@@ -651,9 +661,7 @@ def _predict_parallel(per_hop: list[dict], stages: list[Stage], opt: TrainOption
             bwd = (mine[node]["bytes_down_per_step"] - adapters) / m
         else:
             fwd = bwd = first["bytes_up_per_step"] / (c_n * m)
-        device_hops.append(analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
-                                        forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
-                                        backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3))
+        device_hops.append(_hop(fwd, bwd, up, down, delay, rtt))
         h = mine[node]["device"] if node in mine else per_hop[0]
         devices.append(analytic.Stage(h["fwd_ms"] / m, h["bwd_ms"] / m))
     servers = [analytic.Stage(h["fwd_ms"] / (c_n * m), h["bwd_ms"] / (c_n * m)) for h in per_hop[1:]]
@@ -662,9 +670,7 @@ def _predict_parallel(per_hop: list[dict], stages: list[Stage], opt: TrainOption
         up, down, delay, rtt = _paths(topo, [stages[i - 1].node], stages[i].node)
         fwd = per_hop[i]["bytes_up_per_step"] / (c_n * m)
         bwd = per_hop[i]["bytes_down_per_step"] / (c_n * m)
-        hops.append(analytic.Hop(int(fwd), int(bwd * up / down), up, delay,
-                                 forward_restart_ms=slow_start_s(fwd, up / 1e6, rtt) * 1e3,
-                                 backward_restart_ms=slow_start_s(bwd, down / 1e6, rtt) * 1e3))
+        hops.append(_hop(fwd, bwd, up, down, delay, rtt))
     barrier = adapter_exchange_ms(adapter_message_bytes, opt, topo, clients, stages[1].node) * k
     return round(analytic.simulate_clients(devices, device_hops, servers, hops, m, opt.schedule,
                                            max(1, opt.steps), k, barrier), 3)
