@@ -120,6 +120,7 @@ def build_rootfs(pkgs: list[str], cache_dir: Path = CACHE_DIR) -> tuple[Path, bo
         return tarball, True
     if shutil.which("debootstrap") is None:
         raise _fail("debootstrap", "not installed (run bash vagrant/provision.sh)")
+    cache_dir.mkdir(parents=True, exist_ok=True)  # `make vm-box` may be its first user
     work = cache_dir / f"build-{os.getpid()}"
     log = cache_dir / "debootstrap.log"
     shutil.rmtree(work, ignore_errors=True)

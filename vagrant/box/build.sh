@@ -46,7 +46,15 @@ if [ -x "$PY" ]; then
   ROOTFS=$(cd "$REPO" && "$PY" -c 'from testbed.hosts.images import build_rootfs, packages
 print(build_rootfs(packages())[0])') || { echo "build.sh: the node image's rootfs could not be built" >&2; exit 1; }
 fi
+# And SmolLM2's converted checkpoint (testbed/model/loading.py), converted here: the guest's quick
+# suite would otherwise convert the GGUF itself at TCG speed (it had not finished after 8 minutes).
+MODEL=
+if [ -x "$PY" ]; then
+  MODEL=$(cd "$REPO" && "$PY" -c 'from testbed.model.loading import default_model_dir
+print(default_model_dir())') || { echo "build.sh: the SmolLM2 checkpoint could not be converted" >&2; exit 1; }
+fi
 stamp=$( (cat "$0" "$HERE/Vagrantfile.box"; echo "$APT_PKGS" "${ROOTFS##*/}"
+          [ -z "$MODEL" ] || cat "$MODEL/config.json" "$REPO/testbed/model/loading.py"
           [ -z "$WH" ] || cat "$REPO/pyproject.toml" "$PROVISION" "$WH/requirements.txt") | sha256sum | cut -c1-16)
 if [ -s "$BOX" ] && [ "$(cat "$BOX.key" 2>/dev/null)" = "$stamp" ]; then
   log "cached: $BOX"
@@ -115,6 +123,13 @@ else
     install -d "$mnt/var/cache/edgellm-testbed" && cp "$ROOTFS" "$mnt/var/cache/edgellm-testbed/"
   else
     log "no venv here to make the node image's rootfs with: the guest will debootstrap it itself"
+  fi
+  if [ -n "$MODEL" ]; then
+    # where loading.cache_root() looks for root in the guest (inside.sh runs as root)
+    log "SmolLM2's checkpoint in the box: /root/.cache/edgellm-testbed/models/${MODEL##*/}"
+    install -d -m 700 "$mnt/root/.cache"
+    install -d "$mnt/root/.cache/edgellm-testbed/models"
+    cp -a "$MODEL" "$mnt/root/.cache/edgellm-testbed/models/"
   fi
   kver=$(ls "$mnt/lib/modules" | sort -V | tail -1)
 

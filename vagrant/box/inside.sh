@@ -4,6 +4,7 @@
 # result goes to /testbed/out/vm-results; the exit code is the first failure's.
 set -uo pipefail
 cd /testbed
+export HOME=/root  # the box holds the converted SmolLM2 checkpoint under /root/.cache (build.sh)
 OUT=/testbed/out/vm-results
 rm -rf "$OUT" && mkdir -p "$OUT"
 rc=0
