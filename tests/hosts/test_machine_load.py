@@ -10,7 +10,7 @@ import time
 from testbed.hosts import machine_load as ml
 
 
-def test_a_spinning_process_is_busy_time_and_the_busiest_process() -> None:
+def test_a_spinning_process_is_busy_time_and_among_the_busiest() -> None:
     code = "import time\nt = time.time() + 3\nwhile time.time() < t: pass"
     spin = subprocess.Popen([sys.executable, "-c", code])
     try:
@@ -23,7 +23,11 @@ def test_a_spinning_process_is_busy_time_and_the_busiest_process() -> None:
     # one core of os.cpu_count() spinning: at least most of that core's share of all CPU time
     assert load.busy_pct >= 0.8 * 100 / os.cpu_count(), load
     assert 0 <= load.steal_pct <= load.busy_pct
-    assert top[0][1] == spin.pid and top[0][2] >= 80, top
+    # among the busiest, with its core's worth, ordered: something busier may run beside the tests
+    # (a VM's QEMU took 114 % while this ran)
+    assert [u[2] for u in top] == sorted((u[2] for u in top), reverse=True), top
+    mine = [u for u in top if u[1] == spin.pid]
+    assert mine and mine[0][2] >= 80, top
     assert "% busy" in str(load)
 
 
