@@ -43,6 +43,10 @@ def collect(repo: Path | None = None) -> dict[str, Any]:
     repo = repo or Path(__file__).resolve().parents[2]
     commit = _git(repo, "rev-parse", "HEAD")
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    if commit is None and os.environ.get("TESTBED_GIT_COMMIT"):
+        # a copy without .git (the VM's /testbed): the commit it was copied from, as its sender says
+        commit = os.environ["TESTBED_GIT_COMMIT"]
+        dirty = os.environ.get("TESTBED_GIT_DIRTY", "")
     return {
         "kernel": platform.release(),
         "os": platform.platform(),

@@ -17,6 +17,7 @@ from testbed.net import probe
 from testbed.net.network import EmulatedNetwork
 from testbed.net.shaping import kernel as qdiscs
 from testbed.spec.topology import LinkSpec, NodeSpec, Shaping, Topology
+from tests.patience import emulated_cpu
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -61,16 +62,6 @@ else:
         except OSError:
             pass
 """
-
-
-def emulated_cpu() -> bool:
-    """Whether this machine is a QEMU guest without KVM (systemd-detect-virt says ``qemu`` for TCG,
-    ``kvm`` under KVM)."""
-    try:
-        out = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.strip() == "qemu"
 
 
 def two_hosts(up: Shaping, down: Shaping | None = None) -> Topology:

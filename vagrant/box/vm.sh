@@ -73,10 +73,24 @@ case ${1:-} in
     t0=$(date +%s)
     (cd "$REPO/vagrant" && vagrant rsync >/dev/null)
     set +e
-    (cd "$REPO/vagrant" && vagrant ssh -c 'cd /testbed && sudo bash vagrant/box/inside.sh' ) 2>&1 | tee "$out/console.log"
+    # the synced tree has no .git: its records name the commit it came from (experiments/environment.py)
+    commit=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)
+    dirty=; [ -z "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] || dirty=1
+    (cd "$REPO/vagrant" && vagrant ssh -c "cd /testbed && sudo env TESTBED_GIT_COMMIT=$commit TESTBED_GIT_DIRTY=$dirty bash vagrant/box/inside.sh" ) 2>&1 | tee "$out/console.log"
     rc=${PIPESTATUS[0]}
     set -e
     (cd "$REPO/vagrant" && vagrant ssh -c 'sudo tar -C /testbed/out -cf - vm-results') | tar -C "$out" -xf - || true
+    # the quick suite's report (summary.md and plots) is written here, from the guest's records:
+    # matplotlib under TCG would take minutes for what the host does in seconds
+    res=$out/vm-results
+    if [ -s "$res/quick/results.jsonl" ] && [ -x "$REPO/.venv/bin/testbed" ]; then
+      if "$REPO/.venv/bin/testbed" report "$res/quick" > "$res/report.log" 2>&1; then
+        cp "$res/quick/summary.md" "$res/summary.md"
+        log "the quick suite's summary: $res/summary.md"
+      else
+        log "testbed report failed: $res/report.log"; [ "$rc" -ne 0 ] || rc=1
+      fi
+    fi
     log "vm-test: exit $rc in $(( $(date +%s) - t0 )) s; results in $out/vm-results"
     exit "$rc"
     ;;

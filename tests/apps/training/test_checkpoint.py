@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from testbed.apps.training import checkpoint
 from testbed.apps.training.run import TrainOptions, run_training
 from testbed.spec.errors import SpecError
+from tests.patience import patient
 
 REPO = Path(__file__).resolve().parents[3]
 TOPO = REPO / "topologies" / "device-edge-cloud.yaml"
@@ -91,7 +92,7 @@ def test_split_run_killed_then_resumed_ends_with_the_same_weights(tiny4: Path, t
     driver = subprocess.Popen(argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + patient(120)
         while checkpoint.common_step(ckpt, ["client0", "stage1"]) < 4:
             assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
             assert time.monotonic() < deadline, "no checkpoint of step 4"
@@ -100,7 +101,7 @@ def test_split_run_killed_then_resumed_ends_with_the_same_weights(tiny4: Path, t
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert not (out / "result.json").exists()  # killed mid-run
-    deadline = time.monotonic() + 20  # the orphaned node programs notice and stop
+    deadline = time.monotonic() + patient(20)  # the orphaned node programs notice and stop
     while _our_nodes(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = _our_nodes(str(out))

@@ -14,6 +14,7 @@ import pytest
 
 from testbed.apps.training import checkpoint
 from testbed.apps.training.run import TrainOptions, run_training
+from tests.patience import patient
 
 REPO = Path(__file__).resolve().parents[3]
 TEXT = str(REPO / "testbed" / "model" / "data" / "eval_text.txt")
@@ -48,13 +49,13 @@ def test_a_device_killed_mid_run_leaves_the_round_to_the_others(tiny4: Path, tmp
 
     t = threading.Thread(target=train)
     t.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patient(120)
     while checkpoint.common_step(out / "checkpoints", ["client1"]) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     victims = _pids(str(out), '"client":1,')
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGKILL)
-    t.join(180)
+    t.join(patient(180))
     assert not t.is_alive()
     assert "error" not in box, box.get("error")
     res = box["result"]
