@@ -57,7 +57,7 @@ vm-box:  ## build the debian/bookworm64 box offline from Debian packages and reg
 vm-up: wheelhouse vm-box  ## bring the VM up under libvirt (KVM where it can run a guest, else TCG)
 	bash vagrant/box/vm.sh up
 
-vm-test:  ## inside the VM: make test-quick, the kernel-backend tests, the quick suite; results to out/vm/
+vm-test:  ## inside the VM: the kernel-backend tests, the quick suite, make test-quick; results to out/vm/ (~100 min under TCG)
 	bash vagrant/box/vm.sh test
 
 vm-destroy:  ## remove the VM, its volumes, and the libvirt daemons this Makefile started
