@@ -3,7 +3,7 @@
 Deadlines in tests guard against hangs; they measure nothing.  Under QEMU's TCG (the VM where
 KVM cannot run a guest, the test guest) Python runs 10-15x slower and floating point, emulated
 in software, ~400x: the node programs of a tiny training run took longer than these deadlines
-to import torch and reach their fourth step.  There every deadline is ``PATIENCE`` times longer.
+to import torch and reach their fourth step.  There ``patient`` makes every deadline ten times longer.
 """
 
 from __future__ import annotations

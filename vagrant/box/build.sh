@@ -41,15 +41,12 @@ WH=$REPO/vagrant/wheelhouse
 # on the host when this host has the testbed's venv: the guest would otherwise debootstrap it from the
 # internet, through QEMU's user-mode NAT, at TCG speed.
 PY=$REPO/.venv/bin/python
-ROOTFS=
+ROOTFS= MODEL=
 if [ -x "$PY" ]; then
   ROOTFS=$(cd "$REPO" && "$PY" -c 'from testbed.hosts.images import build_rootfs, packages
 print(build_rootfs(packages())[0])') || { echo "build.sh: the node image's rootfs could not be built" >&2; exit 1; }
-fi
-# And SmolLM2's converted checkpoint (testbed/model/loading.py), converted here: the guest's quick
-# suite would otherwise convert the GGUF itself at TCG speed (it had not finished after 8 minutes).
-MODEL=
-if [ -x "$PY" ]; then
+  # And SmolLM2's converted checkpoint (testbed/model/loading.py), converted here: the guest's quick
+  # suite would otherwise convert the GGUF itself at TCG speed (it had not finished after 8 minutes).
   MODEL=$(cd "$REPO" && "$PY" -c 'from testbed.model.loading import default_model_dir
 print(default_model_dir())') || { echo "build.sh: the SmolLM2 checkpoint could not be converted" >&2; exit 1; }
 fi
